@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test bench fashion-mnist clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/jaxaccel demo
+
+# Real-data tests need Fashion-MNIST: install it when we are root, else say
+# why those tests will be skipped.
+fashion-mnist:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	      || echo "make: could not install dataset-fashion-mnist; real-data tests will be skipped"; \
+	  else \
+	    echo "make: Fashion-MNIST is missing and we are not root (sudo apt-get install dataset-fashion-mnist); real-data tests will be skipped"; \
+	  fi; \
+	fi
+
+test: $(VENV)/.installed-test fashion-mnist
+	$(BIN)/python -m pytest -q -rs --timeout=900 --nbmake tests notebooks
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/jaxaccel bench --suite train
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

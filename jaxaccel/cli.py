@@ -1,0 +1,287 @@
+"""The `jaxaccel` command: parses arguments, calls the library, prints.
+
+Every command takes `--json`; then its last stdout line is one JSON object.
+Bad input ends with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that reports mistakes in one line, without the usage block."""
+
+  def error(self, message):
+    sys.stderr.write(f"jaxaccel: error: {message} (see `{self.prog} --help`)\n")
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+  return value
+
+
+def _fraction(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+  if not 0.0 <= value < 1.0:
+    raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="jaxaccel", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  def common(p):
+    p.add_argument("--json", action="store_true",
+                   help="end with one JSON object on the last stdout line")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars")
+
+  def data_args(p):
+    p.add_argument("--dataset", default="digits",
+                   help="digits, fashion_mnist, or PATH.npz (default: digits)")
+    p.add_argument("--data-dir", help="directory of the Fashion-MNIST files")
+    p.add_argument("--validation", type=_fraction, default=0.1,
+                   help="fraction of training rows held out (default 0.1)")
+    p.add_argument("--normalize", choices=("unit", "standardize"), default="unit")
+    p.add_argument("--nan-policy", choices=("drop", "impute", "raise"),
+                   default="drop", help="rows with NaN/inf (default: drop)")
+    p.add_argument("--num-classes", type=_positive_int,
+                   help="number of classes (default: from the labels)")
+
+  p = sub.add_parser("train", help="train a model")
+  common(p)
+  data_args(p)
+  p.add_argument("--model", default="mlp",
+                 help="mlp, cnn or resnet18, optionally with widths: mlp:300,100")
+  p.add_argument("--optimizer", default="adam(learning_rate=1e-3)",
+                 help="optax chain spec, e.g. 'clip_by_global_norm(1.0) | adam(1e-3)'"
+                      " or a .toml file")
+  p.add_argument("--epochs", type=_positive_int, default=10)
+  p.add_argument("--batch-size", type=_positive_int, default=128)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--augment", default="",
+                 help="comma-separated: flip, shift, noise")
+  p.add_argument("--early-stopping", type=_positive_int, metavar="PATIENCE",
+                 help="stop after PATIENCE epochs without val accuracy gain")
+  p.add_argument("--epoch-mode", choices=("auto", "scan", "stream"),
+                 default="auto")
+  p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run in --out from its last checkpoint")
+
+  p = sub.add_parser("predict", help="predict classes with a trained run")
+  common(p)
+  p.add_argument("--run", required=True, help="run directory of `train`")
+  p.add_argument("--input", required=True,
+                 help=".npy of raw inputs in the data set's units, rows first")
+  p.add_argument("--output", help="write the predicted classes to this .npy")
+
+  p = sub.add_parser("demo", help="train a small model on digits and report")
+  common(p)
+  p.add_argument("--epochs", type=_positive_int, default=30)
+
+  p = sub.add_parser("bench", help="side-by-side throughput against peers")
+  common(p)
+  p.add_argument("--suite", choices=("train",), default="train")
+  p.add_argument("--dataset", default="auto",
+                 help="fashion_mnist (digits when absent) or a data set name")
+  p.add_argument("--models", default="mlp,cnn", help="comma-separated")
+  p.add_argument("--steps", type=_positive_int, default=200,
+                 help="timed steps per side")
+  p.add_argument("--no-torch", action="store_true",
+                 help="skip the PyTorch peer")
+  return parser
+
+
+# ----------------------------------------------------------------- commands
+
+def _emit(args, human: str, payload: dict) -> None:
+  if human:
+    print(human)
+  if args.json:
+    print(json.dumps(payload, default=_json_default))
+
+
+def _json_default(v):
+  if hasattr(v, "tolist"):
+    return v.tolist()
+  raise TypeError(f"not JSON serializable: {type(v).__name__}")
+
+
+def cmd_train(args) -> None:
+  from jaxaccel import data, models, optim, train
+  calls = optim.parse(args.optimizer)            # spec errors before any work
+  tx = optim.build(calls)
+  spec = optim.to_string(calls)
+  name, kwargs = models.parse_model_spec(args.model)
+  augment = (data.make_augment([a for a in args.augment.split(",") if a])
+             if args.augment else None)
+  if args.resume and not args.out:
+    raise _config_error("--resume needs --out DIR, the run to continue")
+  ds = data.load(args.dataset, data_dir=args.data_dir,
+                 validation=args.validation, seed=args.seed,
+                 normalize=args.normalize, nan_policy=args.nan_policy,
+                 num_classes=args.num_classes)
+  models.check_input(name, ds.input_shape)
+  model = models.create(name, num_classes=ds.num_classes, **kwargs)
+  out = args.out or os.path.join(
+      "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}-"
+      f"{pathlib.Path(args.dataset).stem}")
+  early = (train.EarlyStopping(patience=args.early_stopping)
+           if args.early_stopping else None)
+  config = {"command": "train", "normalize": args.normalize,
+            "validation": args.validation, "nan_policy": args.nan_policy,
+            "augment": args.augment, "model_name": args.model}
+  import jax
+  result = train.fit(model, tx, ds, epochs=args.epochs,
+                     batch_size=args.batch_size, seed=args.seed, out=out,
+                     resume=args.resume, early_stopping=early, augment=augment,
+                     epoch_mode=args.epoch_mode, progress=not args.no_progress,
+                     config={**config, "optimizer": spec})
+  test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
+  last = result.history[-1] if result.history else {}
+  payload = {
+      "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+      "train_loss": last.get("train_loss"),
+      "val_accuracy": last.get("val_accuracy"),
+      "epochs": last.get("epoch", 0), "stopped_early": result.stopped_early,
+      "skipped_steps": sum(r["skipped_steps"] for r in result.history),
+      "steps_per_second": round(result.steps_per_second, 2),
+      "wall_seconds": round(result.wall_seconds, 3),
+      "parameters": models.count_params(result.state.params),
+      "devices": jax.device_count(), "optimizer": spec, "model": args.model,
+      "dataset": ds.name, "out": str(out),
+  }
+  human = (f"{args.model} on {ds.name}: test accuracy {test['accuracy']:.4f}, "
+           f"train loss {payload['train_loss']:.4f}, {payload['epochs']} epochs, "
+           f"{payload['steps_per_second']:.0f} steps/s, "
+           f"{payload['parameters']:,} parameters, {payload['wall_seconds']:.1f} s"
+           f"\nrun saved in {out}")
+  _emit(args, "" if args.json else human, payload)
+
+
+def cmd_predict(args) -> None:
+  import numpy as np
+  from jaxaccel import data, train
+  from jaxaccel.checkpoint import RunDir
+  from jaxaccel.errors import DataError
+  model, variables, config = train.load_run(args.run)
+  path = pathlib.Path(args.input)
+  if not path.is_file():
+    raise DataError(f"input file {path} does not exist; give a .npy of inputs")
+  try:
+    x = np.load(path, allow_pickle=False)
+  except Exception as e:
+    raise DataError(f"cannot read {path} as .npy ({type(e).__name__}: {e}); "
+                    "save it with numpy.save") from None
+  want = tuple(config["input_shape"])
+  if x.shape[1:] != want and x.shape[1:] + (1,) == want:
+    x = x[..., None]
+  if x.ndim < 1 or x.shape[1:] != want:
+    raise DataError(f"{path} holds an array of shape {x.shape}, but the run "
+                    f"takes rows of shape {want}: give an array of shape "
+                    f"(n, {', '.join(map(str, want))})")
+  stats = RunDir(args.run).read_normalization() or {"scale": 1.0}
+  logits = train.predict(model, variables, data.preprocess(x, stats))
+  classes = logits.argmax(-1).astype(np.int32)
+  payload = {"count": int(len(classes))}
+  if args.output:
+    np.save(args.output, classes)
+    payload["output"] = args.output
+  else:
+    payload["predictions"] = classes.tolist()
+  counts = np.bincount(classes, minlength=config["num_classes"])
+  human = (f"{len(classes)} predictions"
+           + (f" written to {args.output}" if args.output else
+              f": {classes[:20].tolist()}{' ...' if len(classes) > 20 else ''}")
+           + f"\nper class: {counts.tolist()}")
+  _emit(args, "" if args.json else human, payload)
+
+
+def cmd_demo(args) -> None:
+  import tempfile
+  import jax
+  from jaxaccel import data, models, train
+  ds = data.load("digits", validation=0.1, seed=0)
+  model = models.create("mlp", num_classes=ds.num_classes, widths=(64, 64))
+  with tempfile.TemporaryDirectory() as out:
+    result = train.fit(model, "adam(learning_rate=1e-3)", ds, epochs=args.epochs,
+                       batch_size=32, seed=0, out=out,
+                       progress=not args.no_progress)
+  test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
+  params = models.count_params(result.state.params)
+  size = sum(x.nbytes for x in jax.tree.leaves(result.state.params))
+  rows = [("dense float32 MLP 64-64-64-10", test["accuracy"], params, size)]
+  table = _table(["model", "test acc", "params", "bytes"],
+                 [(r[0], f"{r[1]:.4f}", f"{r[2]:,}", f"{r[3]:,}") for r in rows])
+  human = (f"digits (1500 train / 297 test), {args.epochs} epochs of Adam in "
+           f"{result.wall_seconds:.1f} s\n{table}")
+  payload = {"test_accuracy_before": test["accuracy"],
+             "size_bytes_before": size, "parameters": params,
+             "wall_seconds": round(result.wall_seconds, 3),
+             "rows": [dict(zip(("model", "test_accuracy", "parameters",
+                                "size_bytes"), r)) for r in rows]}
+  _emit(args, "" if args.json else human, payload)
+
+
+def cmd_bench(args) -> None:
+  from jaxaccel import bench
+  report = bench.run_train_suite(
+      dataset=args.dataset, model_names=args.models.split(","),
+      steps=args.steps, torch_peer=not args.no_torch,
+      progress=not args.no_progress)
+  _emit(args, "" if args.json else bench.format_train_report(report), report)
+
+
+def _table(header, rows) -> str:
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+  return "\n".join([line(header), line(["-" * w for w in widths])]
+                   + [line(r) for r in rows])
+
+
+def _config_error(message):
+  from jaxaccel.errors import ConfigError
+  return ConfigError(message)
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
+            "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  from jaxaccel.errors import JaxaccelError
+  try:
+    COMMANDS[args.command](args)
+  except JaxaccelError as e:
+    sys.stderr.write(f"jaxaccel: error: {e}\n")
+    return EXIT_BAD_INPUT
+  except KeyboardInterrupt:
+    sys.stderr.write("jaxaccel: interrupted\n")
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

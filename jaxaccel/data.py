@@ -1,0 +1,363 @@
+"""Data sets, cleaning, normalization, splits, batching and augmentation.
+
+Everything returns plain numpy arrays on the host: images are float32 NHWC,
+labels are int32 class indices. Augmentations are pure jax functions so they
+can run inside a compiled train step.
+
+Examples:
+  >>> from jaxaccel import data
+  >>> ds = data.load("digits", validation=0.1, seed=0)
+  >>> ds.x_train.shape[1:], ds.num_classes
+  ((8, 8, 1), 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+import struct
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.errors import DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte.gz",
+    "y_train": "train-labels-idx1-ubyte.gz",
+    "x_test": "t10k-images-idx3-ubyte.gz",
+    "y_test": "t10k-labels-idx1-ubyte.gz",
+}
+DATASETS = ("digits", "fashion_mnist")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Train / validation / test arrays of one data set, ready to train on."""
+  name: str
+  x_train: np.ndarray      # float32, (n, h, w, c) or (n, features)
+  y_train: np.ndarray      # int32, (n,)
+  x_val: np.ndarray
+  y_val: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  report: dict             # what cleaning and normalization did
+  stats: dict = dataclasses.field(default_factory=dict)  # see `preprocess`
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.x_train.shape[1:])
+
+
+# ---------------------------------------------------------------- raw loaders
+
+def _read_idx(path: pathlib.Path) -> np.ndarray:
+  """Reads one gzip-compressed IDX file (the MNIST family's format)."""
+  try:
+    with gzip.open(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"cannot read IDX file {path}: {e}; reinstall the data "
+                    "set (apt-get install --reinstall dataset-fashion-mnist)")
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    raise DataError(f"{path} is not an unsigned-byte IDX file")
+  ndim = raw[3]
+  dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+  data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(dims)):
+    raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} "
+                    f"values for shape {dims}, found {data.size}")
+  return data.reshape(dims)
+
+
+def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Where Fashion-MNIST is read from: the argument, $JAXACCEL_DATA_DIR, or
+  the Debian package's directory, first that is given."""
+  return pathlib.Path(data_dir or os.environ.get("JAXACCEL_DATA_DIR")
+                      or FASHION_MNIST_DIR)
+
+
+def load_raw(name: str, *, data_dir=None) -> dict[str, np.ndarray]:
+  """Loads a data set as raw arrays with keys x_train, y_train, x_test, y_test.
+
+  Args:
+    name: "digits", "fashion_mnist", or a path to a .npz file holding the
+      four keys above.
+    data_dir: directory of the Fashion-MNIST IDX files (optional).
+  """
+  if name == "digits":
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    x = bunch.images.astype(np.float32)[..., None]   # (1797, 8, 8, 1), 0..16
+    y = bunch.target.astype(np.int64)
+    # A fixed split, the same everywhere: 1500 to train, 297 to test.
+    order = np.random.default_rng(0).permutation(len(x))
+    tr, te = order[:1500], order[1500:]
+    return {"x_train": x[tr], "y_train": y[tr], "x_test": x[te],
+            "y_test": y[te], "scale": np.float32(16.0)}
+  if name == "fashion_mnist":
+    root = fashion_mnist_dir(data_dir)
+    missing = [f for f in FASHION_MNIST_FILES.values()
+               if not (root / f).is_file()]
+    if missing:
+      raise DataError(
+          f"Fashion-MNIST not found: looked in {root} for {', '.join(missing)}; "
+          "install it with `apt-get install dataset-fashion-mnist`, or point "
+          "--data-dir / JAXACCEL_DATA_DIR at a directory with the four IDX .gz "
+          "files")
+    out = {k: _read_idx(root / f) for k, f in FASHION_MNIST_FILES.items()}
+    out["x_train"] = out["x_train"][..., None]
+    out["x_test"] = out["x_test"][..., None]
+    out["scale"] = np.float32(255.0)
+    return out
+  if str(name).endswith(".npz"):
+    return _load_npz(pathlib.Path(name))
+  raise DataError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
+                  "or a path to a .npz file with x_train, y_train, x_test, "
+                  "y_test")
+
+
+def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  if not path.is_file():
+    raise DataError(f"data file {path} does not exist: give the path of a .npz "
+                    "file with x_train, y_train, x_test, y_test")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except Exception as e:  # zipfile, pickle refusal, truncated data
+    raise DataError(f"cannot read {path} as .npz ({type(e).__name__}: {e}); "
+                    "save it with numpy.savez")
+  missing = [k for k in NPZ_KEYS if k not in arrays]
+  if missing:
+    raise DataError(f"{path} is missing key(s) {', '.join(missing)} (found: "
+                    f"{', '.join(sorted(arrays)) or 'none'}); save it with "
+                    "numpy.savez(path, x_train=..., y_train=..., x_test=..., "
+                    "y_test=...)")
+  for split in ("train", "test"):
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+      raise DataError(f"{path}: x_{split} has {len(x) if x.ndim else 0} rows "
+                      f"but y_{split} has shape {y.shape}; give one integer "
+                      "label per row")
+    if len(x) == 0:
+      raise DataError(f"{path}: x_{split} is empty; give at least one example")
+  xtr, xte = arrays["x_train"], arrays["x_test"]
+  if xtr.shape[1:] != xte.shape[1:]:
+    raise DataError(f"{path}: x_train rows have shape {xtr.shape[1:]} but "
+                    f"x_test rows {xte.shape[1:]}; both must match")
+  if xtr.ndim == 3:   # (n, h, w): add the channel axis
+    arrays["x_train"], arrays["x_test"] = xtr[..., None], xte[..., None]
+  elif xtr.ndim not in (2, 4):
+    raise DataError(f"{path}: x_train has shape {xtr.shape}; use (n, features), "
+                    "(n, h, w) or (n, h, w, c)")
+  for k in ("y_train", "y_test"):
+    y = arrays[k]
+    if not np.issubdtype(y.dtype, np.integer):
+      if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
+              and np.all(y == np.round(y))):
+        raise DataError(f"{path}: {k} has non-integer labels (dtype {y.dtype}); "
+                        "give class indices 0..num_classes-1")
+      arrays[k] = y.astype(np.int64)
+  x_max = max(_finite_max(arrays["x_train"]), _finite_max(arrays["x_test"]))
+  scale = 255.0 if arrays["x_train"].dtype == np.uint8 or x_max > 1.0 else 1.0
+  arrays["scale"] = np.float32(scale if x_max <= 255.0 else x_max)
+  return arrays
+
+
+def _finite_max(x: np.ndarray) -> float:
+  x = np.asarray(x, dtype=np.float64)
+  finite = x[np.isfinite(x)]
+  return float(np.abs(finite).max()) if finite.size else 0.0
+
+
+# ------------------------------------------------------------- preprocessing
+
+def clean(x: np.ndarray, y: np.ndarray, *, policy: str = "drop"
+          ) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Removes or repairs rows holding NaN or infinite values.
+
+  Args:
+    x: features, any shape with rows first.
+    y: labels, one per row.
+    policy: "drop" removes such rows; "impute" replaces each non-finite
+      value with its feature's mean over the finite rows; "raise" refuses.
+
+  Returns:
+    (x, y, report) where report counts the affected rows and values.
+  """
+  x = np.asarray(x, dtype=np.float32)
+  bad = ~np.isfinite(x)
+  bad_rows = bad.reshape(len(x), -1).any(axis=1)
+  report = {"policy": policy, "rows": int(bad_rows.sum()),
+            "values": int(bad.sum())}
+  if not bad_rows.any():
+    return x, y, report
+  if policy == "raise":
+    raise DataError(f"{report['rows']} rows hold NaN or inf values; clean them "
+                    "or choose policy 'drop' or 'impute'")
+  if policy == "drop":
+    return x[~bad_rows], y[~bad_rows], report
+  if policy == "impute":
+    masked = np.where(bad, 0.0, x)
+    counts = np.maximum((~bad).sum(axis=0), 1)
+    means = masked.sum(axis=0) / counts
+    return np.where(bad, means, x).astype(np.float32), y, report
+  raise DataError(f"unknown cleaning policy {policy!r}: use drop, impute or "
+                  "raise")
+
+
+def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
+  """Integer labels (n,) -> float32 one-hot rows (n, num_classes)."""
+  check_labels(y, num_classes, "labels")
+  return np.eye(num_classes, dtype=np.float32)[np.asarray(y)]
+
+
+def check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
+  """Raises DataError unless every label lies in [0, num_classes)."""
+  y = np.asarray(y)
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise DataError(f"{what} must lie in [0, {num_classes}); found values from "
+                    f"{int(y.min())} to {int(y.max())}: relabel them or set "
+                    f"num_classes to at least {int(y.max()) + 1}")
+
+
+def standardize(x_train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):
+  """Zero mean, unit variance per feature, with statistics of x_train only.
+
+  Returns the standardized arrays and the (mean, std) used.
+  """
+  mean = x_train.mean(axis=0)
+  std = x_train.std(axis=0) + eps
+  out = tuple(((x - mean) / std).astype(np.float32) for x in (x_train,) + others)
+  return out, (mean.astype(np.float32), std.astype(np.float32))
+
+
+def preprocess(x_raw: np.ndarray, stats: dict) -> np.ndarray:
+  """Applies a data set's normalization (`Dataset.stats`) to raw inputs."""
+  x = np.asarray(x_raw, np.float32) / np.float32(stats["scale"])
+  if "mean" in stats:
+    x = (x - stats["mean"]) / stats["std"]
+  return x.astype(np.float32)
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, *,
+                     seed: int = 0):
+  """Splits off a shuffled validation fraction: (x_tr, y_tr, x_val, y_val)."""
+  if not 0.0 <= fraction < 1.0:
+    raise DataError(f"validation fraction must lie in [0, 1); got {fraction}")
+  order = np.random.default_rng(seed).permutation(len(x))
+  n_val = int(round(len(x) * fraction))
+  val, tr = order[:n_val], order[n_val:]
+  return x[tr], y[tr], x[val], y[val]
+
+
+def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
+         normalize: str = "unit", nan_policy: str = "drop",
+         num_classes: int | None = None) -> Dataset:
+  """Loads, cleans, normalizes and splits a data set.
+
+  Args:
+    name: "digits", "fashion_mnist" or a path to a .npz file.
+    data_dir: directory of the Fashion-MNIST files (optional).
+    validation: fraction of the training rows held out for validation.
+    seed: seed of the validation split.
+    normalize: "unit" scales to [0, 1]; "standardize" also centres each
+      feature and divides by its standard deviation (train statistics).
+    nan_policy: what to do with rows holding NaN or inf (see `clean`).
+    num_classes: the number of classes; inferred from the labels if None.
+
+  Returns:
+    A `Dataset` of float32 inputs and int32 labels.
+  """
+  if normalize not in ("unit", "standardize"):
+    raise DataError(f"unknown normalization {normalize!r}: use unit or "
+                    "standardize")
+  raw = load_raw(name, data_dir=data_dir)
+  x_tr, y_tr, rep_tr = clean(raw["x_train"], raw["y_train"], policy=nan_policy)
+  x_te, y_te, rep_te = clean(raw["x_test"], raw["y_test"], policy=nan_policy)
+  if len(x_tr) == 0:
+    raise DataError(f"{name}: no training rows are left after cleaning")
+  if num_classes is None:
+    num_classes = int(max(y_tr.max(), y_te.max())) + 1
+  check_labels(y_tr, num_classes, f"{name}: training labels")
+  check_labels(y_te, num_classes, f"{name}: test labels")
+  scale = float(raw["scale"])
+  x_tr, x_te = x_tr / scale, x_te / scale
+  x_tr, y_tr, x_val, y_val = split_validation(x_tr, y_tr, validation, seed=seed)
+  stats = {"scale": np.float32(scale)}
+  if normalize == "standardize":
+    (x_tr, x_val, x_te), (stats["mean"], stats["std"]) = standardize(
+        x_tr, x_val, x_te)
+  as_labels = lambda y: np.asarray(y, dtype=np.int32)
+  return Dataset(
+      name=str(name), x_train=x_tr.astype(np.float32), y_train=as_labels(y_tr),
+      x_val=x_val.astype(np.float32), y_val=as_labels(y_val),
+      x_test=x_te.astype(np.float32), y_test=as_labels(y_te),
+      num_classes=num_classes,
+      report={"cleaned_train": rep_tr, "cleaned_test": rep_te,
+              "scale": scale, "normalize": normalize},
+      stats=stats)
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None,
+            drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (x, y) batches, shuffled by `seed` (in order when seed is None)."""
+  order = (np.arange(len(x)) if seed is None
+           else np.random.default_rng(seed).permutation(len(x)))
+  stop = len(x) - len(x) % batch_size if drop_remainder else len(x)
+  for i in range(0, stop, batch_size):
+    idx = order[i:i + batch_size]
+    yield x[idx], y[idx]
+
+
+# --------------------------------------------- augmentation (pure, jit-able)
+
+def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Flips each image of a NHWC batch left-right with probability 1/2."""
+  flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+  return jnp.where(flip, x[:, :, ::-1, :], x)
+
+
+def random_shift(key: jax.Array, x: jax.Array, max_shift: int = 2) -> jax.Array:
+  """Shifts each image of a NHWC batch by up to max_shift pixels, zero fill."""
+  n, h, w, _ = x.shape
+  shifts = jax.random.randint(key, (n, 2), -max_shift, max_shift + 1)
+  padded = jnp.pad(x, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
+
+  def shift_one(img, s):
+    return jax.lax.dynamic_slice(img, (max_shift - s[0], max_shift - s[1], 0),
+                                 (h, w, img.shape[-1]))
+  return jax.vmap(shift_one)(padded, shifts)
+
+
+def gaussian_noise(key: jax.Array, x: jax.Array, std: float = 0.05) -> jax.Array:
+  """Adds zero-mean Gaussian noise of the given standard deviation."""
+  return x + std * jax.random.normal(key, x.shape, x.dtype)
+
+
+AUGMENTATIONS = {"flip": random_flip, "shift": random_shift,
+                 "noise": gaussian_noise}
+
+
+def make_augment(names: tuple[str, ...] | list[str]):
+  """Composes augmentations by name into one pure `(key, x) -> x` function."""
+  unknown = [n for n in names if n not in AUGMENTATIONS]
+  if unknown:
+    raise DataError(f"unknown augmentation {unknown[0]!r}: use "
+                    f"{', '.join(AUGMENTATIONS)}")
+  fns = [AUGMENTATIONS[n] for n in names]
+
+  def augment(key: jax.Array, x: jax.Array) -> jax.Array:
+    if x.ndim != 4:
+      raise DataError(f"augmentation needs NHWC images; got shape {x.shape}")
+    for fn, k in zip(fns, jax.random.split(key, len(fns))):
+      x = fn(k, x)
+    return x
+  return augment

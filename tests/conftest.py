@@ -1,0 +1,50 @@
+"""Test set-up: 8 forced CPU devices before jax loads, and shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxaccel import data  # noqa: E402
+
+
+def fashion_mnist_available() -> bool:
+  root = data.fashion_mnist_dir()
+  return all((root / f).is_file() for f in data.FASHION_MNIST_FILES.values())
+
+
+requires_fashion_mnist = pytest.mark.skipif(
+    not fashion_mnist_available(),
+    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist "
+           "(make test does this when run as root)")
+
+
+@pytest.fixture
+def key():
+  return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+  return data.load("digits", validation=0.1, seed=0)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+  """A 12x12 two-class image data set where class = bright left half."""
+  rng = np.random.default_rng(0)
+
+  def make(n):
+    y = rng.integers(0, 2, n)
+    x = rng.uniform(0, 0.3, (n, 12, 12)).astype(np.float32)
+    x[y == 1, :, :6] += 0.7
+    return x, y
+  x_tr, y_tr = make(256)
+  x_te, y_te = make(64)
+  path = tmp_path / "tiny.npz"
+  np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+  return path
