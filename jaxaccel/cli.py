@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
   p.add_argument("--models", default="mlp,cnn", help="comma-separated")
-  p.add_argument("--steps", type=_positive_int, default=200,
+  p.add_argument("--steps", type=_positive_int, default=100,
                  help="timed steps per side")
+  p.add_argument("--repeats", type=_positive_int, default=3,
+                 help="runs per side, interleaved; the best is kept")
   p.add_argument("--no-torch", action="store_true",
                  help="skip the PyTorch peer")
   return parser
@@ -116,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------- commands
 
 def _emit(args, human: str, payload: dict) -> None:
-  if human:
-    print(human)
+  """Prints the readable report; with --json, the JSON object last."""
+  print(human)
   if args.json:
     print(json.dumps(payload, default=_json_default))
 
@@ -177,7 +179,7 @@ def cmd_train(args) -> None:
            f"{payload['steps_per_second']:.0f} steps/s, "
            f"{payload['parameters']:,} parameters, {payload['wall_seconds']:.1f} s"
            f"\nrun saved in {out}")
-  _emit(args, "" if args.json else human, payload)
+  _emit(args, human, payload)
 
 
 def cmd_predict(args) -> None:
@@ -215,7 +217,7 @@ def cmd_predict(args) -> None:
            + (f" written to {args.output}" if args.output else
               f": {classes[:20].tolist()}{' ...' if len(classes) > 20 else ''}")
            + f"\nper class: {counts.tolist()}")
-  _emit(args, "" if args.json else human, payload)
+  _emit(args, human, payload)
 
 
 def cmd_demo(args) -> None:
@@ -241,16 +243,16 @@ def cmd_demo(args) -> None:
              "wall_seconds": round(result.wall_seconds, 3),
              "rows": [dict(zip(("model", "test_accuracy", "parameters",
                                 "size_bytes"), r)) for r in rows]}
-  _emit(args, "" if args.json else human, payload)
+  _emit(args, human, payload)
 
 
 def cmd_bench(args) -> None:
   from jaxaccel import bench
   report = bench.run_train_suite(
       dataset=args.dataset, model_names=args.models.split(","),
-      steps=args.steps, torch_peer=not args.no_torch,
+      steps=args.steps, repeats=args.repeats, torch_peer=not args.no_torch,
       progress=not args.no_progress)
-  _emit(args, "" if args.json else bench.format_train_report(report), report)
+  _emit(args, bench.format_train_report(report), report)
 
 
 def _table(header, rows) -> str:

@@ -21,7 +21,6 @@ Examples:
 from __future__ import annotations
 
 import ast
-import difflib
 import pathlib
 from typing import Any, Union
 
@@ -55,9 +54,23 @@ ALLOWED = {name: getattr(optax, name)
            if hasattr(optax, name)}
 
 
+def _edit_distance(a: str, b: str) -> int:
+  """Optimal string alignment distance: a swap of neighbours counts once."""
+  d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)]
+       for i in range(len(a) + 1)]
+  for i in range(1, len(a) + 1):
+    for j in range(1, len(b) + 1):
+      d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                    d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+      if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+        d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+  return d[-1][-1]
+
+
 def _unknown(name: str, where: str) -> SpecError:
-  close = difflib.get_close_matches(name, list(ALLOWED), n=1)
-  hint = f"; did you mean {close[0]!r}?" if close else ""
+  best = min(ALLOWED, key=lambda known: (_edit_distance(name, known), known))
+  close = _edit_distance(name, best) <= max(2, len(name) // 3)
+  hint = f"; did you mean {best!r}?" if close else ""
   return SpecError(f"unknown {where} {name!r} in optimizer spec{hint} "
                    "(allowed: optax optimizers, transforms and schedules)")
 
@@ -79,7 +92,7 @@ def _literal(node: ast.AST, source: str) -> Any:
   if isinstance(node, ast.Dict):
     if any(k is None for k in node.keys):
       raise SpecError(f"'**' is not allowed in optimizer spec {source!r}")
-    return {str(_literal(k, source)): _literal(v, source)
+    return {_literal(k, source): _literal(v, source)
             for k, v in zip(node.keys, node.values)}
   if isinstance(node, ast.Call):
     return _call(node, source)
@@ -178,7 +191,14 @@ def _parse_toml(path: pathlib.Path) -> list[dict]:
 
 def _construct(call: dict) -> Any:
   fn = ALLOWED[call["name"]]
-  value = lambda v: _construct(v) if isinstance(v, dict) and "name" in v else v
+
+  def value(v):
+    if isinstance(v, dict) and "name" in v:
+      return _construct(v)
+    if isinstance(v, dict):   # e.g. piecewise boundaries; JSON/TOML keys are text
+      return {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: w
+              for k, w in v.items()}
+    return v
   args = [value(a) for a in call["args"]]
   kwargs = {k: value(v) for k, v in call["kwargs"].items()}
   for k, v in kwargs.items():

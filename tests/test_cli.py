@@ -1,0 +1,179 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxaccel import cli
+from jaxaccel.checkpoint import RunDir
+
+
+def run_cli(capsys, *argv):
+  try:
+    code = cli.main(list(argv))
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def last_json(out: str) -> dict:
+  return json.loads(out.strip().splitlines()[-1])
+
+
+TRAIN_KEYS = {"test_accuracy", "train_loss", "epochs", "steps_per_second",
+              "wall_seconds", "parameters", "devices", "out"}
+
+
+def test_train_json_and_predict_round_trip(capsys, tmp_path):
+  code, out, _ = run_cli(capsys, "train", "--model", "mlp:32", "--epochs", "8",
+                         "--batch-size", "32", "--optimizer", "adam(3e-3)",
+                         "--out", str(tmp_path / "r"),
+                         "--json", "--no-progress")
+  assert code == 0
+  result = last_json(out)
+  assert TRAIN_KEYS <= set(result)
+  assert result["epochs"] == 8 and result["devices"] == 8
+  assert result["parameters"] == 64 * 32 + 32 + 330
+  assert result["test_accuracy"] > 0.9
+  assert result["optimizer"] == "adam(0.003)"
+  metrics = RunDir(tmp_path / "r").read_metrics()
+  assert [m["epoch"] for m in metrics] == list(range(1, 9))
+
+  from sklearn.datasets import load_digits
+  raw = load_digits().images[:5]          # raw units (0..16), no channel axis
+  np.save(tmp_path / "x.npy", raw)
+  code, out, _ = run_cli(capsys, "predict", "--run", str(tmp_path / "r"),
+                         "--input", str(tmp_path / "x.npy"), "--json")
+  assert code == 0
+  preds = last_json(out)["predictions"]
+  assert len(preds) == 5
+  assert sum(p == t for p, t in zip(preds, load_digits().target[:5])) >= 4
+  code, out, _ = run_cli(capsys, "predict", "--run", str(tmp_path / "r"),
+                         "--input", str(tmp_path / "x.npy"),
+                         "--output", str(tmp_path / "p.npy"))
+  assert code == 0 and "written to" in out
+  np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), preds)
+
+
+def test_demo_prints_a_table(capsys):
+  code, out, _ = run_cli(capsys, "demo", "--epochs", "10", "--no-progress", "--json")
+  assert code == 0
+  assert "test acc" in out and "bytes" in out
+  result = last_json(out)
+  assert result["test_accuracy_before"] > 0.9
+  assert result["size_bytes_before"] == 4 * result["parameters"]
+
+
+def bad_inputs(tmp_path):
+  np.savez(tmp_path / "nokeys.npz", x_train=np.zeros((4, 2)))
+  np.savez(tmp_path / "mismatch.npz", x_train=np.zeros((4, 2)),
+           y_train=np.zeros(3, int), x_test=np.zeros((2, 2)), y_test=np.zeros(2, int))
+  np.savez(tmp_path / "labels.npz", x_train=np.zeros((4, 2)),
+           y_train=np.array([0, 1, -1, 1]), x_test=np.zeros((2, 2)),
+           y_test=np.zeros(2, int))
+  np.savez(tmp_path / "flat.npz", x_train=np.zeros((40, 6)),
+           y_train=np.arange(40) % 2, x_test=np.zeros((4, 6)),
+           y_test=np.zeros(4, int))
+  np.save(tmp_path / "wrong.npy", np.zeros((3, 5, 5)))
+  (tmp_path / "empty_run").mkdir()
+  (tmp_path / "empty_run" / "config.json").write_text("{not json")
+  t = str(tmp_path)
+  return [
+      (["train", "--dataset", "mnist"], "unknown data set 'mnist'"),
+      (["train", "--model", "vgg"], "unknown model 'vgg'"),
+      (["train", "--epochs", "0"], "must be a positive integer, got 0"),
+      (["train", "--batch-size", "-3"], "must be a positive integer, got -3"),
+      (["train", "--batch-size", "ten"], "expected a positive integer, got 'ten'"),
+      (["train", "--parallel", "x"], "unrecognized arguments"),
+      (["train", "--optimizer", "adma(1e-3)"], "did you mean 'adam'"),
+      (["train", "--optimizer", "__import__('os')"], "unknown function '__import__'"),
+      (["train", "--optimizer", "adam(1e-3).__class__"], "not allowed"),
+      (["train", "--validation", "1.5"], "must lie in [0, 1)"),
+      (["train", "--dataset", f"{t}/nokeys.npz"], "missing key(s) y_train"),
+      (["train", "--dataset", f"{t}/mismatch.npz"], "x_train has 4 rows but y_train"),
+      (["train", "--dataset", f"{t}/labels.npz"], "must lie in [0, 2)"),
+      (["train", "--dataset", f"{t}/flat.npz", "--model", "cnn"],
+       "model 'cnn' needs images"),
+      (["train", "--dataset", "digits", "--num-classes", "5"], "must lie in [0, 5)"),
+      (["train", "--resume"], "--resume needs --out"),
+      (["train", "--resume", "--out", f"{t}/none"], "config.json is missing"),
+      (["train", "--augment", "rotate"], "unknown augmentation 'rotate'"),
+      (["predict", "--run", f"{t}/none", "--input", f"{t}/wrong.npy"],
+       "no run found"),
+      (["predict", "--run", f"{t}/empty_run", "--input", f"{t}/wrong.npy"],
+       "is corrupt"),
+      (["bench", "--suite", "nope"], "invalid choice: 'nope'"),
+  ]
+
+
+def test_bad_input_table(capsys, tmp_path):
+  for argv, message in bad_inputs(tmp_path):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, (argv, code, err)
+    assert message in err, (argv, err)
+    assert len(err.strip().splitlines()) == 1, (argv, err)
+    assert "Traceback" not in err
+
+
+def test_predict_rejects_wrong_shapes(capsys, tmp_path):
+  assert run_cli(capsys, "train", "--model", "mlp:8", "--epochs", "1", "--out",
+                 str(tmp_path / "r"), "--no-progress")[0] == 0
+  np.save(tmp_path / "wrong.npy", np.zeros((3, 5, 5)))
+  code, _, err = run_cli(capsys, "predict", "--run", str(tmp_path / "r"),
+                         "--input", str(tmp_path / "wrong.npy"))
+  assert code == 2 and "shape (3, 5, 5), but the run takes rows of shape (8, 8, 1)" in err
+  code, _, err = run_cli(capsys, "predict", "--run", str(tmp_path / "r"),
+                         "--input", str(tmp_path / "missing.npy"))
+  assert code == 2 and "does not exist" in err
+
+
+def jaxaccel_cmd(*args):
+  return [sys.executable, "-m", "jaxaccel.cli", *args]
+
+
+def test_errors_reach_the_shell_without_traceback(tmp_path):
+  proc = subprocess.run(jaxaccel_cmd("train", "--dataset", str(tmp_path / "x.npz")),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("jaxaccel: error: data file")
+  assert "Traceback" not in proc.stderr
+
+
+def test_kill_9_mid_run_then_resume_gives_identical_parameters(tmp_path):
+  args = ["train", "--model", "mlp:64", "--epochs", "30", "--batch-size", "16",
+          "--optimizer", "sgd(0.05, momentum=0.9)", "--seed", "3",
+          "--no-progress", "--json"]
+  ref = subprocess.run(jaxaccel_cmd(*args, "--out", str(tmp_path / "ref")),
+                       capture_output=True, text=True, timeout=300)
+  assert ref.returncode == 0, ref.stderr
+
+  victim = subprocess.Popen(jaxaccel_cmd(*args, "--out", str(tmp_path / "run")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  ckpt = tmp_path / "run" / "checkpoint"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not (ckpt / "3").exists():
+    time.sleep(0.01)
+  time.sleep(0.137)                        # land somewhere inside a later epoch
+  victim.send_signal(signal.SIGKILL)
+  victim.wait(timeout=60)
+  assert victim.returncode == -signal.SIGKILL, "the run finished before the kill"
+  done = RunDir(tmp_path / "run").latest_epoch()
+  assert done is not None and 3 <= done < 30
+
+  resumed = subprocess.run(
+      jaxaccel_cmd(*args, "--out", str(tmp_path / "run"), "--resume"),
+      capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr
+  assert json.loads(resumed.stdout.strip().splitlines()[-1])["epochs"] == 30
+
+  a = RunDir(tmp_path / "ref").restore_variables()
+  b = RunDir(tmp_path / "run").restore_variables()
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  lines = RunDir(tmp_path / "run").read_metrics()
+  assert [m["epoch"] for m in lines] == list(range(1, 31))

@@ -1,0 +1,157 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaccel import data
+from jaxaccel.errors import DataError
+
+from conftest import requires_fashion_mnist
+
+
+def test_digits_shapes_ranges_and_split(digits):
+  assert digits.x_train.shape == (1350, 8, 8, 1)
+  assert digits.x_val.shape == (150, 8, 8, 1)
+  assert digits.x_test.shape == (297, 8, 8, 1)
+  assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int32
+  assert digits.num_classes == 10
+  assert digits.x_train.min() == 0.0 and digits.x_train.max() == 1.0
+  assert set(np.unique(digits.y_train)) == set(range(10))
+
+
+def test_load_is_deterministic_per_seed():
+  a, b = data.load("digits", seed=3), data.load("digits", seed=3)
+  c = data.load("digits", seed=4)
+  np.testing.assert_array_equal(a.x_val, b.x_val)
+  assert not np.array_equal(a.y_val, c.y_val)
+  np.testing.assert_array_equal(a.x_test, c.x_test)   # test split is fixed
+
+
+def test_standardize_uses_train_statistics():
+  ds = data.load("digits", normalize="standardize")
+  np.testing.assert_allclose(ds.x_train.mean(axis=0), 0.0, atol=1e-5)
+  varying = ds.x_train.std(axis=0) > 0.5
+  np.testing.assert_allclose(ds.x_train.std(axis=0)[varying], 1.0, atol=1e-3)
+  raw = data.load_raw("digits")
+  np.testing.assert_allclose(data.preprocess(raw["x_test"], ds.stats),
+                             ds.x_test, rtol=1e-5, atol=1e-5)
+
+
+def test_clean_drop_impute_raise():
+  x = np.array([[1.0, 2.0], [np.nan, 4.0], [5.0, np.inf], [3.0, 6.0]])
+  y = np.array([0, 1, 2, 3])
+  xd, yd, rep = data.clean(x, y, policy="drop")
+  np.testing.assert_array_equal(xd, [[1, 2], [3, 6]])
+  np.testing.assert_array_equal(yd, [0, 3])
+  assert rep == {"policy": "drop", "rows": 2, "values": 2}
+  xi, yi, _ = data.clean(x, y, policy="impute")
+  np.testing.assert_allclose(xi, [[1, 2], [3, 4], [5, 4], [3, 6]])
+  np.testing.assert_array_equal(yi, y)
+  with pytest.raises(DataError, match="2 rows hold NaN or inf"):
+    data.clean(x, y, policy="raise")
+
+
+def test_one_hot_and_label_range():
+  np.testing.assert_array_equal(data.one_hot(np.array([2, 0]), 3),
+                                [[0, 0, 1], [1, 0, 0]])
+  with pytest.raises(DataError, match=r"must lie in \[0, 3\).*from 0 to 3"):
+    data.one_hot(np.array([0, 3]), 3)
+
+
+def test_batches_cover_each_row_once():
+  x = np.arange(10)[:, None].astype(np.float32)
+  y = np.arange(10)
+  seen = [yb for _, yb in data.batches(x, y, 3, seed=1)]
+  assert [len(b) for b in seen] == [3, 3, 3]
+  assert len(set(np.concatenate(seen))) == 9
+  last = list(data.batches(x, y, 3, seed=None, drop_remainder=False))[-1]
+  np.testing.assert_array_equal(last[1], [9])
+
+
+def test_npz_roundtrip_adds_channel_and_scales(tiny_npz):
+  ds = data.load(str(tiny_npz), validation=0.25)
+  assert ds.x_train.shape == (192, 12, 12, 1) and ds.x_val.shape == (64, 12, 12, 1)
+  assert ds.num_classes == 2
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x_train=np.zeros((4, 2)), y_train=np.zeros(4, int), x_test=np.zeros((2, 2))),
+     "missing key.*y_test"),
+    (dict(x_train=np.zeros((4, 2)), y_train=np.zeros(3, int),
+          x_test=np.zeros((2, 2)), y_test=np.zeros(2, int)),
+     "x_train has 4 rows but y_train has shape"),
+    (dict(x_train=np.zeros((4, 2)), y_train=np.array([0, 1, 0.5, 1]),
+          x_test=np.zeros((2, 2)), y_test=np.zeros(2, int)),
+     "non-integer labels"),
+    (dict(x_train=np.zeros((4, 2)), y_train=np.zeros(4, int),
+          x_test=np.zeros((2, 3)), y_test=np.zeros(2, int)),
+     r"rows have shape \(2,\) but x_test rows \(3,\)"),
+    (dict(x_train=np.zeros((4, 2)), y_train=np.array([0, -1, 0, 1]),
+          x_test=np.zeros((2, 2)), y_test=np.zeros(2, int)),
+     r"must lie in \[0, 2\)"),
+])
+def test_bad_npz(tmp_path, arrays, message):
+  path = tmp_path / "bad.npz"
+  np.savez(path, **arrays)
+  with pytest.raises(DataError, match=message):
+    data.load(str(path))
+
+
+def test_unknown_and_missing_data_sets(tmp_path):
+  with pytest.raises(DataError, match="unknown data set 'mnist'"):
+    data.load("mnist")
+  with pytest.raises(DataError, match=f"looked in {tmp_path}.*apt-get install "
+                     "dataset-fashion-mnist"):
+    data.load("fashion_mnist", data_dir=tmp_path)
+  with pytest.raises(DataError, match="does not exist"):
+    data.load(str(tmp_path / "nope.npz"))
+
+
+def test_fashion_mnist_from_a_given_directory(tmp_path, monkeypatch):
+  import gzip, struct
+  rng = np.random.default_rng(0)
+  for key, fname in data.FASHION_MNIST_FILES.items():
+    n = 20 if "train" in key else 10
+    arr = (rng.integers(0, 256, (n, 28, 28)) if key.startswith("x")
+           else rng.integers(0, 10, n)).astype(np.uint8)
+    head = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(
+        ">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(tmp_path / fname, "wb") as f:
+      f.write(head + arr.tobytes())
+  monkeypatch.setenv("JAXACCEL_DATA_DIR", str(tmp_path))
+  ds = data.load("fashion_mnist", validation=0.0, num_classes=10)
+  assert ds.x_train.shape == (20, 28, 28, 1) and ds.x_test.shape == (10, 28, 28, 1)
+  assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+
+
+@requires_fashion_mnist
+def test_fashion_mnist_real_files():
+  ds = data.load("fashion_mnist", validation=0.1)
+  assert ds.x_train.shape == (54000, 28, 28, 1)
+  assert ds.x_test.shape == (10000, 28, 28, 1)
+  assert ds.num_classes == 10
+  assert np.bincount(ds.y_test).tolist() == [1000] * 10
+
+
+def test_random_flip_and_shift_are_exact(key):
+  img = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  imgs = jnp.repeat(img, 64, axis=0)
+  flipped = data.random_flip(key, imgs)
+  for f in flipped:   # each image is either itself or its mirror
+    assert bool(jnp.all(f == img[0])) or bool(jnp.all(f == img[0, :, ::-1]))
+  n_flipped = sum(not bool(jnp.all(f == img[0])) for f in flipped)
+  assert 16 < n_flipped < 48
+  shifted = data.random_shift(key, imgs, max_shift=1)
+  for s in shifted:   # the centre pixel lands on a neighbour of itself
+    assert float(s.sum()) <= float(img.sum())
+    assert {float(v) for v in np.asarray(s).ravel()} <= set(range(16))
+
+
+def test_noise_std_and_augment_composition(key):
+  x = jnp.zeros((64, 8, 8, 1))
+  noisy = data.gaussian_noise(key, x, std=0.1)
+  assert abs(float(noisy.std()) - 0.1) < 0.01
+  aug = jax.jit(data.make_augment(["flip", "shift", "noise"]))
+  assert aug(key, x).shape == x.shape
+  with pytest.raises(DataError, match="unknown augmentation 'rotate'"):
+    data.make_augment(["rotate"])

@@ -1,0 +1,194 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxaccel import data, models, train
+from jaxaccel.checkpoint import RunDir
+from jaxaccel.errors import CheckpointError, ConfigError, DataError
+
+from conftest import requires_fashion_mnist
+
+
+def small_mlp(num_classes=10):
+  return models.create("mlp", num_classes=num_classes, widths=(32,))
+
+
+def test_fit_learns_digits(digits):
+  model = models.create("mlp", num_classes=10, widths=(64, 64))
+  result = train.fit(model, optax.adam(1e-3), digits, epochs=15, batch_size=32,
+                     progress=False)
+  test = train.evaluate(model, result.state, digits.x_test, digits.y_test)
+  assert test["accuracy"] > 0.95
+  losses = [r["train_loss"] for r in result.history]
+  assert losses[-1] < 0.25 * losses[0]
+  assert int(result.state.step) == 15 * (1350 // 32)
+  assert all(r["skipped_steps"] == 0 for r in result.history)
+
+
+def test_scan_and_stream_epochs_agree(digits):
+  model = small_mlp()
+  runs = [train.fit(model, optax.sgd(0.1, momentum=0.9), digits, epochs=2,
+                    batch_size=64, epoch_mode=mode, progress=False)
+          for mode in ("scan", "stream")]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               runs[0].state.params, runs[1].state.params)
+
+
+def test_any_optax_transformation_works(digits):
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
+                   optax.apply_every(2))
+  result = train.fit(small_mlp(), tx, digits, epochs=2, progress=False)
+  assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] + 1.0
+  assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_non_finite_step_is_skipped_and_counted(digits, key):
+  model = small_mlp()
+  tx = optax.adam(1e-2)
+  state = train.init_state(model, tx, digits.input_shape)
+  step = jax.jit(train.make_train_step(model, tx))
+  x = jnp.asarray(digits.x_train[:8])
+  y = jnp.asarray(digits.y_train[:8])
+  bad_x = x.at[0, 0, 0, 0].set(jnp.nan)
+  new, metrics = step(state, {"x": bad_x, "y": y})
+  assert float(metrics["finite"]) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, new.opt_state, state.opt_state)
+  assert int(new.step) == 1
+  good, metrics = step(new, {"x": x, "y": y})
+  assert float(metrics["finite"]) == 1.0
+  assert not np.array_equal(good.params["Dense_0"]["kernel"],
+                            state.params["Dense_0"]["kernel"])
+
+
+def test_fit_counts_skipped_steps(digits):
+  def exploding_loss(logits, labels):   # infinite on every other step's batch
+    loss = train.cross_entropy(logits, labels)
+    return jnp.where(labels[0] % 2 == 0, jnp.inf, loss)
+  result = train.fit(small_mlp(), optax.sgd(0.1), digits, epochs=1,
+                     batch_size=32, loss_fn=exploding_loss, progress=False)
+  rec = result.history[0]
+  assert 0 < rec["skipped_steps"] < rec["steps"]
+  assert np.isfinite(rec["train_loss"])
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(result.state.params))
+
+
+def test_batch_norm_statistics_live_in_model_state(digits):
+  model = models.create("resnet18", num_classes=10, stage_sizes=(1,), width=4)
+  result = train.fit(model, optax.adam(1e-2), digits, epochs=1, batch_size=64,
+                     progress=False)
+  state = result.state
+  assert "batch_stats" in state.model_state
+  assert not any("batch_stats" in str(p) for p in
+                 jax.tree_util.tree_flatten_with_path(state.params)[0])
+  fresh = train.init_state(model, optax.adam(1e-2), digits.input_shape)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       state.model_state, fresh.model_state)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_evaluate_pads_the_last_batch_exactly(digits):
+  model = small_mlp()
+  state = train.init_state(model, optax.sgd(0.1), digits.input_shape)
+  full = train.evaluate(model, state, digits.x_test, digits.y_test, batch_size=297)
+  padded = train.evaluate(model, state, digits.x_test, digits.y_test, batch_size=64)
+  assert full["accuracy"] == padded["accuracy"]
+  assert abs(full["loss"] - padded["loss"]) < 1e-5
+  logits = train.predict(model, state, digits.x_test, batch_size=50)
+  assert logits.shape == (297, 10)
+  assert np.mean(logits.argmax(-1) == digits.y_test) == pytest.approx(full["accuracy"])
+
+
+def test_early_stopping_stops_and_records(digits):
+  stop = train.EarlyStopping(metric="val_loss", patience=1, min_delta=10.0)
+  result = train.fit(small_mlp(), optax.adam(1e-3), digits, epochs=10,
+                     early_stopping=stop, progress=False)
+  assert result.stopped_early and len(result.history) == 2
+
+
+def test_resume_in_process_gives_identical_parameters(digits, tmp_path):
+  model = small_mlp()
+  full = train.fit(model, "adam(1e-3)", digits, epochs=4, batch_size=64,
+                   out=tmp_path / "full", progress=False)
+  train.fit(model, "adam(1e-3)", digits, epochs=2, batch_size=64,
+            out=tmp_path / "part", progress=False)
+  resumed = train.fit(model, "adam(1e-3)", digits, epochs=4, batch_size=64,
+                      out=tmp_path / "part", resume=True, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, full.state.params,
+               resumed.state.params)
+  jax.tree.map(np.testing.assert_array_equal, full.state.opt_state,
+               resumed.state.opt_state)
+  lines = RunDir(tmp_path / "part").read_metrics()
+  assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+  assert lines[3]["train_loss"] == full.history[3]["train_loss"]
+
+
+def test_run_directory_contents(digits, tmp_path):
+  train.fit(small_mlp(), "clip_by_global_norm(1.0) | adam(1e-3)", digits,
+            epochs=2, out=tmp_path, progress=False)
+  run = RunDir(tmp_path)
+  config = run.read_config()
+  assert config["optimizer"] == "clip_by_global_norm(1.0) | adam(0.001)"
+  assert config["model_spec"] == {"name": "mlp", "num_classes": 10,
+                                  "kwargs": {"widths": [32]}}
+  assert run.latest_epoch() == 2
+  model, variables, _ = train.load_run(tmp_path)
+  assert model == small_mlp()
+  with pytest.raises(CheckpointError, match="already holds a run"):
+    train.fit(small_mlp(), "adam(1e-3)", digits, epochs=1, out=tmp_path,
+              progress=False)
+  with pytest.raises(CheckpointError, match="optimizer differ"):
+    train.fit(small_mlp(), "sgd(0.1)", digits, epochs=3, out=tmp_path,
+              resume=True, progress=False)
+
+
+def test_corrupt_and_missing_checkpoints(digits, tmp_path):
+  with pytest.raises(CheckpointError, match="config.json is missing"):
+    train.load_run(tmp_path / "nothing")
+  train.fit(small_mlp(), "adam(1e-3)", digits, epochs=1, out=tmp_path,
+            progress=False)
+  for f in (tmp_path / "checkpoint" / "1" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  with pytest.raises(CheckpointError, match="corrupt"):
+    train.load_run(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(epochs=0), ConfigError, "epochs must be positive; got 0"),
+    (dict(epochs=1, batch_size=0), ConfigError, "batch size must be positive"),
+    (dict(epochs=1, batch_size=5000), ConfigError, "larger than the 1350"),
+    (dict(epochs=1, epoch_mode="fast"), ConfigError, "unknown epoch_mode 'fast'"),
+    (dict(epochs=1, resume=True), ConfigError, "resume needs the run directory"),
+])
+def test_fit_bad_arguments(digits, kwargs, error, message):
+  with pytest.raises(error, match=message):
+    train.fit(small_mlp(), optax.sgd(0.1), digits, progress=False, **kwargs)
+
+
+def test_fit_rejects_labels_beyond_the_model(digits):
+  with pytest.raises(DataError, match=r"must lie in \[0, 5\)"):
+    train.fit(small_mlp(num_classes=5), optax.sgd(0.1), digits, epochs=1,
+              progress=False)
+  bad = dataclasses.replace(digits, x_train=digits.x_train.copy())
+  bad.x_train[0, 0, 0, 0] = np.nan
+  with pytest.raises(DataError, match="x_train holds NaN"):
+    train.fit(small_mlp(), optax.sgd(0.1), bad, epochs=1, progress=False)
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_fashion_mnist_mlp_reaches_the_bar():
+  """LeNet-300-100 on Fashion-MNIST: >= 0.885 test accuracy in 10 epochs."""
+  ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
+  model = models.create("mlp", num_classes=10, widths=(300, 100))
+  steps = 10 * (60000 // 128)
+  result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
+                     epochs=10, batch_size=128, progress=False)
+  acc = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
+  assert acc >= 0.885, acc
