@@ -29,9 +29,10 @@ from jaxaccel import data, models, train
 
 BATCH = 128
 LEARNING_RATE = 1e-3
+# Steps per timed epoch: long enough that per-epoch dispatch is noise.
 BENCH_MODELS = {
-    "mlp": dict(name="mlp", kwargs={"widths": (300, 100)}),
-    "cnn": dict(name="cnn", kwargs={}),
+    "mlp": dict(name="mlp", kwargs={"widths": (300, 100)}, steps=400),
+    "cnn": dict(name="cnn", kwargs={}, steps=60),
 }
 
 
@@ -160,7 +161,7 @@ def torch_available() -> bool:
 
 
 def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
-                    steps: int = 100, repeats: int = 3, torch_peer: bool = True,
+                    steps: int | None = None, repeats: int = 3, torch_peer: bool = True,
                     progress: bool = True) -> dict:
   """Measures training throughput of jaxaccel against its peers.
 
@@ -174,12 +175,11 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
       ds = data.load("digits", validation=0.0)
   else:
     ds = data.load(dataset, validation=0.0)
-  steps = min(steps, len(ds.x_train) // BATCH)
   use_torch = torch_peer and torch_available()
   peak = matmul_gflops()
   report = {"suite": "train", "dataset": ds.name, "batch_size": BATCH,
             "optimizer": f"adam(learning_rate={LEARNING_RATE})",
-            "steps_per_epoch": steps, "repeats": repeats,
+            "repeats": repeats,
             "backend": jax.default_backend(), "devices": jax.device_count(),
             "cpu_count": os.cpu_count(), "matmul_gflops": round(peak, 2),
             "torch": use_torch, "models": {}}
@@ -196,6 +196,7 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
       raise ConfigError(f"unknown bench model {name!r}: use "
                         f"{', '.join(BENCH_MODELS)}")
     spec = BENCH_MODELS[name]
+    n_steps = min(steps or spec["steps"], len(ds.x_train) // BATCH)
     models.check_input(spec["name"], ds.input_shape)
     model = models.create(spec["name"], num_classes=ds.num_classes,
                           **spec["kwargs"])
@@ -205,15 +206,16 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
         bar.set_postfix(model=name, side=side)
         if side.startswith("jaxaccel"):
           runs[side].append(time_jaxaccel(
-              model, ds, steps, skip_nonfinite=side == "jaxaccel"))
+              model, ds, n_steps, skip_nonfinite=side == "jaxaccel"))
         elif side == "plain_jax":
-          runs[side].append(time_plain_jax(model, ds, steps))
+          runs[side].append(time_plain_jax(model, ds, n_steps))
         else:
-          runs[side].append(time_torch(name, ds, steps))
+          runs[side].append(time_torch(name, ds, n_steps))
         bar.update()
     sps = {s: max(v) for s, v in runs.items()}
     flops = step_flops(model, optax.adam(LEARNING_RATE), ds.input_shape)
     entry = {
+        "steps_per_epoch": n_steps,
         "steps_per_second": {s: round(v, 2) for s, v in sps.items()},
         "examples_per_second": {s: round(v * BATCH, 1) for s, v in sps.items()},
         "spread": {s: round(statistics.pstdev(v) / statistics.mean(v), 4)

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
   p.add_argument("--models", default="mlp,cnn", help="comma-separated")
-  p.add_argument("--steps", type=_positive_int, default=100,
-                 help="timed steps per side")
+  p.add_argument("--steps", type=_positive_int,
+                 help="steps per timed epoch (default: 400 for mlp, 60 for cnn)")
   p.add_argument("--repeats", type=_positive_int, default=3,
                  help="runs per side, interleaved; the best is kept")
   p.add_argument("--no-torch", action="store_true",
