@@ -132,6 +132,18 @@ class RunDir:
           f"restored ({type(e).__name__}: {str(e)[:200]}); it is corrupt or "
           "from a different model/optimizer: retrain, or delete it to start "
           "over") from None
+    got = [(a.shape, a.dtype) for a in jax.tree.leaves(out.state)]
+    want = [(a.shape, a.dtype) for a in jax.tree.leaves(target)]
+    if got != want:
+      bad = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w) \
+          if len(got) == len(want) else None
+      detail = (f"array {bad} is {got[bad]} in the checkpoint, {want[bad]} in "
+                "the model" if bad is not None else
+                f"{len(got)} arrays in the checkpoint, {len(want)} expected")
+      raise CheckpointError(
+          f"checkpoint {self.path / 'checkpoint' / str(epoch)} is from a "
+          f"different model or optimizer ({detail}); use the settings it was "
+          "trained with, or a new --out")
     impl = jax.random.key_impl(like.rng)
     return _from_storable(out.state, impl), dict(out.progress)
 
