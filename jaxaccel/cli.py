@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import pathlib
 import sys
-import time
+
+from jaxaccel.errors import ConfigError, JaxaccelError
 
 EXIT_BAD_INPUT = 2
 
@@ -139,7 +139,7 @@ def cmd_train(args) -> None:
   augment = (data.make_augment([a for a in args.augment.split(",") if a])
              if args.augment else None)
   if args.resume and not args.out:
-    raise _config_error("--resume needs --out DIR, the run to continue")
+    raise ConfigError("--resume needs --out DIR, the run to continue")
   ds = data.load(args.dataset, data_dir=args.data_dir,
                  validation=args.validation, seed=args.seed,
                  normalize=args.normalize, nan_policy=args.nan_policy,
@@ -262,18 +262,12 @@ def _table(header, rows) -> str:
                    + [line(r) for r in rows])
 
 
-def _config_error(message):
-  from jaxaccel.errors import ConfigError
-  return ConfigError(message)
-
-
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
             "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  from jaxaccel.errors import JaxaccelError
   try:
     COMMANDS[args.command](args)
   except JaxaccelError as e:

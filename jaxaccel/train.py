@@ -17,7 +17,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -144,13 +144,14 @@ def _padded_batches(x: np.ndarray, batch_size: int):
     yield chunk, n
 
 
-_EVAL_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _jitted_eval_step(model):
-  if model not in _EVAL_CACHE:
-    _EVAL_CACHE[model] = jax.jit(make_eval_step(model))
-  return _EVAL_CACHE[model]
+  return jax.jit(make_eval_step(model))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(model):
+  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 
 
 def evaluate(model: nn.Module, state_or_variables, x: np.ndarray,
@@ -183,7 +184,7 @@ def predict(model: nn.Module, state_or_variables, x: np.ndarray, *,
   variables = (variables_of(state_or_variables)
                if isinstance(state_or_variables, TrainState)
                else state_or_variables)
-  apply = jax.jit(lambda v, xb: model.apply(v, xb, train=False))
+  apply = _jitted_apply(model)
   batch_size = max(1, min(batch_size, len(x)))
   outs = [np.asarray(apply(variables, xb))[:n]
           for xb, n in _padded_batches(np.asarray(x, np.float32), batch_size)]
