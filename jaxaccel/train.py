@@ -93,19 +93,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(
         loss_of, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+
+    def apply_update(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return (optax.apply_updates(state.params, updates), opt_state,
+              dict(model_state))
+
     if skip_nonfinite:
+      # The update runs only on finite steps: no select pass over the state.
       finite = all_finite(loss, grads)
-      keep = lambda new, old: jax.tree.map(
-          lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state, model_state = jax.lax.cond(
+          finite, apply_update,
+          lambda _: (state.params, state.opt_state, dict(state.model_state)),
+          None)
     else:
       finite = jnp.array(True)
-      keep = lambda new, old: new
-    new_state = TrainState(
-        step=state.step + 1, params=keep(params, state.params),
-        model_state=keep(dict(model_state), state.model_state),
-        opt_state=keep(opt_state, state.opt_state), rng=rng)
+      params, opt_state, model_state = apply_update(None)
+    new_state = TrainState(step=state.step + 1, params=params,
+                           model_state=model_state, opt_state=opt_state,
+                           rng=rng)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
     metrics = {"loss": jnp.where(finite, loss, 0.0),
                "accuracy": jnp.where(finite, accuracy, 0.0),
