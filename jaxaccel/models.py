@@ -158,7 +158,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
     "resnet18": ResNet,
 }
-# Inputs each model needs: None means any shape with rows first.
+# Models that need (height, width, channels) rows; the MLP takes any shape.
 IMAGE_MODELS = ("cnn", "resnet18")
 
 
