@@ -15,6 +15,7 @@ roofline of a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -62,6 +63,12 @@ def step_flops(model, tx, input_shape) -> float:
 
 # ----------------------------------------------------------------- the sides
 
+def _steps_per_second(steps: int, epoch_times: list[float]) -> float:
+  """Steps/s over the epochs after the first, which also compiles or warms."""
+  timed = epoch_times[1:] or epoch_times
+  return steps * len(timed) / sum(timed)
+
+
 def time_jaxaccel(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
                   skip_nonfinite: bool = True) -> float:
   """Steps/s of `fit` over epochs of exactly `steps` steps (first excluded)."""
@@ -102,8 +109,7 @@ def time_plain_jax(model, ds: data.Dataset, steps: int, epochs: int = 3) -> floa
     params, opt_state, losses = epoch(params, opt_state, jax.random.key(e))
     losses.block_until_ready()
     times.append(time.perf_counter() - t)
-  timed = times[1:] or times
-  return steps * len(timed) / sum(timed)
+  return _steps_per_second(steps, times)
 
 
 def torch_model(name: str):
@@ -142,12 +148,10 @@ def time_torch(name: str, ds: data.Dataset, steps: int, epochs: int = 3) -> floa
       opt.step()
     loss.item()
     times.append(time.perf_counter() - t)
-  timed = times[1:] or times
-  return steps * len(timed) / sum(timed)
+  return _steps_per_second(steps, times)
 
 
 def _subset(ds: data.Dataset, n: int) -> data.Dataset:
-  import dataclasses
   return dataclasses.replace(ds, x_train=ds.x_train[:n], y_train=ds.y_train[:n],
                              x_val=ds.x_val[:0], y_val=ds.y_val[:0])
 

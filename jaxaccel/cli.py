@@ -133,7 +133,6 @@ def _json_default(v):
 def cmd_train(args) -> None:
   from jaxaccel import data, models, optim, train
   calls = optim.parse(args.optimizer)            # spec errors before any work
-  tx = optim.build(calls)
   spec = optim.to_string(calls)
   name, kwargs = models.parse_model_spec(args.model)
   augment = (data.make_augment([a for a in args.augment.split(",") if a])
@@ -155,11 +154,11 @@ def cmd_train(args) -> None:
             "validation": args.validation, "nan_policy": args.nan_policy,
             "augment": args.augment, "model_name": args.model}
   import jax
-  result = train.fit(model, tx, ds, epochs=args.epochs,
+  result = train.fit(model, calls, ds, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed, out=out,
                      resume=args.resume, early_stopping=early, augment=augment,
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
-                     config={**config, "optimizer": spec})
+                     config=config)
   test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
   last = result.history[-1] if result.history else {}
   payload = {
