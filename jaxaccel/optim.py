@@ -21,14 +21,275 @@ Examples:
 from __future__ import annotations
 
 import ast
+import inspect
 import pathlib
-from typing import Any, Union
+import re
+from typing import Any, Callable, NamedTuple, Union
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxaccel.errors import SpecError
 
 Spec = Union[str, list, dict]
+PyTree = Any
+
+# ------------------------------------------------ jaxaccel's transformations
+
+def param_path(path) -> str:
+  """The slash-separated name of a parameter, e.g. 'Dense_0/kernel'."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def path_mask(pattern: str) -> Callable[[PyTree], PyTree]:
+  """A mask function selecting the params whose path matches `pattern`.
+
+  `pattern` is a regular expression searched in paths such as
+  'Dense_0/kernel'; a leading '!' selects the params that do not match it.
+  A pattern that matches no parameter (or, negated, excludes them all) raises
+  a `SpecError` when the mask is first applied, at `tx.init`, before any step.
+
+  Examples:
+    >>> mask = path_mask("!bias")
+    >>> mask({"Dense_0": {"kernel": 1.0, "bias": 0.0}})
+    {'Dense_0': {'bias': False, 'kernel': True}}
+  """
+  if not isinstance(pattern, str):
+    raise SpecError(f"a parameter pattern is a string such as 'kernel' or "
+                    f"'!bias'; got {pattern!r}")
+  negate = pattern.startswith("!")
+  try:
+    regex = re.compile(pattern[1:] if negate else pattern)
+  except re.error as e:
+    raise SpecError(f"bad parameter pattern {pattern!r}: {e}") from None
+
+  def mask_fn(params):
+    matched = jax.tree_util.tree_map_with_path(
+        lambda path, _: regex.search(param_path(path)) is not None, params)
+    if not any(jax.tree.leaves(matched)) or all(jax.tree.leaves(matched)) and negate:
+      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+      listed = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+      what = "matches no parameter" if not negate else "excludes every parameter"
+      raise SpecError(f"parameter pattern {pattern!r} {what}; the parameter "
+                      f"paths are: {listed}")
+    return jax.tree.map(lambda m: m != negate, matched)
+  return mask_fn
+
+
+def _as_mask(mask):
+  return path_mask(mask) if isinstance(mask, str) else mask
+
+
+def add_l1(weight: float, *, mask: str | Callable | None = None
+           ) -> optax.GradientTransformation:
+  """Adds `weight * sign(params)` to the updates: the gradient of an L1
+  penalty. Put it before the optimizer; `mask` (a path pattern, see
+  `path_mask`) limits it to some params.
+
+  Examples:
+    >>> tx = optax.chain(add_l1(1e-4, mask="kernel"), optax.sgd(0.1))
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise SpecError("add_l1 needs the params: call tx.update(updates, "
+                      "state, params)")
+    updates = jax.tree.map(
+        lambda u, p: u + (weight * jnp.sign(p)).astype(u.dtype), updates, params)
+    return updates, state
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  return optax.masked(tx, _as_mask(mask)) if mask is not None else tx
+
+
+def freeze(pattern: str) -> optax.GradientTransformation:
+  """Zeros the updates of the params whose path matches `pattern`, so they
+  never change. Put it last in a chain (after weight decay).
+
+  Examples:
+    >>> tx = optax.chain(optax.adam(1e-3), freeze("Dense_[01]"))
+  """
+  return optax.masked(optax.set_to_zero(), path_mask(pattern))
+
+
+def scale_group(pattern: str, factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of one parameter group by `factor`: a per-group
+  learning rate (`adam(1e-3) | scale_group('Dense_2', 10.0)` trains the
+  head at 1e-2)."""
+  return optax.masked(optax.scale(factor), path_mask(pattern))
+
+
+def param_groups(groups: dict, default) -> optax.GradientTransformation:
+  """One transformation (or spec) per parameter group, chosen by the first
+  path pattern that matches; params matching none use `default`. Params of
+  a group get optimizer state only from their own transformation.
+
+  Examples:
+    >>> tx = param_groups({"Dense_2": "adam(1e-2)"}, default="sgd(0.1)")
+  """
+  patterns = list(groups)
+  regexes = [re.compile(p) for p in patterns]
+  as_tx = lambda t: build(t) if isinstance(t, (str, list, dict)) else t
+  transforms = {str(i): as_tx(t) for i, t in enumerate(groups.values())}
+  transforms["default"] = as_tx(default)
+
+  def labels(params):
+    def label(path, _):
+      name = param_path(path)
+      return next((str(i) for i, r in enumerate(regexes) if r.search(name)),
+                  "default")
+    tree = jax.tree_util.tree_map_with_path(label, params)
+    used = set(jax.tree.leaves(tree))
+    unused = [p for i, p in enumerate(patterns) if str(i) not in used]
+    if unused:
+      raise SpecError(f"parameter group pattern {unused[0]!r} matches no "
+                      "parameter (or only ones an earlier pattern took)")
+    return tree
+  return optax.multi_transform(transforms, labels)
+
+
+class PlateauState(NamedTuple):
+  """optax's plateau counters and scale, and the rule's settings as arrays."""
+  plateau: optax.contrib.ReduceLROnPlateauState
+  factor: jax.Array
+  patience: jax.Array
+  rtol: jax.Array
+  atol: jax.Array
+  cooldown: jax.Array
+  min_scale: jax.Array
+
+
+def reduce_on_plateau(factor: float = 0.5, *, patience: int = 3,
+                      rtol: float = 1e-4, atol: float = 0.0,
+                      cooldown: int = 0, min_scale: float = 0.0
+                      ) -> optax.GradientTransformation:
+  """Scales the updates by a factor that drops by `factor` when the
+  validation loss has not improved for `patience` epochs.
+
+  The step only multiplies; `fit` reports the validation loss after every
+  epoch through `observe_plateau`, which runs optax's plateau rule
+  (`optax.contrib.reduce_on_plateau`) on the state. Put it last in a chain.
+
+  Examples:
+    >>> tx = build("adam(1e-3) | reduce_on_plateau(0.5, patience=2)")
+  """
+  if not 0.0 < factor < 1.0:
+    raise SpecError(f"reduce_on_plateau: factor must be in (0, 1); got {factor}")
+  if patience < 1:
+    raise SpecError(f"reduce_on_plateau: patience must be >= 1; got {patience}")
+  settings = dict(factor=factor, patience=patience, rtol=rtol, atol=atol,
+                  cooldown=cooldown, min_scale=min_scale)
+
+  def init_fn(params):
+    rule = optax.contrib.reduce_on_plateau(**settings)
+    return PlateauState(plateau=rule.init(params),
+                        **{k: jnp.asarray(v) for k, v in settings.items()})
+
+  def update_fn(updates, state, params=None):
+    del params
+    scale = state.plateau.scale
+    return jax.tree.map(lambda u: (scale * u).astype(u.dtype), updates), state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _observe_one(state: PlateauState, value) -> PlateauState:
+  rule = optax.contrib.reduce_on_plateau(
+      factor=state.factor, patience=state.patience, rtol=state.rtol,
+      atol=state.atol, cooldown=state.cooldown, min_scale=state.min_scale)
+  _, plateau = rule.update((), state.plateau, value=value)
+  return state._replace(plateau=plateau)
+
+
+def observe_plateau(opt_state: PyTree, value: float) -> PyTree:
+  """Feeds one validation loss to every `reduce_on_plateau` in `opt_state`."""
+  return jax.tree.map(
+      lambda s: _observe_one(s, value) if isinstance(s, PlateauState) else s,
+      opt_state, is_leaf=lambda s: isinstance(s, PlateauState))
+
+
+def has_plateau(opt_state: PyTree) -> bool:
+  """Whether `opt_state` holds a `reduce_on_plateau` state."""
+  return any(isinstance(s, PlateauState) for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, PlateauState)))
+
+
+def accumulate(every: int) -> int:
+  """Spec marker: `accumulate(4)` anywhere in a chain averages the gradients
+  of 4 steps and applies the whole chain once (`optax.MultiSteps`), with one
+  extra gradient-sized buffer."""
+  if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    raise SpecError(f"accumulate needs a positive whole number of steps; got "
+                    f"{every!r}")
+  return every
+
+
+# ------------------------------------------------------------- hyperparams
+
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _injected_states(opt_state):
+  leaves = jax.tree.leaves(opt_state,
+                           is_leaf=lambda s: isinstance(s, _INJECTED + (PlateauState,)))
+  return ([s for s in leaves if isinstance(s, _INJECTED)],
+          [s for s in leaves if isinstance(s, PlateauState)])
+
+
+def hyperparams(opt_state: PyTree) -> dict[str, jax.Array]:
+  """The hyperparameters held as array leaves of `opt_state`.
+
+  Keys are the argument names (`learning_rate`, ...), suffixed `_1`, `_2`
+  when several transformations of a chain share one; `lr_scale` is the
+  factor of a `reduce_on_plateau`. Values follow schedules: each is the one
+  used by the last update.
+  """
+  injected, plateaus = _injected_states(opt_state)
+  names = [k for s in injected for k in s.hyperparams]
+  out = {}
+  for i, s in enumerate(injected):
+    for k, v in s.hyperparams.items():
+      out[k if names.count(k) == 1 else f"{k}_{i}"] = v
+  for i, s in enumerate(plateaus):
+    out["lr_scale" if len(plateaus) == 1 else f"lr_scale_{i}"] = s.plateau.scale
+  return out
+
+
+def set_hyperparams(opt_state: PyTree, **values) -> PyTree:
+  """Returns `opt_state` with the named hyperparameters replaced: the next
+  update uses them, and a jitted step does not recompile.
+
+  Examples:
+    >>> tx = build("adam(1e-3)")
+    >>> state = set_hyperparams(tx.init({"w": jnp.ones(2)}), learning_rate=1e-4)
+    >>> float(hyperparams(state)["learning_rate"])
+    0.0001
+  """
+  injected, _ = _injected_states(opt_state)
+  known = {k for s in injected for k in s.hyperparams}
+  for name in values:
+    if name not in known:
+      raise SpecError(f"no hyperparameter {name!r} in this optimizer state; "
+                      f"it holds {sorted(known) or 'none'} (build the chain "
+                      f"with hyperparams=({name!r},) to make it one)")
+    if any(name in getattr(s, "hyperparams_states", {}) for s in injected):
+      raise SpecError(f"{name} follows a schedule, so setting it would be "
+                      "undone at the next step; give a constant to set it")
+
+  def replace(s):
+    if not isinstance(s, _INJECTED):
+      return s
+    hp = dict(s.hyperparams)
+    for k, v in values.items():
+      if k in hp:
+        hp[k] = jnp.asarray(v, jnp.result_type(hp[k]))
+    return s._replace(hyperparams=hp)
+  return jax.tree.map(replace, opt_state, is_leaf=lambda s: isinstance(s, _INJECTED))
+
+
+# ------------------------------------------------------------- allow-list
 
 OPTIMIZERS = (
     "adabelief", "adadelta", "adafactor", "adagrad", "adam", "adamax",
@@ -49,9 +310,11 @@ SCHEDULES = (
     "piecewise_constant_schedule", "polynomial_schedule",
     "warmup_cosine_decay_schedule", "warmup_exponential_decay_schedule",
 )
-ALLOWED = {name: getattr(optax, name)
-           for name in OPTIMIZERS + TRANSFORMS + SCHEDULES
-           if hasattr(optax, name)}
+OWN = {"add_l1": add_l1, "freeze": freeze, "scale_group": scale_group,
+       "reduce_on_plateau": reduce_on_plateau, "accumulate": accumulate}
+ALLOWED = {**{name: getattr(optax, name)
+              for name in OPTIMIZERS + TRANSFORMS + SCHEDULES
+              if hasattr(optax, name)}, **OWN}
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -72,7 +335,9 @@ def _unknown(name: str, where: str) -> SpecError:
   close = _edit_distance(name, best) <= max(2, len(name) // 3)
   hint = f"; did you mean {best!r}?" if close else ""
   return SpecError(f"unknown {where} {name!r} in optimizer spec{hint} "
-                   "(allowed: optax optimizers, transforms and schedules)")
+                   "(allowed: optax optimizers, transforms and schedules, and "
+                   "jaxaccel's add_l1, freeze, scale_group, reduce_on_plateau, "
+                   "accumulate)")
 
 
 # ------------------------------------------------------------------ parsing
@@ -189,8 +454,18 @@ def _parse_toml(path: pathlib.Path) -> list[dict]:
 
 # --------------------------------------------------------- building, printing
 
-def _construct(call: dict) -> Any:
-  fn = ALLOWED[call["name"]]
+def _expects_number(param: inspect.Parameter) -> bool:
+  default = param.default
+  if isinstance(default, (int, float)) and not isinstance(default, bool):
+    return True
+  text = str(param.annotation)
+  return (("Scalar" in text or "float" in text)
+          and not any(t in text for t in ("str", "Mapping", "dict")))
+
+
+def _construct(call: dict, hyperparams: tuple[str, ...] = ()) -> Any:
+  name = call["name"]
+  fn = ALLOWED[name]
 
   def value(v):
     if isinstance(v, dict) and "name" in v:
@@ -199,33 +474,146 @@ def _construct(call: dict) -> Any:
       return {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: w
               for k, w in v.items()}
     return v
-  args = [value(a) for a in call["args"]]
-  kwargs = {k: value(v) for k, v in call["kwargs"].items()}
-  for k, v in kwargs.items():
-    if k in ("learning_rate", "lr") and isinstance(v, (int, float)) and v < 0:
-      raise SpecError(f"{call['name']}: learning_rate must be non-negative; "
-                      f"got {v}")
-  if args and isinstance(args[0], (int, float)) and not isinstance(
-      args[0], bool) and call["name"] in OPTIMIZERS and args[0] < 0:
-    raise SpecError(f"{call['name']}: learning_rate must be non-negative; got "
-                    f"{args[0]}")
+  signature = inspect.signature(fn)
   try:
-    return fn(*args, **kwargs)
+    bound = signature.bind(*[value(a) for a in call["args"]],
+                           **{k: value(v) for k, v in call["kwargs"].items()})
   except TypeError as e:
-    raise SpecError(f"bad arguments to {call['name']} in optimizer spec: "
-                    f"{e}") from None
+    params = ", ".join(signature.parameters)
+    raise SpecError(f"bad arguments to {name} in optimizer spec: {e}; its "
+                    f"parameters are ({params})") from None
+  arguments = bound.arguments
+  for k, v in arguments.items():
+    param = signature.parameters[k]
+    if _expects_number(param) and isinstance(v, (str, bool)):
+      raise SpecError(f"{name}: {k} must be a number; got {v!r}")
+    if (k == "learning_rate" and isinstance(v, (int, float)) and v < 0):
+      raise SpecError(f"{name}: learning_rate must be non-negative; got {v}")
+  if isinstance(arguments.get("mask"), str):
+    arguments["mask"] = path_mask(arguments["mask"])
+
+  marked = [h for h in hyperparams if h in signature.parameters]
+  if marked and name not in SCHEDULES and name != "accumulate":
+    static = [p for p, param in signature.parameters.items()
+              if p not in marked and param.kind not in (
+                  param.VAR_KEYWORD, param.VAR_POSITIONAL)]
+    fn = optax.inject_hyperparams(fn, static_args=static)
+  try:
+    return fn(**arguments)
+  except (TypeError, ValueError) as e:
+    raise SpecError(f"bad arguments to {name} in optimizer spec: {e}") from None
 
 
-def build(spec: Spec) -> optax.GradientTransformation:
-  """Builds the optax transformation a spec describes (a chain if several)."""
+def build(spec: Spec, *, hyperparams: tuple[str, ...] = ("learning_rate",)
+          ) -> optax.GradientTransformation:
+  """Builds the optax transformation a spec describes (a chain if several).
+
+  Args:
+    spec: a chain spec in any spelling (see the module docstring).
+    hyperparams: argument names held as array leaves of the optimizer state
+      (`optax.inject_hyperparams`), so `hyperparams(state)` logs them and
+      `set_hyperparams` or a vmapped sweep changes them without recompiling.
+      Schedules given for them are evaluated each step.
+
+  Examples:
+    >>> tx = build("clip_by_global_norm(1.0) | adam(1e-3)")
+    >>> float(hyperparams(tx.init({"w": jnp.ones(3)}))["learning_rate"])
+    0.001
+  """
   calls = parse(spec)
-  parts = [_construct(c) for c in calls]
+  every = [c for c in calls if c["name"] == "accumulate"]
+  calls = [c for c in calls if c["name"] != "accumulate"]
+  if len(every) > 1:
+    raise SpecError("accumulate(...) may appear once in a chain")
+  if not calls:
+    raise SpecError("the chain holds only accumulate(...): add an optimizer, "
+                    "e.g. 'adam(1e-3) | accumulate(4)'")
+  parts = [_construct(c, tuple(hyperparams)) for c in calls]
   for c, p in zip(calls, parts):
     if not isinstance(p, optax.GradientTransformation):
       raise SpecError(f"{c['name']} is a schedule, not a transformation; pass "
                       "it as an argument, e.g. adam(learning_rate="
                       f"{c['name']}(...))")
-  return parts[0] if len(parts) == 1 else optax.chain(*parts)
+  tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
+  if every:
+    k = _construct(every[0])
+    tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+  return tx
+
+
+def with_values(spec: Spec, **values) -> list[dict]:
+  """The parsed spec with the named arguments set in every transformation
+  that takes them, e.g. `with_values("adam(1e-3)", learning_rate=3e-4)`.
+
+  Examples:
+    >>> to_string(with_values("clip(1.0) | adam(1e-3)", learning_rate=3e-4))
+    'clip(1.0) | adam(learning_rate=0.0003)'
+  """
+  out, used = [], set()
+  for c in parse(spec):
+    signature = inspect.signature(ALLOWED[c["name"]])
+    names = [n for n in values if n in signature.parameters]
+    if names and c["name"] not in SCHEDULES:
+      kwargs = arguments(c)
+      kwargs.update({n: _plain(values[n]) for n in names})
+      c = {"name": c["name"], "args": [], "kwargs": kwargs}
+      used.update(names)
+    out.append(c)
+  missing = sorted(set(values) - used)
+  if missing:
+    raise SpecError(f"no transformation in {to_string(out)!r} takes "
+                    f"{missing[0]!r}")
+  return out
+
+
+def arguments(call: dict) -> dict:
+  """The arguments a parsed call gives, by parameter name (no defaults)."""
+  signature = inspect.signature(ALLOWED[call["name"]])
+  try:
+    return dict(signature.bind_partial(*call["args"], **call["kwargs"]).arguments)
+  except TypeError as e:
+    raise SpecError(f"bad arguments to {call['name']}: {e}") from None
+
+
+def _plain(v):
+  """Numbers as Python scalars, so specs print and save as text."""
+  if hasattr(v, "item"):
+    return v.item()
+  return v
+
+
+def schedule(spec: Spec) -> optax.Schedule:
+  """Builds one allow-listed schedule, e.g. 'cosine_decay_schedule(1e-3, 500)'."""
+  calls = parse(spec)
+  if len(calls) != 1 or calls[0]["name"] not in SCHEDULES:
+    raise SpecError(f"a schedule spec is one call of {', '.join(SCHEDULES)}; "
+                    f"got {to_string(calls)!r}")
+  return _construct(calls[0])
+
+
+def plot_schedule(*schedules, steps: int, ax=None, labels=None):
+  """Draws schedules (callables or schedule specs) over `steps` steps.
+
+  Returns the matplotlib axes; each line's y-data are the schedule's values
+  at steps 0 .. steps-1.
+
+  Examples:
+    >>> ax = plot_schedule("warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000)",
+    ...                    steps=1000)
+  """
+  import matplotlib.pyplot as plt
+  if ax is None:
+    _, ax = plt.subplots(figsize=(6, 3.5))
+  t = jnp.arange(steps)
+  for i, s in enumerate(schedules):
+    label = labels[i] if labels else (s if isinstance(s, str) else
+                                      getattr(s, "__name__", f"schedule {i}"))
+    fn = schedule(s) if isinstance(s, (str, list, dict)) else s
+    ax.plot(range(steps), jax.vmap(fn)(t), label=label)
+  ax.set_xlabel("step")
+  ax.set_ylabel("learning rate")
+  ax.legend(fontsize="small")
+  return ax
 
 
 def to_string(calls: list[dict]) -> str:

@@ -47,15 +47,46 @@ class TrainState(NamedTuple):
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
-               input_shape, *, seed: int = 0) -> TrainState:
-  """Initializes params, model state and optimizer state from a seed."""
+               input_shape, *, seed: int = 0,
+               variables: dict | None = None) -> TrainState:
+  """Initializes params, model state and optimizer state from a seed, or
+  starts from given `variables` (see `warm_start`)."""
   init_key, rng = jax.random.split(jax.random.key(seed))
-  variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
-                         train=False)
+  if variables is None:
+    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
+                           train=False)
   variables = dict(variables)
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     model_state=variables, opt_state=tx.init(params), rng=rng)
+
+
+def warm_start(model: nn.Module, source: dict, input_shape, *,
+               seed: int = 0) -> tuple[dict, list[str]]:
+  """Fresh variables for `model` with every entry of `source` whose path and
+  shape match copied in: transfer learning keeps the body of a trained model
+  and gives a new head (say, for other classes) a fresh initialization.
+
+  Returns:
+    (variables, the paths copied from `source`).
+  """
+  fresh = model.init(jax.random.key(seed),
+                     jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  flat_source = {jax.tree_util.keystr(p): v
+                 for p, v in jax.tree_util.tree_leaves_with_path(source)}
+  copied = []
+
+  def take(path, v):
+    old = flat_source.get(jax.tree_util.keystr(path))
+    if old is not None and old.shape == v.shape and old.dtype == v.dtype:
+      copied.append(optim.param_path(path))
+      return jnp.asarray(old)
+    return v
+  variables = jax.tree_util.tree_map_with_path(take, dict(fresh))
+  if not copied:
+    raise CheckpointError("warm start copied nothing: no variable of the "
+                          "source has the path and shape of one of this model")
+  return variables, copied
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -160,6 +191,18 @@ def _jitted_apply(model):
   return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 
 
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+  """Fixed-size eval batches {x, y, mask}; padding rows have mask 0."""
+  batch_size = min(batch_size, len(x))
+  y = np.asarray(y, np.int32)
+  for start, (xb, n) in zip(range(0, len(x), batch_size),
+                            _padded_batches(x, batch_size)):
+    yb = np.zeros(batch_size, np.int32)
+    yb[:n] = y[start:start + n]
+    mask = (np.arange(batch_size) < n).astype(np.float32)
+    yield {"x": xb, "y": yb, "mask": mask}
+
+
 def evaluate(model: nn.Module, state_or_variables, x: np.ndarray,
              y: np.ndarray, *, batch_size: int = 1024) -> dict:
   """Loss and accuracy of a model on (x, y), in eval mode (running BN stats)."""
@@ -169,15 +212,9 @@ def evaluate(model: nn.Module, state_or_variables, x: np.ndarray,
   if len(x) == 0:
     return {"loss": float("nan"), "accuracy": float("nan")}
   step = _jitted_eval_step(model)
-  batch_size = min(batch_size, len(x))
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  y = np.asarray(y, np.int32)
-  for start, (xb, n) in zip(range(0, len(x), batch_size),
-                            _padded_batches(x, batch_size)):
-    yb = np.zeros(batch_size, np.int32)
-    yb[:n] = y[start:start + n]
-    mask = (np.arange(batch_size) < n).astype(np.float32)
-    out = step(variables, {"x": xb, "y": yb, "mask": mask})
+  for batch in eval_batches(x, y, batch_size):
+    out = step(variables, batch)
     for k in totals:
       totals[k] += float(out[k])
   return {"loss": totals["loss"] / totals["count"],
@@ -366,6 +403,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     step_fn = jax.jit(train_step, donate_argnums=0)
   # A fresh copy: donation deletes the buffers of the state passed in.
   state = jax.tree.map(jnp.array, state)
+  plateau = optim.has_plateau(state.opt_state)
+  if plateau and not len(data.x_val):
+    raise ConfigError("reduce_on_plateau watches the validation loss, which "
+                      "needs a validation split (validation > 0)")
 
   stopped_early = False
   t_start = time.perf_counter()
@@ -391,6 +432,12 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     if len(data.x_val):
       val = evaluate(model, state, data.x_val, data.y_val)
       record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    if plateau:
+      state = state._replace(opt_state=optim.observe_plateau(
+          state.opt_state, record["val_loss"]))
+    # Hyperparameters held in the optimizer state: the learning rate first.
+    record.update({k: float(v) for k, v in
+                   optim.hyperparams(state.opt_state).items()})
     record["epoch_seconds"] = round(seconds, 4)
     history.append(record)
     bar.set_postfix(loss=f"{record['train_loss']:.4f}",

@@ -1,0 +1,301 @@
+"""Many optimizer configurations trained at once, and batch-size search.
+
+`sweep` stacks the train states of every configuration (hyperparameter
+values x seeds) along a leading axis and runs each epoch of all of them as
+one compiled, vmapped `lax.scan`. The swept hyperparameters are array
+leaves of the optimizer state (`optim.build(..., hyperparams=...)`), so one
+program serves every value. Chains of different structure (optimizer
+families) each get their own program; successive halving ranks all of them
+together by validation accuracy and drops the worse half every few epochs.
+
+Examples:
+  >>> from jaxaccel import data, models, sweep
+  >>> ds = data.load("digits", validation=0.1)
+  >>> model = models.create("mlp:32", num_classes=10)
+  >>> out = sweep.sweep(model, "adam(1e-3)", ds, epochs=2, progress=False,
+  ...                   grid={"learning_rate": [1e-3, 1e-2]}, seeds=(0, 1))
+  >>> len(out.results)
+  4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxaccel import optim, train
+from jaxaccel.data import Dataset
+from jaxaccel.errors import ConfigError, SpecError
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """What `sweep` returns.
+
+  `results` has one entry per configuration: its concrete `spec` (the chain
+  with the swept values written in, which `fit` reproduces), `family`,
+  `hyperparams`, `seed`, `val_accuracy` (after the last epoch it trained),
+  `epochs`, and `val_accuracy_history`. `best` is the best entry among those
+  trained for every epoch.
+  """
+  results: list[dict]
+  best: dict
+  wall_seconds: float
+  sequential_estimate_seconds: float | None
+  states: list          # the final stacked states of each family's survivors
+
+
+@dataclasses.dataclass
+class _Family:
+  """One chain structure: its configs and their stacked states."""
+  index: int
+  tx: object
+  entries: list[dict]   # results entries of the configs still trained
+  states: train.TrainState
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _make_epoch(train_step):
+  def run_epoch(states, x, y, orders):
+    def one(state, order):
+      return jax.lax.scan(
+          lambda s, idx: train_step(s, {"x": x[idx], "y": y[idx]}), state, order)
+    return jax.vmap(one)(states, orders)
+  return jax.jit(run_epoch, donate_argnums=0)
+
+
+def _make_accuracy(model: nn.Module):
+  step = train.make_eval_step(model)
+
+  def correct(params, model_state, batch):
+    return step({"params": params, **model_state}, batch)["correct"]
+  return jax.jit(jax.vmap(correct, in_axes=(0, 0, None)))
+
+
+def configurations(grid: dict | None, seeds: Sequence[int]) -> list[tuple[dict, int]]:
+  """Every (hyperparameter values, seed) pair of a grid, in a fixed order."""
+  grid = grid or {}
+  for name, values in grid.items():
+    if not isinstance(values, (list, tuple)) or not values:
+      raise SpecError(f"grid entry {name!r} needs a non-empty list of values; "
+                      f"got {values!r}")
+  if not seeds:
+    raise ConfigError("a sweep needs at least one seed")
+  names = list(grid)
+  return [(dict(zip(names, combo)), seed)
+          for combo in itertools.product(*grid.values()) for seed in seeds]
+
+
+def _init_family(model, index, spec, configs, data) -> _Family:
+  names = tuple(configs[0][0])
+  entries, states = [], []
+  for values, seed in configs:
+    calls = optim.with_values(spec, **values) if values else optim.parse(spec)
+    tx = optim.build(calls, hyperparams=("learning_rate",) + names)
+    states.append(train.init_state(model, tx, data.input_shape, seed=seed))
+    entries.append({"spec": optim.to_string(calls), "family": index,
+                    "hyperparams": dict(values), "seed": seed,
+                    "val_accuracy_history": []})
+  structures = {jax.tree.structure(s) for s in states}
+  if len(structures) != 1:
+    raise SpecError(f"the configurations of {optim.to_string(optim.parse(spec))!r} "
+                    "differ in structure; sweep only numeric hyperparameters")
+  # Every config's update reads its hyperparameters from its own state, so
+  # one transformation (the first) serves them all.
+  return _Family(index=index, tx=tx, entries=entries, states=_stack(states))
+
+
+def _val_accuracy(accuracy_fn, states, data: Dataset) -> np.ndarray:
+  correct = 0.0
+  for batch in train.eval_batches(data.x_val, data.y_val, 1024):
+    correct = correct + accuracy_fn(states.params, states.model_state, batch)
+  return np.asarray(correct) / len(data.x_val)
+
+
+def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
+          grid: dict | None = None, seeds: Sequence[int] = (0,),
+          batch_size: int = 128, halving_every: int | None = None,
+          sequential_sample: int = 0, progress: bool = True) -> SweepResult:
+  """Trains every configuration at once and ranks them by validation accuracy.
+
+  Args:
+    model: a flax.linen module.
+    specs: one chain spec, or a list of them (optimizer families); each
+      gets its own compiled program.
+    data: a `Dataset` with a validation split.
+    epochs: epochs per configuration (survivors of halving train them all).
+    grid: hyperparameter name -> list of values, e.g.
+      `{"learning_rate": [1e-3, 3e-3], "weight_decay": [0.0, 1e-4]}`; every
+      spec must take every name.
+    seeds: each configuration runs once per seed (init and batch order).
+    batch_size: examples per step.
+    halving_every: successive halving: every this many epochs keep the
+      better half of all configurations (by validation accuracy).
+    sequential_sample: time this many configurations with `fit`, one after
+      another as a user would (each compiles), and extrapolate.
+    progress: show a progress bar.
+  """
+  if isinstance(specs, (str, dict)):
+    specs = [specs]
+  if not specs:
+    raise SpecError("sweep needs at least one optimizer spec")
+  if not len(data.x_val):
+    raise ConfigError("sweep ranks configurations by validation accuracy: "
+                      "load the data with validation > 0")
+  if epochs <= 0:
+    raise ConfigError(f"epochs must be positive; got {epochs}")
+  if halving_every is not None and halving_every <= 0:
+    raise ConfigError(f"halving_every must be positive; got {halving_every}")
+  train._check_data(model, data, batch_size)
+  configs = configurations(grid, seeds)
+
+  t_start = time.perf_counter()
+  families = [_init_family(model, i, spec, configs, data)
+              for i, spec in enumerate(specs)]
+  x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
+  n = len(data.x_train)
+  accuracy_fn = _make_accuracy(model)
+  programs = {f.index: _make_epoch(train.make_train_step(model, f.tx))
+              for f in families}
+  finished = []
+  bar = tqdm(range(epochs), desc=f"sweep ({len(specs) * len(configs)} configs)",
+             unit="epoch", disable=not progress, leave=False)
+  for epoch in bar:
+    for f in families:
+      orders = jnp.stack([train.epoch_order(e["seed"], epoch, n, batch_size)
+                          for e in f.entries])
+      f.states, _ = programs[f.index](f.states, x, y, orders)
+      for e, acc in zip(f.entries, _val_accuracy(accuracy_fn, f.states, data)):
+        e["val_accuracy_history"].append(float(acc))
+        e["val_accuracy"], e["epochs"] = float(acc), epoch + 1
+    alive = sum(len(f.entries) for f in families)
+    if halving_every and (epoch + 1) % halving_every == 0 and alive > 1 and (
+        epoch + 1 < epochs):
+      families, dropped = _halve(families)
+      finished += dropped
+    bar.set_postfix(configs=sum(len(f.entries) for f in families),
+                    best=f"{max(e['val_accuracy'] for f in families for e in f.entries):.4f}")
+  bar.close()
+  wall = time.perf_counter() - t_start
+  survivors = [e for f in families for e in f.entries]
+  results = sorted(finished + survivors,
+                   key=lambda e: (e["family"], _config_index(e, configs)))
+  best = max(survivors, key=lambda e: e["val_accuracy"])
+
+  estimate = None
+  if sequential_sample:
+    estimate = _sequential_estimate(model, results, data, epochs, batch_size,
+                                    sequential_sample)
+  return SweepResult(results=results, best=best, wall_seconds=wall,
+                     sequential_estimate_seconds=estimate,
+                     states=[f.states for f in families])
+
+
+def _config_index(entry: dict, configs) -> int:
+  return next(i for i, (v, s) in enumerate(configs)
+              if v == entry["hyperparams"] and s == entry["seed"])
+
+
+def _halve(families: list[_Family]) -> tuple[list[_Family], list[dict]]:
+  """Keeps the better half of all configurations (ties: earlier first)."""
+  ranked = sorted(((-e["val_accuracy"], f.index, i)
+                   for f in families for i, e in enumerate(f.entries)))
+  keep = {(fi, i) for _, fi, i in ranked[:math.ceil(len(ranked) / 2)]}
+  kept, dropped = [], []
+  for f in families:
+    idx = [i for i in range(len(f.entries)) if (f.index, i) in keep]
+    dropped += [e for i, e in enumerate(f.entries) if (f.index, i) not in keep]
+    if idx:
+      take = jnp.asarray(idx)
+      kept.append(dataclasses.replace(
+          f, entries=[f.entries[i] for i in idx],
+          states=jax.tree.map(lambda a: a[take], f.states)))
+  return kept, dropped
+
+
+def _sequential_estimate(model, results, data, epochs, batch_size, sample):
+  """Seconds to train every configuration one after another with `fit`,
+  extrapolated from `sample` of them, each compiled afresh as a user's loop
+  would; configurations dropped by halving count only their epochs."""
+  picked = results[:: max(1, len(results) // sample)][:sample]
+  seconds = 0.0
+  for e in picked:
+    t0 = time.perf_counter()
+    train.fit(model, e["spec"], data, epochs=epochs, batch_size=batch_size,
+              seed=e["seed"], progress=False)
+    seconds += time.perf_counter() - t0
+  per_epoch = seconds / (len(picked) * epochs)
+  return per_epoch * sum(e["epochs"] for e in results)
+
+
+# --------------------------------------------------------------- batch size
+
+def sweep_batch_sizes(model: nn.Module, spec, data: Dataset, *,
+                      batch_sizes: Sequence[int], base_batch_size: int = 128,
+                      epochs: int, seed: int = 0, target: float | None = None,
+                      progress: bool = True) -> dict:
+  """Trains once per batch size with the learning rate scaled linearly
+  (lr * batch / base_batch_size) and ranks them by time to accuracy.
+
+  Returns a dict with `results` (per batch size: learning_rate,
+  steps_per_second, examples_per_second, val_accuracy, seconds_to_target),
+  `target` (by default 99% of the best final validation accuracy) and
+  `best` (the batch size reaching the target first). Times are the training
+  seconds of each epoch, the first one including compilation.
+  """
+  calls = optim.parse(spec)
+  base_lr = _constant_learning_rate(calls)
+  if not batch_sizes:
+    raise ConfigError("give at least one batch size")
+  if not len(data.x_val):
+    raise ConfigError("batch-size search needs a validation split "
+                      "(validation > 0)")
+  runs = []
+  for b in tqdm(batch_sizes, desc="batch sizes", disable=not progress,
+                leave=False):
+    if b <= 0 or b > len(data.x_train):
+      raise ConfigError(f"batch size {b} must be in [1, {len(data.x_train)}]")
+    lr = base_lr * b / base_batch_size
+    scaled = optim.with_values(calls, learning_rate=lr)
+    result = train.fit(model, scaled, data, epochs=epochs, batch_size=b,
+                       seed=seed, progress=False)
+    runs.append({"batch_size": b, "learning_rate": lr,
+                 "spec": optim.to_string(scaled),
+                 "steps_per_second": result.steps_per_second,
+                 "examples_per_second": result.steps_per_second * b,
+                 "val_accuracy": result.history[-1]["val_accuracy"],
+                 "curve": [(sum(h["epoch_seconds"] for h in result.history[:i + 1]),
+                            h["val_accuracy"]) for i, h in enumerate(result.history)]})
+  if target is None:
+    target = 0.99 * max(r["val_accuracy"] for r in runs)
+  for r in runs:
+    r["seconds_to_target"] = next(
+        (t for t, acc in r.pop("curve") if acc >= target), None)
+  reached = [r for r in runs if r["seconds_to_target"] is not None]
+  best = min(reached, key=lambda r: r["seconds_to_target"]) if reached else None
+  return {"results": runs, "target": target, "best": best}
+
+
+def _constant_learning_rate(calls: list[dict]) -> float:
+  for c in calls:
+    arguments = optim.arguments(c)
+    if "learning_rate" in arguments:
+      lr = arguments["learning_rate"]
+      if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+      raise SpecError(f"batch-size search scales a constant learning rate; "
+                      f"{c['name']} has learning_rate={lr!r}")
+  raise SpecError(f"no transformation in {optim.to_string(calls)!r} sets a "
+                  "learning_rate")
