@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import data, models, train
+from jaxaccel import data, models, optim, train
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
 
@@ -39,12 +39,83 @@ def test_scan_and_stream_epochs_agree(digits):
 
 
 def test_any_optax_transformation_works(digits):
+  # A user's own chain, stateful and with its own injected hyperparameter,
+  # must train exactly as a hand-written optax loop over the same batches.
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.inject_hyperparams(optax.sgd)(learning_rate=0.05),
                    optax.apply_every(2))
-  result = train.fit(small_mlp(), tx, digits, epochs=2, progress=False)
-  assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] + 1.0
-  assert np.isfinite(result.history[-1]["train_loss"])
+  model = small_mlp()
+  result = train.fit(model, tx, digits, epochs=2, progress=False)
+
+  init_key, _ = jax.random.split(jax.random.key(0))
+  params = model.init(init_key, jnp.zeros((1, *digits.input_shape)),
+                      train=False)["params"]
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x, train=True), y).mean()
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  for epoch in range(2):
+    for idx in np.asarray(train.epoch_order(0, epoch, len(digits.x_train), 128)):
+      params, opt_state = step(params, opt_state, digits.x_train[idx],
+                               digits.y_train[idx])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               result.state.params, params)
+  assert [r["learning_rate"] for r in result.history] == pytest.approx([0.05] * 2)
+
+
+def test_fit_logs_the_scheduled_learning_rate(digits):
+  result = train.fit(small_mlp(), "sgd(linear_schedule(0.1, 0.0, 100))", digits,
+                     epochs=3, progress=False)
+  steps = [r["step"] for r in result.history]
+  assert steps == [10, 20, 30]
+  assert [r["learning_rate"] for r in result.history] == pytest.approx(
+      [0.1 * (1 - (s - 1) / 100) for s in steps], rel=1e-5)
+
+
+def test_plateau_reduction_is_fed_the_validation_loss_by_fit(digits):
+  # With a zero learning rate the validation loss never improves, so the
+  # scale halves after every `patience` epochs once the first sets the best.
+  result = train.fit(small_mlp(), "sgd(0.0) | reduce_on_plateau(0.5, patience=1)",
+                     digits, epochs=4, progress=False)
+  assert [r["lr_scale"] for r in result.history] == [1.0, 0.5, 0.25, 0.125]
+  no_val = dataclasses.replace(digits, x_val=digits.x_val[:0], y_val=digits.y_val[:0])
+  with pytest.raises(ConfigError, match="reduce_on_plateau watches the validation"):
+    train.fit(small_mlp(), "adam(1e-3) | reduce_on_plateau()", no_val, epochs=1,
+              progress=False)
+
+
+def test_transfer_keeps_a_frozen_body_and_trains_a_new_head(digits):
+  # The body learns digits 0-4; a new 10-class head learns all ten on top.
+  low = digits.y_train < 5
+  first_half = dataclasses.replace(
+      digits, x_train=digits.x_train[low], y_train=digits.y_train[low],
+      x_val=digits.x_val[digits.y_val < 5], y_val=digits.y_val[digits.y_val < 5],
+      x_test=digits.x_test[digits.y_test < 5], y_test=digits.y_test[digits.y_test < 5],
+      num_classes=5)
+  source = models.create("mlp", num_classes=5, widths=(64,))
+  trained = train.fit(source, "adam(1e-2)", first_half, epochs=10, progress=False)
+
+  target = models.create("mlp", num_classes=10, widths=(64,))
+  variables, copied = train.warm_start(target, train.variables_of(trained.state),
+                                       digits.input_shape, seed=1)
+  assert copied == ["params/Dense_0/bias", "params/Dense_0/kernel"]
+  tx = "adam(1e-2) | freeze('Dense_0')"
+  state = train.init_state(target, optim.build(tx), digits.input_shape,
+                           variables=variables)
+  result = train.fit(target, tx, digits, epochs=10, progress=False, state=state)
+  jax.tree.map(np.testing.assert_array_equal, result.state.params["Dense_0"],
+               trained.state.params["Dense_0"])
+  assert not np.allclose(result.state.params["Dense_1"]["kernel"],
+                         variables["params"]["Dense_1"]["kernel"])
+  accuracy = train.evaluate(target, result.state, digits.x_test, digits.y_test)
+  assert accuracy["accuracy"] > 0.85
+  with pytest.raises(CheckpointError, match="copied nothing"):
+    train.warm_start(target, {"params": {"Other": {"w": jnp.zeros(3)}}},
+                     digits.input_shape)
 
 
 def test_non_finite_step_is_skipped_and_counted(digits, key):
