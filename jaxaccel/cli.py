@@ -88,6 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
   p.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its last checkpoint")
+  p.add_argument("--init-from", metavar="RUN",
+                 help="start from a trained run's variables where path and "
+                      "shape match (transfer learning; freeze the body with "
+                      "'... | freeze(PATTERN)' in --optimizer)")
+
+  p = sub.add_parser("sweep", help="train many optimizer configs at once")
+  common(p)
+  data_args(p)
+  p.add_argument("--model", default="mlp", help="as for train")
+  p.add_argument("--optimizer", action="append", metavar="SPEC",
+                 help="chain spec; repeat for several optimizer families "
+                      "(default: adam(1e-3))")
+  p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                 help="hyperparameter values to sweep, e.g. "
+                      "learning_rate=1e-4,1e-3,1e-2; repeat for more names")
+  p.add_argument("--seeds", type=_positive_int, default=1,
+                 help="seeds per configuration (0 .. N-1)")
+  p.add_argument("--epochs", type=_positive_int, default=10)
+  p.add_argument("--batch-size", type=_positive_int, default=128)
+  p.add_argument("--halving-every", type=_positive_int, metavar="EPOCHS",
+                 help="successive halving: keep the better half every EPOCHS")
+  p.add_argument("--sequential-sample", type=int, default=2, metavar="N",
+                 help="configs timed one after another with fit to estimate "
+                      "the sequential time (0: skip)")
+  p.add_argument("--batch-sizes", metavar="B1,B2",
+                 help="search batch sizes instead (learning rate scaled "
+                      "linearly from --batch-size), ranked by time to accuracy")
+  p.add_argument("--target", type=float,
+                 help="validation accuracy of the batch-size search "
+                      "(default: 99%% of the best reached)")
+  p.add_argument("--plot", metavar="PNG", help="save a heat map (or, with "
+                 "--batch-sizes, accuracy and throughput bars)")
 
   p = sub.add_parser("predict", help="predict classes with a trained run")
   common(p)
@@ -102,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="side-by-side throughput against peers")
   common(p)
-  p.add_argument("--suite", choices=("train",), default="train")
+  p.add_argument("--suite", choices=("train", "sweep"), default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
   p.add_argument("--models", default="mlp,cnn", help="comma-separated")
@@ -154,11 +186,21 @@ def cmd_train(args) -> None:
             "validation": args.validation, "nan_policy": args.nan_policy,
             "augment": args.augment, "model_name": args.model}
   import jax
+  state = None
+  if args.init_from:
+    _, source, _ = train.load_run(args.init_from)
+    variables, copied = train.warm_start(model, source, ds.input_shape,
+                                         seed=args.seed)
+    state = train.init_state(model, optim.build(calls), ds.input_shape,
+                             seed=args.seed, variables=variables)
+    config["init_from"] = {"run": args.init_from, "copied": copied}
+    if not args.no_progress:
+      print(f"warm start from {args.init_from}: copied {', '.join(copied)}")
   result = train.fit(model, calls, ds, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed, out=out,
                      resume=args.resume, early_stopping=early, augment=augment,
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
-                     config=config)
+                     config=config, state=state)
   test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
   last = result.history[-1] if result.history else {}
   payload = {
@@ -245,8 +287,90 @@ def cmd_demo(args) -> None:
   _emit(args, human, payload)
 
 
+def _grid(items: list[str]) -> dict:
+  grid = {}
+  for item in items:
+    name, sep, values = item.partition("=")
+    try:
+      if not sep or not name.isidentifier():
+        raise ValueError
+      grid[name] = [float(v) for v in values.split(",")]
+    except ValueError:
+      raise ConfigError(f"--grid {item!r}: write NAME=V1,V2,... with numbers, "
+                        "e.g. learning_rate=1e-4,1e-3") from None
+  return grid
+
+
+def cmd_sweep(args) -> None:
+  from jaxaccel import data, models, optim, sweep
+  specs = args.optimizer or ["adam(learning_rate=1e-3)"]
+  for spec in specs:
+    optim.build(spec)                       # spec errors before any work
+  grid = _grid(args.grid)
+  name, kwargs = models.parse_model_spec(args.model)
+  if args.batch_sizes:
+    try:
+      sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+      raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: write whole "
+                        "numbers such as 32,64,128") from None
+  if args.batch_sizes and (len(specs) > 1 or grid):
+    raise ConfigError("--batch-sizes searches one --optimizer without --grid")
+  ds = data.load(args.dataset, data_dir=args.data_dir,
+                 validation=args.validation, seed=0,
+                 normalize=args.normalize, nan_policy=args.nan_policy,
+                 num_classes=args.num_classes)
+  models.check_input(name, ds.input_shape)
+  model = models.create(name, num_classes=ds.num_classes, **kwargs)
+  if args.batch_sizes:
+    out = sweep.sweep_batch_sizes(model, specs[0], ds, batch_sizes=sizes,
+                                  base_batch_size=args.batch_size,
+                                  epochs=args.epochs, target=args.target,
+                                  progress=not args.no_progress)
+    rows = [(r["batch_size"], f"{r['learning_rate']:.3g}",
+             f"{r['examples_per_second']:.0f}", f"{r['val_accuracy']:.4f}",
+             "-" if r["seconds_to_target"] is None
+             else f"{r['seconds_to_target']:.2f}") for r in out["results"]]
+    best = out["best"]["batch_size"] if out["best"] else "none"
+    human = (_table(("batch", "lr", "examples/s", "val acc",
+                     f"s to {out['target']:.4f}"), rows)
+             + f"\nbest by time to accuracy: batch {best}")
+    if args.plot:
+      sweep.plot_batch_sizes(out).figure.savefig(args.plot, dpi=120,
+                                                 bbox_inches="tight")
+    _emit(args, human, out)
+    return
+  result = sweep.sweep(model, specs, ds, epochs=args.epochs, grid=grid,
+                       seeds=range(args.seeds), batch_size=args.batch_size,
+                       halving_every=args.halving_every,
+                       sequential_sample=args.sequential_sample,
+                       progress=not args.no_progress)
+  rows = [(r["spec"], r["seed"], r["epochs"], f"{r['val_accuracy']:.4f}")
+          for r in result.results]
+  human = _table(("spec", "seed", "epochs", "val acc"), rows)
+  human += (f"\nbest: {result.best['spec']} (seed {result.best['seed']}), "
+            f"val accuracy {result.best['val_accuracy']:.4f}; "
+            f"{len(result.results)} configs in {result.wall_seconds:.1f} s")
+  if result.sequential_estimate_seconds:
+    human += (f", one after another ~{result.sequential_estimate_seconds:.1f} s "
+              f"({result.sequential_estimate_seconds / result.wall_seconds:.1f}x)")
+  if args.plot:
+    sweep.plot_sweep(result).figure.savefig(args.plot, dpi=120,
+                                            bbox_inches="tight")
+  payload = {"results": result.results, "best": result.best,
+             "wall_seconds": round(result.wall_seconds, 3),
+             "sequential_estimate_seconds": result.sequential_estimate_seconds,
+             "model": args.model, "dataset": ds.name}
+  _emit(args, human, payload)
+
+
 def cmd_bench(args) -> None:
   from jaxaccel import bench
+  if args.suite == "sweep":
+    report = bench.run_sweep_suite(progress=not args.no_progress,
+                                   repeats=args.repeats)
+    _emit(args, bench.format_sweep_report(report), report)
+    return
   report = bench.run_train_suite(
       dataset=args.dataset, model_names=args.models.split(","),
       steps=args.steps, repeats=args.repeats, torch_peer=not args.no_torch,
@@ -262,7 +386,7 @@ def _table(header, rows) -> str:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
-            "bench": cmd_bench}
+            "sweep": cmd_sweep, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,7 @@ class SweepResult:
   wall_seconds: float
   sequential_estimate_seconds: float | None
   states: list          # the final stacked states of each family's survivors
+  epoch_seconds: list[float]   # per epoch: training and validation of all
 
 
 @dataclasses.dataclass
@@ -61,10 +62,6 @@ class _Family:
   tx: object
   entries: list[dict]   # results entries of the configs still trained
   states: train.TrainState
-
-
-def _stack(trees):
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _make_epoch(train_step):
@@ -100,21 +97,39 @@ def configurations(grid: dict | None, seeds: Sequence[int]) -> list[tuple[dict, 
 
 def _init_family(model, index, spec, configs, data) -> _Family:
   names = tuple(configs[0][0])
-  entries, states = [], []
+  entries = []
   for values, seed in configs:
     calls = optim.with_values(spec, **values) if values else optim.parse(spec)
-    tx = optim.build(calls, hyperparams=("learning_rate",) + names)
-    states.append(train.init_state(model, tx, data.input_shape, seed=seed))
+    optim.build(calls, hyperparams=("learning_rate",) + names)  # errors now
     entries.append({"spec": optim.to_string(calls), "family": index,
                     "hyperparams": dict(values), "seed": seed,
                     "val_accuracy_history": []})
-  structures = {jax.tree.structure(s) for s in states}
-  if len(structures) != 1:
-    raise SpecError(f"the configurations of {optim.to_string(optim.parse(spec))!r} "
-                    "differ in structure; sweep only numeric hyperparameters")
+  first = (optim.with_values(spec, **configs[0][0]) if names
+           else optim.parse(spec))
   # Every config's update reads its hyperparameters from its own state, so
-  # one transformation (the first) serves them all.
-  return _Family(index=index, tx=tx, entries=entries, states=_stack(states))
+  # one transformation serves them all; the states differ only in values.
+  tx = optim.build(first, hyperparams=("learning_rate",) + names)
+
+  # Initial variables per seed exactly as `fit` makes them (eagerly: a
+  # compiled random init costs more than the whole sweep of a small model).
+  per_seed = {seed: train.init_variables(model, data.input_shape, seed=seed)
+              for seed in dict.fromkeys(seed for _, seed in configs)}
+  variables = jax.tree.map(lambda *v: jnp.stack(v),
+                           *[per_seed[seed][0] for _, seed in configs])
+  rngs = jnp.stack([per_seed[seed][1] for _, seed in configs])
+  values = jnp.asarray([[v[n] for n in names] for v, _ in configs],
+                       jnp.float32).reshape(len(configs), len(names))
+
+  def init_one(variables, rng, values):
+    variables = dict(variables)
+    params = variables.pop("params")
+    opt_state = tx.init(params)
+    if names:
+      opt_state = optim.set_hyperparams(opt_state, **dict(zip(names, values)))
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            model_state=variables, opt_state=opt_state, rng=rng)
+  states = jax.jit(jax.vmap(init_one))(variables, rngs, values)
+  return _Family(index=index, tx=tx, entries=entries, states=states)
 
 
 def _val_accuracy(accuracy_fn, states, data: Dataset) -> np.ndarray:
@@ -169,17 +184,20 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
   accuracy_fn = _make_accuracy(model)
   programs = {f.index: _make_epoch(train.make_train_step(model, f.tx))
               for f in families}
-  finished = []
+  finished, epoch_seconds = [], []
   bar = tqdm(range(epochs), desc=f"sweep ({len(specs) * len(configs)} configs)",
              unit="epoch", disable=not progress, leave=False)
   for epoch in bar:
+    t0 = time.perf_counter()
     for f in families:
-      orders = jnp.stack([train.epoch_order(e["seed"], epoch, n, batch_size)
-                          for e in f.entries])
+      by_seed = {seed: train.epoch_order(seed, epoch, n, batch_size)
+                 for seed in dict.fromkeys(e["seed"] for e in f.entries)}
+      orders = jnp.stack([by_seed[e["seed"]] for e in f.entries])
       f.states, _ = programs[f.index](f.states, x, y, orders)
       for e, acc in zip(f.entries, _val_accuracy(accuracy_fn, f.states, data)):
         e["val_accuracy_history"].append(float(acc))
         e["val_accuracy"], e["epochs"] = float(acc), epoch + 1
+    epoch_seconds.append(time.perf_counter() - t0)
     alive = sum(len(f.entries) for f in families)
     if halving_every and (epoch + 1) % halving_every == 0 and alive > 1 and (
         epoch + 1 < epochs):
@@ -200,7 +218,8 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
                                     sequential_sample)
   return SweepResult(results=results, best=best, wall_seconds=wall,
                      sequential_estimate_seconds=estimate,
-                     states=[f.states for f in families])
+                     states=[f.states for f in families],
+                     epoch_seconds=epoch_seconds)
 
 
 def _config_index(entry: dict, configs) -> int:
@@ -299,3 +318,68 @@ def _constant_learning_rate(calls: list[dict]) -> float:
                       f"{c['name']} has learning_rate={lr!r}")
   raise SpecError(f"no transformation in {optim.to_string(calls)!r} sets a "
                   "learning_rate")
+
+
+# ------------------------------------------------------------------- plots
+
+def accuracy_table(result: SweepResult) -> tuple[list, list, np.ndarray]:
+  """Mean final validation accuracy over seeds as a table: rows are the
+  values of the first swept name, columns those of the second (or the
+  optimizer families when one name is swept). Returns (rows, cols, table)."""
+  entries = result.results
+  names = list(entries[0]["hyperparams"])
+  row_of = lambda e: e["hyperparams"][names[0]] if names else e["spec"]
+  if len(names) >= 2:
+    col_of = lambda e: e["hyperparams"][names[1]]
+  else:
+    col_of = lambda e: e["spec"].split("(")[0] if names else "seed mean"
+  rows = list(dict.fromkeys(row_of(e) for e in entries))
+  cols = list(dict.fromkeys(col_of(e) for e in entries))
+  table = np.full((len(rows), len(cols)), np.nan)
+  for i, r in enumerate(rows):
+    for j, c in enumerate(cols):
+      accs = [e["val_accuracy"] for e in entries
+              if row_of(e) == r and col_of(e) == c]
+      if accs:
+        table[i, j] = np.mean(accs)
+  return rows, cols, table
+
+
+def plot_sweep(result: SweepResult, ax=None):
+  """A heat map of `accuracy_table`, each cell labelled with its value."""
+  import matplotlib.pyplot as plt
+  rows, cols, table = accuracy_table(result)
+  if ax is None:
+    _, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.6 * len(rows)))
+  image = ax.imshow(table, cmap="viridis", aspect="auto")
+  ax.figure.colorbar(image, ax=ax, label="validation accuracy")
+  ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+  ax.set_yticks(range(len(rows)), [f"{r:g}" if isinstance(r, float) else str(r)
+                                   for r in rows])
+  names = list(result.results[0]["hyperparams"])
+  ax.set_ylabel(names[0] if names else "spec")
+  ax.set_xlabel(names[1] if len(names) > 1 else "optimizer")
+  for (i, j), v in np.ndenumerate(table):
+    if np.isfinite(v):
+      ax.text(j, i, f"{v:.3f}", ha="center", va="center",
+              color="white" if v < np.nanmean(table) else "black", fontsize=8)
+  return ax
+
+
+def plot_batch_sizes(search: dict, ax=None):
+  """Validation accuracy and examples/s per batch size, side by side."""
+  import matplotlib.pyplot as plt
+  if ax is None:
+    _, ax = plt.subplots(figsize=(6, 3.5))
+  runs = search["results"]
+  labels = [str(r["batch_size"]) for r in runs]
+  ax.bar(labels, [r["val_accuracy"] for r in runs], color="tab:blue")
+  ax.axhline(search["target"], color="tab:red", linestyle="--", label="target")
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("validation accuracy")
+  ax.legend(loc="lower left")
+  twin = ax.twinx()
+  twin.plot(labels, [r["examples_per_second"] for r in runs], "o-",
+            color="tab:orange")
+  twin.set_ylabel("examples / s", color="tab:orange")
+  return ax

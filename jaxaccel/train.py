@@ -46,16 +46,23 @@ class TrainState(NamedTuple):
   rng: jax.Array           # typed PRNG key for augmentation and dropout
 
 
+def init_variables(model: nn.Module, input_shape, *, seed: int = 0
+                   ) -> tuple[dict, jax.Array]:
+  """The model's initial variables for a seed, and the state's first key."""
+  init_key, rng = jax.random.split(jax.random.key(seed))
+  variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
+                         train=False)
+  return dict(variables), rng
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
                input_shape, *, seed: int = 0,
                variables: dict | None = None) -> TrainState:
   """Initializes params, model state and optimizer state from a seed, or
   starts from given `variables` (see `warm_start`)."""
-  init_key, rng = jax.random.split(jax.random.key(seed))
-  if variables is None:
-    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
-                           train=False)
-  variables = dict(variables)
+  fresh, rng = init_variables(model, input_shape, seed=seed) if (
+      variables is None) else (None, jax.random.split(jax.random.key(seed))[1])
+  variables = dict(variables if variables is not None else fresh)
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     model_state=variables, opt_state=tx.init(params), rng=rng)
