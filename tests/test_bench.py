@@ -1,3 +1,5 @@
+import pytest
+
 from jaxaccel import bench
 
 
@@ -15,3 +17,18 @@ def test_train_suite_reports_consistent_ratios():
   assert 0.0336 <= entry["gflop_per_step"] < 0.037
   assert report["matmul_gflops"] > 0
   assert "jaxaccel" in bench.format_train_report(report)
+
+
+def test_sweep_suite_reports_both_sides_of_the_same_configurations():
+  report = bench.run_sweep_suite(learning_rates=(1e-3, 1e-2), seeds=2, epochs=3,
+                                 progress=False)
+  assert report["configurations"] == 4
+  assert report["speedup_end_to_end"] == pytest.approx(
+      report["sequential_seconds"] / report["vmapped_seconds"], abs=1e-3)
+  assert report["speedup_compile_excluded"] == pytest.approx(
+      report["sequential_steady_seconds"] / report["vmapped_steady_seconds"],
+      abs=1e-3)
+  assert 0 < report["vmapped_steady_seconds"] < report["vmapped_seconds"]
+  # Same configurations: both sides find a model well above chance (0.1).
+  assert min(report["best_val_accuracy"].values()) > 0.5
+  assert "compile excluded" in bench.format_sweep_report(report)

@@ -44,6 +44,7 @@ def test_train_json_and_predict_round_trip(capsys, tmp_path):
   assert result["optimizer"] == "adam(0.003)"
   metrics = RunDir(tmp_path / "r").read_metrics()
   assert [m["epoch"] for m in metrics] == list(range(1, 9))
+  assert [m["learning_rate"] for m in metrics] == pytest.approx([3e-3] * 8)
 
   from sklearn.datasets import load_digits
   raw = load_digits().images[:5]          # raw units (0..16), no channel axis
@@ -68,6 +69,46 @@ def test_demo_prints_a_table(capsys):
   result = last_json(out)
   assert result["test_accuracy_before"] > 0.9
   assert result["size_bytes_before"] == 4 * result["parameters"]
+
+
+def test_sweep_json_and_heat_map(capsys, tmp_path):
+  code, out, _ = run_cli(capsys, "sweep", "--model", "mlp:16", "--epochs", "2",
+                         "--grid", "learning_rate=1e-3,1e-2", "--seeds", "2",
+                         "--sequential-sample", "1", "--plot",
+                         str(tmp_path / "heat.png"), "--json", "--no-progress")
+  assert code == 0
+  result = last_json(out)
+  assert {"results", "best", "wall_seconds", "sequential_estimate_seconds"} <= set(result)
+  assert [(r["hyperparams"]["learning_rate"], r["seed"]) for r in result["results"]] == [
+      (1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)]
+  assert result["best"]["val_accuracy"] == max(r["val_accuracy"] for r in result["results"])
+  assert result["sequential_estimate_seconds"] > 0
+  assert (tmp_path / "heat.png").stat().st_size > 1000
+
+  code, out, _ = run_cli(capsys, "sweep", "--model", "mlp:16", "--epochs", "2",
+                         "--optimizer", "sgd(0.05)", "--batch-sizes", "32,64",
+                         "--batch-size", "32", "--json", "--no-progress")
+  assert code == 0
+  result = last_json(out)
+  assert [r["learning_rate"] for r in result["results"]] == pytest.approx([0.05, 0.1])
+  assert "best by time to accuracy" in out
+
+
+def test_transfer_from_a_run_on_the_command_line(capsys, tmp_path):
+  assert run_cli(capsys, "train", "--model", "mlp:16", "--epochs", "2", "--out",
+                 str(tmp_path / "src"), "--no-progress")[0] == 0
+  code, out, _ = run_cli(capsys, "train", "--model", "mlp:16", "--epochs", "2",
+                         "--init-from", str(tmp_path / "src"), "--optimizer",
+                         "adam(1e-3) | freeze('Dense_0')", "--out",
+                         str(tmp_path / "dst"), "--json", "--no-progress")
+  assert code == 0
+  src = RunDir(tmp_path / "src").restore_variables()["params"]
+  dst = RunDir(tmp_path / "dst").restore_variables()["params"]
+  jax.tree.map(np.testing.assert_array_equal, src["Dense_0"], dst["Dense_0"])
+  assert not np.array_equal(src["Dense_1"]["kernel"], dst["Dense_1"]["kernel"])
+  assert RunDir(tmp_path / "dst").read_config()["init_from"]["copied"] == [
+      "params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias",
+      "params/Dense_1/kernel"]
 
 
 def bad_inputs(tmp_path):
@@ -109,6 +150,17 @@ def bad_inputs(tmp_path):
       (["predict", "--run", f"{t}/empty_run", "--input", f"{t}/wrong.npy"],
        "is corrupt"),
       (["bench", "--suite", "nope"], "invalid choice: 'nope'"),
+      (["train", "--optimizer", "adam(1e-3) | freeze('Conv')"],
+       "parameter pattern 'Conv' matches no parameter"),
+      (["train", "--init-from", f"{t}/none"], "no run found"),
+      (["sweep", "--grid", "learning_rate=a,b"], "write NAME=V1,V2"),
+      (["sweep", "--grid", "momentum=0.9"], "takes 'momentum'"),
+      (["sweep", "--optimizer", "sgd(0.1)", "--optimizer", "adma(1e-3)"],
+       "did you mean 'adam'"),
+      (["sweep", "--batch-sizes", "32,x"], "whole numbers"),
+      (["sweep", "--batch-sizes", "32", "--grid", "learning_rate=1e-3"],
+       "without --grid"),
+      (["sweep", "--validation", "0"], "validation > 0"),
   ]
 
 
