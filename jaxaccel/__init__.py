@@ -1,13 +1,13 @@
 """jaxaccel: faster training and smaller models in JAX, as pure functions."""
 
-from jaxaccel import data, models, optim
+from jaxaccel import data, models, optim, sweep
 from jaxaccel.data import Dataset, load
 from jaxaccel.errors import (CheckpointError, ConfigError, DataError,
                              JaxaccelError, SpecError)
 from jaxaccel.models import create as create_model
 from jaxaccel.train import (EarlyStopping, FitResult, TrainState, evaluate,
                             fit, init_state, make_eval_step, make_train_step,
-                            predict)
+                            predict, warm_start)
 
 __version__ = "0.1.0"
 
@@ -15,5 +15,5 @@ __all__ = [
     "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
     "FitResult", "JaxaccelError", "SpecError", "TrainState", "create_model",
     "data", "evaluate", "fit", "init_state", "load", "make_eval_step",
-    "make_train_step", "models", "optim", "predict",
+    "make_train_step", "models", "optim", "predict", "sweep", "warm_start",
 ]
