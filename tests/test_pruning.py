@@ -239,12 +239,14 @@ def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point():
   result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
                      epochs=10, batch_size=128, progress=False)
   before = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
-  pruned, masks = pruning.prune(result.state.params, 0.9)
-  steps = 5 * (60000 // 128)
-  tx = optax.chain(optax.adam(optax.cosine_decay_schedule(3e-4, steps)),
-                   pruning.keep_masks(masks))
-  state = result.state._replace(params=pruned, opt_state=tx.init(pruned))
-  tuned = train.fit(model, tx, ds, epochs=5, batch_size=128, progress=False,
+  # Gradual global pruning to 90% during the first half of fine-tuning.
+  steps = 10 * (60000 // 128)
+  tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, steps)),
+                   pruning.prune_gradually(0.9, begin_step=0,
+                                           end_step=steps // 2, every=100,
+                                           scope="global"))
+  state = result.state._replace(opt_state=tx.init(result.state.params))
+  tuned = train.fit(model, tx, ds, epochs=10, batch_size=128, progress=False,
                     state=state)
   after = train.evaluate(model, tuned.state, ds.x_test, ds.y_test)["accuracy"]
   assert pruning.sparsity_report(tuned.state.params)["sparsity"] == pytest.approx(0.9, abs=1e-4)
