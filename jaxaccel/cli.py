@@ -96,6 +96,31 @@ def build_parser() -> argparse.ArgumentParser:
                  help=".npy of raw inputs in the data set's units, rows first")
   p.add_argument("--output", help="write the predicted classes to this .npy")
 
+  p = sub.add_parser("compress", help="prune, quantize or distill a trained run")
+  common(p)
+  p.add_argument("--from", dest="from_dir", required=True,
+                 help="run directory of `jaxaccel train`")
+  p.add_argument("--prune", type=float, metavar="SPARSITY",
+                 help="fraction of weights set to zero, in [0, 1)")
+  p.add_argument("--prune-method", default="magnitude",
+                 help="magnitude, saliency, taylor or random (default magnitude)")
+  p.add_argument("--prune-scope", default="layer", help="layer or global")
+  p.add_argument("--prune-pattern", default="unstructured",
+                 help="unstructured, channel, or N:M such as 2:4")
+  p.add_argument("--quantize", help="int8 or int4")
+  p.add_argument("--distill-student", metavar="MODEL",
+                 help="train this student from the run, e.g. mlp:64,64")
+  p.add_argument("--distill-epochs", type=_positive_int, default=10)
+  p.add_argument("--temperature", type=float, default=4.0)
+  p.add_argument("--alpha", type=float, default=0.9)
+  p.add_argument("--finetune-epochs", type=int, default=0,
+                 help="epochs of fine-tuning with the pruning masks held")
+  p.add_argument("--learning-rate", type=float, default=1e-3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help="write params.npz and report.json here")
+  p.add_argument("--plot", metavar="PATH",
+                 help="save an accuracy-vs-size chart of every stage")
+
   p = sub.add_parser("demo", help="train a small model on digits and report")
   common(p)
   p.add_argument("--epochs", type=_positive_int, default=30)
@@ -245,6 +270,37 @@ def cmd_demo(args) -> None:
   _emit(args, human, payload)
 
 
+def cmd_compress(args) -> None:
+  from jaxaccel.compress import report
+  if args.prune is None and args.prune_pattern != "unstructured":
+    args.prune = 0.0          # an N:M or channel pattern alone asks to prune
+  if args.prune is None and not args.quantize and not args.distill_student:
+    raise ConfigError("nothing to do: give --prune SPARSITY, --quantize "
+                      "int8|int4 and/or --distill-student MODEL")
+  result = report.compress_run(
+      args.from_dir, prune=args.prune, prune_method=args.prune_method,
+      prune_scope=args.prune_scope, prune_pattern=args.prune_pattern,
+      quantize=args.quantize, distill_student=args.distill_student,
+      distill_epochs=args.distill_epochs, temperature=args.temperature,
+      alpha=args.alpha, finetune_epochs=args.finetune_epochs,
+      learning_rate=args.learning_rate, seed=args.seed,
+      progress=not args.no_progress)
+  params = result.pop("compressed_params")
+  if args.out:
+    report.save_compressed(args.out, params, result)
+    result["out"] = args.out
+  if args.plot:
+    report.plot_accuracy_vs_size(result["stages"], args.plot,
+                                 title=f"{args.from_dir} on {result['dataset']}")
+    result["plot"] = args.plot
+  human = (f"{result['dataset']}: accuracy {result['test_accuracy_before']:.4f}"
+           f" -> {result['test_accuracy_after']:.4f}, "
+           f"{result['size_bytes_before']:,} -> {result['size_bytes_after']:,} "
+           f"bytes ({result['compression_ratio']:.1f}x smaller)\n"
+           + report.format_table(result["stages"]))
+  _emit(args, human, result)
+
+
 def cmd_bench(args) -> None:
   from jaxaccel import bench
   report = bench.run_train_suite(
@@ -262,7 +318,7 @@ def _table(header, rows) -> str:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "compress": cmd_compress}
 
 
 def main(argv=None) -> int:
