@@ -138,7 +138,7 @@ def compare(before: dict, after: dict) -> dict:
 
 def measure(name: str, params: PyTree, logits_fn: Callable, x: np.ndarray,
             y: np.ndarray, *, latency: bool = True, batch_size: int = 1024,
-            repeats: int = 20) -> dict:
+            repeats: int = 20, dense: bool = False) -> dict:
   """Accuracy, size, sparsity and latency of one model variant.
 
   Args:
@@ -146,12 +146,15 @@ def measure(name: str, params: PyTree, logits_fn: Callable, x: np.ndarray,
     params: what is stored (float or QArray leaves).
     logits_fn: `x -> logits` of this variant.
     x, y: test inputs and labels.
+    dense: count bytes as dense float32 (the uncompressed reference) rather
+      than the smallest encoding.
   """
   f = jax.jit(logits_fn)
   logits = np.concatenate([np.asarray(f(jnp.asarray(x[i:i + batch_size])))
                            for i in range(0, len(x), batch_size)])
   record = {"name": name, "accuracy": accuracy(logits, y),
-            "size_bytes": size_bytes(params), "parameters": count_params(params),
+            "size_bytes": dense_bytes(params) if dense else size_bytes(params),
+            "parameters": count_params(params),
             "sparsity": round(sparsity(params), 6)}
   record["latency_ms"] = (latencies(logits_fn, x, repeats=repeats)
                           if latency else None)
@@ -305,7 +308,7 @@ def compress_run(run_dir, *, prune: float | None = None,
   kw = dict(latency=latency, repeats=10)
   stages = [measure("original", params,
                     lambda xb: model.apply(variables, xb, train=False), x, y,
-                    **kw)]
+                    dense=True, **kw)]
 
   if student_spec is not None:
     name, kwargs = student_spec
