@@ -89,6 +89,7 @@ def test_qarray_is_a_pytree_through_jit():
   jax.tree.map(np.testing.assert_array_equal, out, q.dequantize(qp))
 
 
+@pytest.fixture(scope="module")
 def trained_digits_mlp(digits):
   model = models.create("mlp", num_classes=10, widths=(32,))
   result = train.fit(model, optax.adam(3e-3), digits, epochs=3, batch_size=64,
@@ -96,8 +97,8 @@ def trained_digits_mlp(digits):
   return model, result.state.params
 
 
-def test_int8_path_matches_float_inference(digits):
-  model, params = trained_digits_mlp(digits)
+def test_int8_path_matches_float_inference(digits, trained_digits_mlp):
+  model, params = trained_digits_mlp
   x = jnp.asarray(digits.x_test)
   scales = q.calibrate(params, [digits.x_train[:256], digits.x_train[256:512]])
   qp = q.quantize(params, bits=8, granularity="channel")
@@ -119,8 +120,8 @@ def test_int8_path_matches_float_inference(digits):
                                             batch_size=100), logits, atol=1e-5)
 
 
-def test_int8_path_uses_only_the_integer_values(digits):
-  _, params = trained_digits_mlp(digits)
+def test_int8_path_uses_only_the_integer_values(digits, trained_digits_mlp):
+  params = jax.tree.map(jnp.array, trained_digits_mlp[1])   # a copy to edit
   x = jnp.asarray(digits.x_test[:50])
   scales = q.calibrate(params, [digits.x_train[:256]])
   qp = q.quantize(params, bits=8)

@@ -143,3 +143,18 @@ def test_compress_missing_run(capsys, tmp_path):
   code, _, err = run_cli(capsys, "compress", "--from", str(tmp_path / "none"),
                          "--quantize", "int8")
   assert code == 2 and "config.json is missing" in err
+
+
+def test_demo_has_pruning_and_int8_rows(capsys):
+  code, out, _ = run_cli(capsys, "demo", "--epochs", "10", "--no-progress",
+                         "--json")
+  assert code == 0
+  result = json.loads(out.strip().splitlines()[-1])
+  names = [r["model"] for r in result["rows"]]
+  assert names[1:] == ["80% pruned, 5 epochs fine-tuned", "int8 (int8 matmuls)",
+                       "80% pruned + int8"]
+  assert COMPRESS_KEYS - {"latency_ms_before", "latency_ms_after"} <= set(result)
+  assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
+  sizes = [r["size_bytes"] for r in result["rows"]]
+  assert sizes[0] / sizes[2] > 3.5 and sizes[0] / sizes[3] > 8
+  assert min(r["test_accuracy"] for r in result["rows"]) > 0.85
