@@ -309,9 +309,8 @@ def _demo_compression_rows(model, state, ds, *, progress: bool) -> list[dict]:
 
 def cmd_compress(args) -> None:
   from jaxaccel.compress import report
-  if args.prune is None and args.prune_pattern != "unstructured":
-    args.prune = 0.0          # an N:M or channel pattern alone asks to prune
-  if args.prune is None and not args.quantize and not args.distill_student:
+  if (args.prune is None and ":" not in args.prune_pattern
+      and not args.quantize and not args.distill_student):
     raise ConfigError("nothing to do: give --prune SPARSITY, --quantize "
                       "int8|int4 and/or --distill-student MODEL")
   result = report.compress_run(

@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from jaxaccel import data, models, train
 from jaxaccel.compress import pruning
@@ -39,6 +40,28 @@ def test_layer_scope_prunes_exactly_the_smallest(sparsity):
                                   np.asarray(w).ravel()[order[k:]])
     np.testing.assert_array_equal(pruned[name]["bias"], params[name]["bias"])
     assert bool(masks[name]["bias"].all())
+
+
+@settings(max_examples=5, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 7),
+       sparsity=st.floats(0.0, 0.999), scope=st.sampled_from(["layer", "global"]),
+       seed=st.integers(0, 2 ** 16))
+def test_exact_sparsity_for_any_shape(rows, cols, sparsity, scope, seed):
+  rng = np.random.default_rng(seed)
+  # few distinct values: many ties
+  params = {"a": jnp.asarray(rng.integers(-3, 4, (rows, cols)), jnp.float32),
+            "b": jnp.asarray(rng.integers(-3, 4, (cols, 3)), jnp.float32)}
+  pruned, masks = pruning.prune(params, sparsity, scope=scope)
+  kept = [int(m.sum()) for m in jax.tree.leaves(masks)]
+  assert min(kept) >= 1
+  n = rows * cols + cols * 3
+  if scope == "layer":
+    assert kept == [x.size - min(round(np.float32(sparsity) * x.size), x.size - 1)
+                    for x in jax.tree.leaves(params)]
+  else:
+    assert n - sum(kept) == min(round(np.float32(sparsity) * n), n - 2)
+  again, _ = pruning.prune(params, sparsity, scope=scope)
+  jax.tree.map(np.testing.assert_array_equal, pruned, again)
 
 
 def test_ties_are_broken_by_position_and_each_layer_keeps_one():
@@ -251,3 +274,24 @@ def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point():
   after = train.evaluate(model, tuned.state, ds.x_test, ds.y_test)["accuracy"]
   assert pruning.sparsity_report(tuned.state.params)["sparsity"] == pytest.approx(0.9, abs=1e-4)
   assert after >= before - 0.005, (before, after)
+
+
+def test_gradual_masks_are_checkpointed_and_resume_exactly(digits, tmp_path):
+  model = models.create("mlp", num_classes=10, widths=(32,))
+  # one object: a resumed run checks that it is the same transformation
+  tx = optax.chain(optax.adam(3e-3), pruning.prune_gradually(
+      0.8, begin_step=0, end_step=30, every=10))
+  full = train.fit(model, tx, digits, epochs=2, batch_size=64, progress=False,
+                   out=tmp_path / "full")
+  train.fit(model, tx, digits, epochs=1, batch_size=64, progress=False,
+            out=tmp_path / "cut")
+  resumed = train.fit(model, tx, digits, epochs=2, batch_size=64,
+                      progress=False, out=tmp_path / "cut", resume=True)
+  masks = resumed.state.opt_state[1].masks
+  assert masks["Dense_0"]["kernel"].dtype == jnp.bool_
+  jax.tree.map(np.testing.assert_array_equal, resumed.state.opt_state[1].masks,
+               full.state.opt_state[1].masks)
+  jax.tree.map(np.testing.assert_array_equal, resumed.state.params,
+               full.state.params)
+  assert pruning.sparsity_report(full.state.params)["sparsity"] == pytest.approx(
+      0.8, abs=1e-3)

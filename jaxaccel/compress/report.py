@@ -266,8 +266,8 @@ def compress_run(run_dir, *, prune: float | None = None,
 
   Args:
     run_dir: the `--out` directory of `jaxaccel train`.
-    prune: sparsity in [0, 1) (None: no pruning; with an N:M pattern,
-      1 - N/M).
+    prune: sparsity in [0, 1) (None: no pruning, unless the pattern is N:M,
+      which prunes 1 - N/M).
     prune_method, prune_scope, prune_pattern: see `pruning.prune`.
     quantize: "int8" or "int4" (None: float). int8 MLPs run the integer path.
     distill_student: a model spec such as "mlp:64,64", trained from the run.
@@ -280,10 +280,21 @@ def compress_run(run_dir, *, prune: float | None = None,
   from jaxaccel.compress import distillation, quantization
   from jaxaccel.errors import ConfigError
 
-  if prune is not None:
-    pattern_kind = pruning.parse_pattern(prune_pattern)[0]
+  pattern_kind = pruning.parse_pattern(prune_pattern)[0]
+  do_prune = prune is not None or pattern_kind == "n:m"
+  pruning._check_scope(prune_scope, prune_pattern)
+  if pattern_kind == "channel" and prune is None:
+    raise ConfigError("pattern 'channel' needs a sparsity: the fraction of "
+                      "output channels to remove, e.g. --prune 0.5")
+  if do_prune:
     if pattern_kind != "n:m":
       pruning.check_sparsity(prune)
+    else:
+      n, m = pruning.parse_pattern(prune_pattern)[1:]
+      if prune is not None and abs(prune - (1 - n / m)) > 1e-9:
+        raise ConfigError(f"pattern {prune_pattern!r} prunes {1 - n / m:g} of "
+                          f"the weights, but --prune {prune} was asked: drop "
+                          "--prune or make them match")
     pruning._check_scope(prune_scope, prune_pattern)
     if prune_method not in pruning.METHODS:
       raise ConfigError(f"unknown pruning method {prune_method!r}: use one of "
@@ -328,7 +339,7 @@ def compress_run(run_dir, *, prune: float | None = None,
     record["agreement"] = distillation.agreement(model, variables, *teacher, x)
     stages.append(record)
 
-  if prune is not None:
+  if do_prune:
     grads = None
     if prune_method in ("saliency", "taylor"):
       loss = lambda p, b: train.cross_entropy(
@@ -337,7 +348,7 @@ def compress_run(run_dir, *, prune: float | None = None,
           (ds.x_train[i:i + batch_size], ds.y_train[i:i + batch_size])
           for i in range(0, min(len(ds.x_train), 8 * batch_size), batch_size)])
     params, masks = pruning.prune(
-        params, prune if pattern_kind != "n:m" else None, method=prune_method,
+        params, None if pattern_kind == "n:m" else prune, method=prune_method,
         scope=prune_scope, pattern=prune_pattern, grads=grads,
         key=jax.random.key(seed))
     label = f"pruned {prune_pattern if pattern_kind == 'n:m' else prune}"
