@@ -255,7 +255,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
                       params, masks)
 
 
-def _check_scope(scope: str, pattern: str) -> None:
+def check_scope(scope: str, pattern: str) -> None:
+  """Raises ConfigError for an unknown scope or a global N:M request."""
   if scope not in SCOPES:
     raise ConfigError(f"unknown pruning scope {scope!r}: use layer or global")
   if scope == "global" and parse_pattern(pattern)[0] == "n:m":
@@ -306,7 +307,7 @@ def prune(params: PyTree, sparsity: float | None, *, method: str = "magnitude",
     if sparsity is None:
       raise ConfigError(f"pattern {pattern!r} needs a sparsity in [0, 1)")
     sparsity = check_sparsity(sparsity)
-  _check_scope(scope, pattern)
+  check_scope(scope, pattern)
   flags = _prunable_flags(params, include)
   scores = compute_scores(params, method, grads=grads, key=key)
   masks = select_masks(scores, sparsity, prunable=flags,
@@ -381,7 +382,7 @@ def prune_gradually(target_sparsity: float, *, begin_step: int, end_step: int,
     raise ConfigError(f"need 0 <= begin_step <= end_step and every > 0; got "
                       f"begin_step={begin_step}, end_step={end_step}, "
                       f"every={every}")
-  _check_scope(scope, pattern)
+  check_scope(scope, pattern)
   schedule = lambda step: cubic_sparsity(
       step, initial_sparsity=initial_sparsity, target_sparsity=target_sparsity,
       begin_step=begin_step, end_step=end_step, every=every)

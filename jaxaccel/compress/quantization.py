@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel.compress.pruning import leaf_names
 from jaxaccel.errors import ConfigError
 
 PyTree = Any
@@ -164,7 +165,6 @@ def quantize(params: PyTree, *, bits: int = 8, granularity: str = "channel",
   Returns:
     The params tree with `QArray` leaves where quantized.
   """
-  from jaxaccel.compress.pruning import leaf_names
   _check_options(bits, granularity, scheme)
   include = include or _default_include
   names = leaf_names(params)
@@ -252,7 +252,6 @@ def fake_quantize_params(params: PyTree, *, bits: int = 8,
                          scheme: str = "symmetric",
                          include: Callable | None = None) -> PyTree:
   """`fake_quantize` on every leaf `quantize` would quantize."""
-  from jaxaccel.compress.pruning import leaf_names
   include = include or _default_include
   leaves, treedef = jax.tree.flatten(params)
   return jax.tree.unflatten(treedef, [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import statistics
 import time
 from typing import Any, Callable
@@ -26,9 +27,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from jaxaccel.compress import pruning
+from jaxaccel import data, models, train
+from jaxaccel.compress import distillation, pruning, quantization
 from jaxaccel.compress.quantization import QArray, is_qarray
+from jaxaccel.errors import ConfigError
 
 PyTree = Any
 
@@ -224,7 +228,6 @@ def pareto_front(records: list[dict]) -> list[dict]:
 def save_compressed(path, tree: PyTree, report: dict | None = None) -> None:
   """Writes the compressed params to `params.npz` (no pickle: one array per
   leaf field, keyed by leaf name) and the report to `report.json`."""
-  import pathlib
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   arrays = {}
@@ -275,14 +278,9 @@ def compress_run(run_dir, *, prune: float | None = None,
     finetune_epochs: epochs of fine-tuning with the masks held after pruning.
     learning_rate: Adam's rate for fine-tuning and distillation.
   """
-  import optax
-  from jaxaccel import data, models, train
-  from jaxaccel.compress import distillation, quantization
-  from jaxaccel.errors import ConfigError
-
   pattern_kind = pruning.parse_pattern(prune_pattern)[0]
   do_prune = prune is not None or pattern_kind == "n:m"
-  pruning._check_scope(prune_scope, prune_pattern)
+  pruning.check_scope(prune_scope, prune_pattern)
   if pattern_kind == "channel" and prune is None:
     raise ConfigError("pattern 'channel' needs a sparsity: the fraction of "
                       "output channels to remove, e.g. --prune 0.5")
@@ -295,7 +293,6 @@ def compress_run(run_dir, *, prune: float | None = None,
         raise ConfigError(f"pattern {prune_pattern!r} prunes {1 - n / m:g} of "
                           f"the weights, but --prune {prune} was asked: drop "
                           "--prune or make them match")
-    pruning._check_scope(prune_scope, prune_pattern)
     if prune_method not in pruning.METHODS:
       raise ConfigError(f"unknown pruning method {prune_method!r}: use one of "
                         f"{', '.join(pruning.METHODS)}")
