@@ -126,7 +126,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                "finite": finite.astype(jnp.float32)}
     if teacher is not None:
       t = targets[1]
-      t = sum(t) / len(t) if isinstance(t, (list, tuple)) else t
+      if isinstance(t, (list, tuple)):    # several teachers: their mean vote
+        t = sum(jax.nn.softmax(ti.astype(jnp.float32)) for ti in t)
       agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t, -1))
       metrics["agreement"] = jnp.where(finite, agreement, 0.0)
     return new_state, metrics

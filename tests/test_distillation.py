@@ -85,3 +85,21 @@ def test_distill_through_fit_logs_agreement_and_follows_the_teacher(digits):
 def test_bad_distillation_arguments(call, message):
   with pytest.raises(ConfigError, match=message):
     call()
+
+
+def test_several_teachers_through_fit(digits):
+  teachers = []
+  for seed in (0, 1):
+    m = models.create("mlp", num_classes=10, widths=(32,))
+    r = train.fit(m, optax.adam(3e-3), digits, epochs=3, batch_size=64,
+                  seed=seed, progress=False)
+    teachers.append((m, train.variables_of(r.state)))
+  student = models.create("mlp", num_classes=10, widths=(16,))
+  r = d.distill(student, teachers, optax.adam(1e-2), digits, epochs=4,
+                batch_size=64, progress=False)
+  assert r.history[-1]["train_agreement"] > 0.8
+  # agreement is with the teachers' mean vote
+  x = jnp.asarray(digits.x_test)
+  vote = sum(jax.nn.softmax(m.apply(v, x)) for m, v in teachers).argmax(-1)
+  s = student.apply(train.variables_of(r.state), x).argmax(-1)
+  assert float(jnp.mean(s == vote)) > 0.8
