@@ -357,7 +357,8 @@ def prune_gradually(target_sparsity: float, *, begin_step: int, end_step: int,
     initial_sparsity: s_i, the sparsity at t0.
     method: "magnitude" or "random" (scores computed from params alone).
     scope: "layer" or "global".
-    pattern: "unstructured" or "channel" or "N:M".
+    pattern: "unstructured", "channel", or "N:M" (whose sparsity is fixed:
+      it applies at every mask update from `begin_step`).
     seed: seeds random scores.
     include: optional `(name, leaf) -> bool` choosing the kernels to prune.
 
