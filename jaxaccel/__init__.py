@@ -1,6 +1,6 @@
 """jaxaccel: faster training and smaller models in JAX, as pure functions."""
 
-from jaxaccel import data, models, optim, sweep
+from jaxaccel import compress, data, models, optim, sweep
 from jaxaccel.data import Dataset, load
 from jaxaccel.errors import (CheckpointError, ConfigError, DataError,
                              JaxaccelError, SpecError)
@@ -16,4 +16,5 @@ __all__ = [
     "FitResult", "JaxaccelError", "SpecError", "TrainState", "create_model",
     "data", "evaluate", "fit", "init_state", "load", "make_eval_step",
     "make_train_step", "models", "optim", "predict", "sweep", "warm_start",
+    "compress",
 ]

@@ -390,3 +390,248 @@ def format_sweep_report(report: dict) -> str:
       f"{report['best_val_accuracy']['vmapped']:.4f}, sequential "
       f"{report['best_val_accuracy']['sequential']:.4f}",
   ])
+# ------------------------------------------------------------ compress suite
+
+def _interleaved_ms(sides: dict, repeats: int = 30) -> dict:
+  """Median ms per call of each side, name -> (fn, input), jitted; calls
+  interleaved so that a disturbance of the shared machine hits all alike."""
+  compiled = {k: (jax.jit(f), jnp.asarray(x)) for k, (f, x) in sides.items()}
+  for f, x in compiled.values():
+    f(x).block_until_ready()
+  times = {k: [] for k in sides}
+  for _ in range(repeats):
+    for k, (f, x) in compiled.items():
+      t = time.perf_counter()
+      f(x).block_until_ready()
+      times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def _cosine_adam(epochs: int, steps_per_epoch: int, lr: float = 1e-3):
+  return optax.adam(optax.cosine_decay_schedule(lr, epochs * steps_per_epoch))
+
+
+def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
+                       epochs: int = 10, cnn_epochs: int = 3,
+                       progress: bool = True) -> dict:
+  """Measures the compression targets on LeNet-300-100 (and the CNN).
+
+  Every figure is measured in this run: the dense model is trained first
+  (Adam, cosine decay, standardized inputs), then pruned, quantized,
+  distilled, each against it.
+  """
+  from jaxaccel.compress import (distillation, lowrank, pruning, quantization,
+                                 report as creport)
+  if dataset == "auto":
+    try:
+      ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
+    except data.DataError:
+      ds = data.load("digits", validation=0.0, normalize="standardize")
+  else:
+    ds = data.load(dataset, validation=0.0, normalize="standardize")
+  per_epoch = len(ds.x_train) // BATCH
+  out = {"suite": "compress", "dataset": ds.name, "batch_size": BATCH,
+         "epochs": epochs, "backend": jax.default_backend(),
+         "cpu_count": os.cpu_count()}
+  stages = ["train", "prune", "int8", "distill", "lowrank"]
+  if "cnn" in model_names:
+    stages += ["cnn train", "cnn prune+int8"]
+  bar = tqdm(total=len(stages), desc="compress bench", disable=not progress,
+             leave=False)
+  acc = lambda m, v: train.evaluate(m, v, ds.x_test, ds.y_test)["accuracy"]
+
+  def step(name):
+    bar.set_postfix(stage=name)
+
+  # The dense reference: LeNet-300-100.
+  step("train")
+  model = models.create("mlp", num_classes=ds.num_classes, widths=(300, 100))
+  dense = train.fit(model, _cosine_adam(epochs, per_epoch), ds, epochs=epochs,
+                    batch_size=BATCH, progress=False)
+  params = dense.state.params
+  base_acc = acc(model, dense.state)
+  base_bytes = creport.dense_bytes(params)
+  out["mlp"] = {"dense": {"accuracy": base_acc, "size_bytes": base_bytes}}
+  bar.update()
+
+  # 90% sparsity: gradual global magnitude pruning while fine-tuning.
+  step("prune")
+  total = epochs * per_epoch
+  tx = optax.chain(_cosine_adam(epochs, per_epoch),
+                   pruning.prune_gradually(0.9, begin_step=0,
+                                           end_step=total // 2,
+                                           every=max(1, min(100, total // 20)),
+                                           scope="global"))
+  tuned = train.fit(model, tx, ds, epochs=epochs, batch_size=BATCH,
+                    progress=False,
+                    state=dense.state._replace(opt_state=tx.init(params)))
+  pruned = tuned.state.params
+  rep = pruning.sparsity_report(pruned)
+  pruned_acc = acc(model, tuned.state)
+  out["mlp"]["pruned_90"] = {
+      "accuracy": pruned_acc, "loss_points": round(100 * (base_acc - pruned_acc), 3),
+      "sparsity": rep["sparsity"],
+      "layer_sparsity": {l["name"]: round(l["sparsity"], 4) for l in rep["layers"]},
+      "size_bytes": creport.size_bytes(pruned),
+      "ratio": round(base_bytes / creport.size_bytes(pruned), 2)}
+  bar.update()
+
+  # int8 post-training quantization, run with int8 matmuls.
+  step("int8")
+  calib = [ds.x_train[i:i + 1000]
+           for i in range(0, min(5000, len(ds.x_train)), 1000)]
+  scales = quantization.calibrate(params, calib)
+  q8 = quantization.quantize(params, bits=8, granularity="channel")
+  q8_acc = creport.accuracy(quantization.predict_int8(q8, scales, ds.x_test),
+                            ds.y_test)
+  xb = np.resize(ds.x_test, (1024, *ds.input_shape))
+  x1 = ds.x_test[:1]
+  f32 = lambda x: model.apply({"params": params}, x)
+  i8 = lambda x: quantization.int8_mlp_apply(q8, scales, x)
+  ms = _interleaved_ms({"float32": (f32, xb), "int8": (i8, xb)})
+  ms1 = _interleaved_ms({"float32": (f32, x1), "int8": (i8, x1)}, repeats=200)
+  # The bare matmul, for scale: what int8 can gain on this CPU at best.
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(1024, 1024)), jnp.float32)
+  a8 = jnp.clip(jnp.round(a * 30), -127, 127).astype(jnp.int8)
+  mm = _interleaved_ms({
+      "float32": (lambda x: x @ x, a),
+      "int8": (lambda x: jax.lax.dot_general(
+          x, x, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32), a8)},
+      repeats=20)
+  out["mlp"]["int8"] = {
+      "accuracy": q8_acc, "loss_points": round(100 * (base_acc - q8_acc), 3),
+      "size_bytes": creport.size_bytes(q8),
+      "ratio": round(base_bytes / creport.size_bytes(q8), 3),
+      "latency_ms_batch_1024": {k: round(v, 4) for k, v in ms.items()},
+      "speedup_batch_1024": round(ms["float32"] / ms["int8"], 3),
+      "latency_ms_batch_1": {k: round(v, 4) for k, v in ms1.items()},
+      "speedup_batch_1": round(ms1["float32"] / ms1["int8"], 3),
+      "matmul_1024_speedup": round(mm["float32"] / mm["int8"], 3)}
+  # 90% pruned + int8.
+  pscales = quantization.calibrate(pruned, calib)
+  pq8 = quantization.quantize(pruned, bits=8, granularity="channel")
+  pq_acc = creport.accuracy(quantization.predict_int8(pq8, pscales, ds.x_test),
+                            ds.y_test)
+  out["mlp"]["pruned_90_int8"] = {
+      "accuracy": pq_acc, "loss_points": round(100 * (base_acc - pq_acc), 3),
+      "size_bytes": creport.size_bytes(pq8),
+      "ratio": round(base_bytes / creport.size_bytes(pq8), 2)}
+  bar.update()
+
+  # Distillation: a 784-64-64-10 student, labels only vs from the dense teacher.
+  step("distill")
+  student = models.create("mlp", num_classes=ds.num_classes, widths=(64, 64))
+  alone = train.fit(student, _cosine_adam(epochs, per_epoch), ds, epochs=epochs,
+                    batch_size=BATCH, progress=False)
+  taught = distillation.distill(
+      student, [(model, train.variables_of(dense.state))],
+      _cosine_adam(epochs, per_epoch), ds, epochs=epochs, batch_size=BATCH,
+      temperature=4.0, alpha=0.9, progress=False)
+  a_alone, a_taught = acc(student, alone.state), acc(student, taught.state)
+  gap = base_acc - a_alone
+  out["mlp"]["distill"] = {
+      "teacher_accuracy": base_acc, "student_labels_only": a_alone,
+      "student_distilled": a_taught,
+      "gap_closed": round((a_taught - a_alone) / gap, 3) if gap > 0 else None,
+      "agreement": distillation.agreement(
+          student, train.variables_of(taught.state), model,
+          train.variables_of(dense.state), ds.x_test),
+      "student_size_bytes": creport.dense_bytes(taught.state.params)}
+  bar.update()
+
+  # Low rank: SVD keeping 80% of each kernel's energy, then 2 epochs.
+  step("lowrank")
+  low, ranks = lowrank.factorize(params, energy=0.8)
+  small = lowrank.lowrank_model(model, ranks)
+  tx = _cosine_adam(2, per_epoch, 3e-4)
+  lstate = train.init_state(small, tx, ds.input_shape)._replace(
+      params=low, opt_state=tx.init(low))
+  l_before = acc(small, lstate)
+  ltuned = train.fit(small, tx, ds, epochs=2, batch_size=BATCH, progress=False,
+                     state=lstate)
+  out["mlp"]["lowrank"] = {
+      "ranks": list(ranks), "accuracy_svd": l_before,
+      "accuracy_finetuned": acc(small, ltuned.state),
+      "size_bytes": creport.dense_bytes(low),
+      "ratio": round(base_bytes / creport.dense_bytes(low), 2)}
+  bar.update()
+
+  if "cnn" in model_names:
+    step("cnn train")
+    cnn = models.create("cnn", num_classes=ds.num_classes)
+    c = train.fit(cnn, _cosine_adam(cnn_epochs, per_epoch), ds, epochs=cnn_epochs,
+                  batch_size=BATCH, progress=False)
+    c_acc = acc(cnn, c.state)
+    bar.update()
+    step("cnn prune+int8")
+    ft = 2
+    tx = optax.chain(_cosine_adam(ft, per_epoch, 3e-4),
+                     pruning.prune_gradually(0.8, begin_step=0,
+                                             end_step=ft * per_epoch // 2,
+                                             every=max(1, min(50, per_epoch // 10)),
+                                             scope="global"))
+    ct = train.fit(cnn, tx, ds, epochs=ft, batch_size=BATCH, progress=False,
+                   state=c.state._replace(opt_state=tx.init(c.state.params)))
+    cp = ct.state.params
+    cq = quantization.quantize(cp, bits=8, granularity="channel")
+    cq_acc = acc(cnn, {"params": quantization.dequantize(cq)})
+    out["cnn"] = {
+        "dense": {"accuracy": c_acc, "size_bytes": creport.dense_bytes(cp)},
+        "pruned_80": {"accuracy": acc(cnn, ct.state),
+                      "sparsity": pruning.sparsity_report(cp)["sparsity"]},
+        "pruned_80_int8": {
+            "accuracy": cq_acc, "loss_points": round(100 * (c_acc - cq_acc), 3),
+            "size_bytes": creport.size_bytes(cq),
+            "ratio": round(creport.dense_bytes(cp) / creport.size_bytes(cq), 2)}}
+    bar.update()
+  bar.close()
+  return out
+
+
+def format_compress_report(r: dict) -> str:
+  """The compress suite: each figure beside its target."""
+  m = r["mlp"]
+  yes = lambda ok: "met" if ok else "NOT met"
+  lines = [f"compression of LeNet-300-100 on {r['dataset']} "
+           f"(dense: {m['dense']['accuracy']:.4f}, "
+           f"{m['dense']['size_bytes']:,} bytes float32)"]
+  p, q, pq, d, lr = (m["pruned_90"], m["int8"], m["pruned_90_int8"],
+                     m["distill"], m["lowrank"])
+  lines.append(f"  90% pruned + fine-tuned: {p['accuracy']:.4f} "
+               f"({p['loss_points']:+.2f} pt loss; target <= 0.5: "
+               f"{yes(p['loss_points'] <= 0.5)}), {p['ratio']:.1f}x smaller")
+  lines.append(f"  int8 PTQ: {q['accuracy']:.4f} ({q['loss_points']:+.2f} pt; "
+               f"target <= 0.3: {yes(q['loss_points'] <= 0.3)}), "
+               f"{q['ratio']:.2f}x smaller")
+  lines.append(f"  int8 latency at batch 1024: "
+               f"{q['latency_ms_batch_1024']['int8']:.3f} ms vs float32 "
+               f"{q['latency_ms_batch_1024']['float32']:.3f} ms = "
+               f"{q['speedup_batch_1024']:.2f}x (target >= 1.4: "
+               f"{yes(q['speedup_batch_1024'] >= 1.4)}); batch 1: "
+               f"{q['speedup_batch_1']:.2f}x; bare 1024^3 int8 matmul: "
+               f"{q['matmul_1024_speedup']:.2f}x")
+  lines.append(f"  90% pruned + int8: {pq['accuracy']:.4f} "
+               f"({pq['loss_points']:+.2f} pt), {pq['size_bytes']:,} bytes = "
+               f"{pq['ratio']:.1f}x smaller (target >= 20: "
+               f"{yes(pq['ratio'] >= 20)})")
+  gap = d["gap_closed"]
+  lines.append(f"  distillation 784-64-64-10: labels only "
+               f"{d['student_labels_only']:.4f}, distilled "
+               f"{d['student_distilled']:.4f}, teacher "
+               f"{d['teacher_accuracy']:.4f}: gap closed "
+               + (f"{100 * gap:.0f}% (target >= 40%: {yes(gap >= 0.4)})"
+                  if gap is not None else "n/a (student not below teacher)")
+               + f", agreement {d['agreement']:.3f}")
+  lines.append(f"  low rank (80% energy, ranks {lr['ranks']}): "
+               f"{lr['accuracy_svd']:.4f} after SVD, "
+               f"{lr['accuracy_finetuned']:.4f} after 2 epochs, "
+               f"{lr['ratio']:.1f}x smaller")
+  if "cnn" in r:
+    c = r["cnn"]
+    lines.append(f"  CNN: dense {c['dense']['accuracy']:.4f}; 80% pruned "
+                 f"{c['pruned_80']['accuracy']:.4f}; + int8 "
+                 f"{c['pruned_80_int8']['accuracy']:.4f} "
+                 f"({c['pruned_80_int8']['loss_points']:+.2f} pt; target <= 1: "
+                 f"{yes(c['pruned_80_int8']['loss_points'] <= 1.0)}), "
+                 f"{c['pruned_80_int8']['ratio']:.1f}x smaller")
+  return "\n".join(lines)

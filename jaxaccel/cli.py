@@ -128,13 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
                  help=".npy of raw inputs in the data set's units, rows first")
   p.add_argument("--output", help="write the predicted classes to this .npy")
 
+  p = sub.add_parser("compress", help="prune, quantize or distill a trained run")
+  common(p)
+  p.add_argument("--from", dest="from_dir", required=True,
+                 help="run directory of `jaxaccel train`")
+  p.add_argument("--prune", type=float, metavar="SPARSITY",
+                 help="fraction of weights set to zero, in [0, 1)")
+  p.add_argument("--prune-method", default="magnitude",
+                 help="magnitude, saliency, taylor or random (default magnitude)")
+  p.add_argument("--prune-scope", default="layer", help="layer or global")
+  p.add_argument("--prune-pattern", default="unstructured",
+                 help="unstructured, channel, or N:M such as 2:4")
+  p.add_argument("--quantize", help="int8 or int4")
+  p.add_argument("--distill-student", metavar="MODEL",
+                 help="train this student from the run, e.g. mlp:64,64")
+  p.add_argument("--distill-epochs", type=_positive_int, default=10)
+  p.add_argument("--temperature", type=float, default=4.0)
+  p.add_argument("--alpha", type=float, default=0.9)
+  p.add_argument("--finetune-epochs", type=int, default=0,
+                 help="epochs of fine-tuning with the pruning masks held")
+  p.add_argument("--learning-rate", type=float, default=1e-3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help="write params.npz and report.json here")
+  p.add_argument("--plot", metavar="PATH",
+                 help="save an accuracy-vs-size chart of every stage")
+
   p = sub.add_parser("demo", help="train a small model on digits and report")
   common(p)
   p.add_argument("--epochs", type=_positive_int, default=30)
 
   p = sub.add_parser("bench", help="side-by-side throughput against peers")
   common(p)
-  p.add_argument("--suite", choices=("train", "sweep"), default="train")
+  p.add_argument("--suite", choices=("train", "sweep", "compress"),
+                 default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
   p.add_argument("--models", default="mlp,cnn", help="comma-separated")
@@ -275,12 +301,21 @@ def cmd_demo(args) -> None:
   params = models.count_params(result.state.params)
   size = sum(x.nbytes for x in jax.tree.leaves(result.state.params))
   rows = [("dense float32 MLP 64-64-64-10", test["accuracy"], params, size)]
+  compressed = _demo_compression_rows(model, result.state, ds,
+                                      progress=not args.no_progress)
+  rows += [(r["name"], r["accuracy"], r["parameters"], r["size_bytes"])
+           for r in compressed]
   table = _table(["model", "test acc", "params", "bytes"],
                  [(r[0], f"{r[1]:.4f}", f"{r[2]:,}", f"{r[3]:,}") for r in rows])
   human = (f"digits (1500 train / 297 test), {args.epochs} epochs of Adam in "
            f"{result.wall_seconds:.1f} s\n{table}")
+  last = compressed[-1]
   payload = {"test_accuracy_before": test["accuracy"],
              "size_bytes_before": size, "parameters": params,
+             "test_accuracy_after": last["accuracy"],
+             "size_bytes_after": last["size_bytes"],
+             "compression_ratio": round(size / last["size_bytes"], 3),
+             "sparsity": last["sparsity"],
              "wall_seconds": round(result.wall_seconds, 3),
              "rows": [dict(zip(("model", "test_accuracy", "parameters",
                                 "size_bytes"), r)) for r in rows]}
@@ -362,6 +397,62 @@ def cmd_sweep(args) -> None:
              "sequential_estimate_seconds": result.sequential_estimate_seconds,
              "model": args.model, "dataset": ds.name}
   _emit(args, human, payload)
+def _demo_compression_rows(model, state, ds, *, progress: bool) -> list[dict]:
+  """The demo's compressed rows: 80% pruned and fine-tuned, int8, both."""
+  import optax
+  from jaxaccel import train
+  from jaxaccel.compress import pruning, quantization, report
+  x, y = ds.x_test, ds.y_test
+  params = state.params
+  pruned, masks = pruning.prune(params, 0.8)
+  tx = optax.chain(optax.adam(1e-3), pruning.keep_masks(masks))
+  tuned = train.fit(model, tx, ds, epochs=5, batch_size=32, seed=0,
+                    progress=progress,
+                    state=state._replace(params=pruned,
+                                         opt_state=tx.init(pruned)))
+  pruned = tuned.state.params
+  calib = [ds.x_train[:500], ds.x_train[500:1000]]
+  rows = [report.measure("80% pruned, 5 epochs fine-tuned", pruned,
+                         lambda xb: model.apply({"params": pruned}, xb), x, y,
+                         latency=False)]
+  for name, p in (("int8 (int8 matmuls)", params),
+                  ("80% pruned + int8", pruned)):
+    q = quantization.quantize(p, bits=8)
+    scales = quantization.calibrate(p, calib)
+    rows.append(report.measure(
+        name, q, lambda xb, q=q, s=scales: quantization.int8_mlp_apply(q, s, xb),
+        x, y, latency=False))
+  return rows
+
+
+def cmd_compress(args) -> None:
+  from jaxaccel.compress import report
+  if (args.prune is None and ":" not in args.prune_pattern
+      and not args.quantize and not args.distill_student):
+    raise ConfigError("nothing to do: give --prune SPARSITY, --quantize "
+                      "int8|int4 and/or --distill-student MODEL")
+  result = report.compress_run(
+      args.from_dir, prune=args.prune, prune_method=args.prune_method,
+      prune_scope=args.prune_scope, prune_pattern=args.prune_pattern,
+      quantize=args.quantize, distill_student=args.distill_student,
+      distill_epochs=args.distill_epochs, temperature=args.temperature,
+      alpha=args.alpha, finetune_epochs=args.finetune_epochs,
+      learning_rate=args.learning_rate, seed=args.seed,
+      progress=not args.no_progress)
+  params = result.pop("compressed_params")
+  if args.out:
+    report.save_compressed(args.out, params, result)
+    result["out"] = args.out
+  if args.plot:
+    report.plot_accuracy_vs_size(result["stages"], args.plot,
+                                 title=f"{args.from_dir} on {result['dataset']}")
+    result["plot"] = args.plot
+  human = (f"{result['dataset']}: accuracy {result['test_accuracy_before']:.4f}"
+           f" -> {result['test_accuracy_after']:.4f}, "
+           f"{result['size_bytes_before']:,} -> {result['size_bytes_after']:,} "
+           f"bytes ({result['compression_ratio']:.1f}x smaller)\n"
+           + report.format_table(result["stages"]))
+  _emit(args, human, result)
 
 
 def cmd_bench(args) -> None:
@@ -370,6 +461,12 @@ def cmd_bench(args) -> None:
     report = bench.run_sweep_suite(progress=not args.no_progress,
                                    repeats=args.repeats)
     _emit(args, bench.format_sweep_report(report), report)
+    return
+  if args.suite == "compress":
+    report = bench.run_compress_suite(
+        dataset=args.dataset, model_names=args.models.split(","),
+        progress=not args.no_progress)
+    _emit(args, bench.format_compress_report(report), report)
     return
   report = bench.run_train_suite(
       dataset=args.dataset, model_names=args.models.split(","),
@@ -386,7 +483,7 @@ def _table(header, rows) -> str:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
-            "sweep": cmd_sweep, "bench": cmd_bench}
+            "sweep": cmd_sweep, "bench": cmd_bench, "compress": cmd_compress}
 
 
 def main(argv=None) -> int:

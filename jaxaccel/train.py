@@ -111,23 +111,31 @@ def all_finite(*trees) -> jax.Array:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     loss_fn: Callable = cross_entropy,
                     augment: Callable | None = None,
-                    skip_nonfinite: bool = True):
+                    skip_nonfinite: bool = True,
+                    teacher: Callable | None = None):
   """Builds the pure train step `(state, batch) -> (state, metrics)`.
 
   A step whose loss or gradients are not finite changes nothing but the step
   counter and the key; it reports `finite=0` so `fit` can count it. The
   guard costs one pass over the gradients and one select over params and
   optimizer state; `skip_nonfinite=False` drops it.
+
+  With a `teacher` (`x -> logits`, or a list of logits), the loss is
+  `loss_fn(logits, labels, teacher_logits)` with the teacher's logits under
+  `stop_gradient`, and the metrics include the student-teacher `agreement`.
   """
   def train_step(state: TrainState, batch: Batch):
     rng, aug_key, dropout_key = jax.random.split(state.rng, 3)
     x = augment(aug_key, batch["x"]) if augment is not None else batch["x"]
+    targets = (batch["y"],)
+    if teacher is not None:
+      targets += (jax.lax.stop_gradient(teacher(x)),)
 
     def loss_of(params):
       logits, new_model_state = model.apply(
           {"params": params, **state.model_state}, x, train=True,
           mutable=list(state.model_state), rngs={"dropout": dropout_key})
-      return loss_fn(logits, batch["y"]), (logits, new_model_state)
+      return loss_fn(logits, *targets), (logits, new_model_state)
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(
         loss_of, has_aux=True)(state.params)
@@ -154,6 +162,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     metrics = {"loss": jnp.where(finite, loss, 0.0),
                "accuracy": jnp.where(finite, accuracy, 0.0),
                "finite": finite.astype(jnp.float32)}
+    if teacher is not None:
+      t = targets[1]
+      if isinstance(t, (list, tuple)):    # several teachers: their mean vote
+        t = sum(jax.nn.softmax(ti.astype(jnp.float32)) for ti in t)
+      agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t, -1))
+      metrics["agreement"] = jnp.where(finite, agreement, 0.0)
     return new_state, metrics
   return train_step
 
@@ -296,7 +310,9 @@ def _summarize(metrics: dict) -> dict:
   return {"train_loss": float(m["loss"].sum() / max(n_ok, 1.0)),
           "train_accuracy": float(m["accuracy"].sum() / max(n_ok, 1.0)),
           "skipped_steps": int(len(m["finite"]) - n_ok),
-          "steps": int(len(m["finite"]))}
+          "steps": int(len(m["finite"])),
+          **({"train_agreement": float(m["agreement"].sum() / max(n_ok, 1.0))}
+             if "agreement" in m else {})}
 
 
 def _check_data(model: nn.Module, data: Dataset, batch_size: int) -> None:
@@ -323,7 +339,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
         epoch_mode: str = "auto", scan_max_bytes: int = 2 ** 30,
         progress: bool = True, config: dict | None = None,
         state: TrainState | None = None,
-        skip_nonfinite: bool = True) -> FitResult:
+        skip_nonfinite: bool = True,
+        teacher: Callable | None = None) -> FitResult:
   """Trains `model` with the optax transformation `tx` on `data`.
 
   Args:
@@ -347,6 +364,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     state: a state to start from instead of a fresh one (fine-tuning).
     skip_nonfinite: skip (and count) steps whose loss or gradients are not
       finite; turn off only when speed matters more than that guard.
+    teacher: for distillation, `x -> teacher logits` (see
+      `jaxaccel.compress.distillation`); `loss_fn` then takes
+      `(logits, labels, teacher_logits)` and each epoch logs
+      `train_agreement`.
 
   Returns:
     A `FitResult` with the final state and per-epoch history.
@@ -398,7 +419,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
   state = fresh
 
   train_step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
-                               skip_nonfinite=skip_nonfinite)
+                               skip_nonfinite=skip_nonfinite, teacher=teacher)
   n = len(data.x_train)
   steps = n // batch_size
   use_scan = epoch_mode == "scan" or (

@@ -1,0 +1,35 @@
+"""Compression as pure pytree transformations: pruning, quantization,
+distillation, low rank, and the before/after report.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from jaxaccel import compress
+  >>> params = {"w": jnp.array([[0.1, -2.0], [3.0, 0.2]])}
+  >>> pruned, masks = compress.prune(params, 0.5)
+  >>> q = compress.quantize(pruned, bits=8)
+  >>> compress.dequantize(q)["w"][0, 0].item(), compress.size_bytes(q)
+  (0.0, 11)
+"""
+
+from jaxaccel.compress import distillation, lowrank, pruning, quantization, report
+from jaxaccel.compress.distillation import (distill, distillation_loss,
+                                            make_distillation_loss)
+from jaxaccel.compress.lowrank import LowRankMLP, factorize, lowrank_model
+from jaxaccel.compress.pruning import (GradientStats, MaskState, PruneState,
+                                       apply_masks, gradient_statistics,
+                                       keep_masks, prune, prune_gradually,
+                                       sparsity_report)
+from jaxaccel.compress.quantization import (QArray, QuantAwareModel, calibrate,
+                                            dequantize, fake_quantize,
+                                            int8_mlp_apply, quantize)
+from jaxaccel.compress.report import compress_run, size_bytes
+
+__all__ = [
+    "GradientStats", "LowRankMLP", "MaskState", "PruneState", "QArray",
+    "QuantAwareModel", "apply_masks", "calibrate", "compress_run",
+    "dequantize", "distill", "distillation", "distillation_loss", "factorize",
+    "fake_quantize", "gradient_statistics", "int8_mlp_apply", "keep_masks",
+    "lowrank", "lowrank_model", "make_distillation_loss", "prune",
+    "prune_gradually", "pruning", "quantization", "quantize", "report",
+    "size_bytes", "sparsity_report",
+]

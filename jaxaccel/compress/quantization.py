@@ -1,0 +1,408 @@
+"""Quantization: QArray leaves, post-training quantization, fake quantization
+with a straight-through gradient, and a real int8 inference path.
+
+`quantize` maps a params pytree to the same tree with `QArray` leaves
+(integers + scale, optional zero point); `dequantize` maps it back. Symmetric
+and pow2 schemes map 0 to 0, so pruned weights stay pruned.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from jaxaccel.compress import quantization as q
+  >>> params = {"w": jnp.array([[0.5, -1.0], [0.0, 0.25]])}
+  >>> qp = q.quantize(params, bits=8, granularity="tensor")
+  >>> qp["w"].values.tolist()
+  [[64, -127], [0, 32]]
+  >>> q.size_bytes(qp), q.size_bytes(params)
+  (8, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.compress.pruning import leaf_names
+from jaxaccel.errors import ConfigError
+
+PyTree = Any
+BITS = (4, 8)
+GRANULARITIES = ("tensor", "channel")
+SCHEMES = ("symmetric", "asymmetric", "pow2")
+
+
+@jax.tree_util.register_pytree_node_class
+class QArray:
+  """A quantized array: integer `values`, float32 `scale`, optional `zero_point`.
+
+  The real number is `(values - zero_point) * scale`. `scale` and
+  `zero_point` broadcast against `values` (one per tensor or per output
+  channel). Values are held in int8 (uint8 for asymmetric); 4-bit values
+  are stored two per byte, which `nbytes` counts.
+  """
+
+  def __init__(self, values, scale, zero_point=None, *, bits: int = 8):
+    self.values = values
+    self.scale = scale
+    self.zero_point = zero_point
+    self.bits = bits
+
+  def tree_flatten(self):
+    return (self.values, self.scale, self.zero_point), self.bits
+
+  @classmethod
+  def tree_unflatten(cls, bits, children):
+    return cls(*children, bits=bits)
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the stored encoding: packed values, scales, zero points."""
+    values = math.ceil(self.values.size * self.bits / 8)
+    scale = self.scale.size * 4
+    zero = 0 if self.zero_point is None else math.ceil(
+        self.zero_point.size * self.bits / 8)
+    return values + scale + zero
+
+  def dequantize(self) -> jax.Array:
+    v = self.values.astype(jnp.float32)
+    if self.zero_point is not None:
+      v = v - self.zero_point.astype(jnp.float32)
+    return v * self.scale
+
+  def __repr__(self):
+    return (f"QArray(shape={tuple(self.shape)}, bits={self.bits}, "
+            f"scale_shape={tuple(self.scale.shape)}, "
+            f"zero_point={self.zero_point is not None})")
+
+
+def is_qarray(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def _check_options(bits, granularity, scheme):
+  if bits not in BITS:
+    raise ConfigError(f"unsupported bit width {bits!r}: use 8 or 4")
+  if granularity not in GRANULARITIES:
+    raise ConfigError(f"unknown granularity {granularity!r}: use tensor or "
+                      "channel")
+  if scheme not in SCHEMES:
+    raise ConfigError(f"unknown quantization scheme {scheme!r}: use symmetric, "
+                      "asymmetric or pow2")
+
+
+def _reduce_axes(x, granularity):
+  """Axes a scale is shared over: all, or all but the output channel."""
+  if granularity == "channel" and x.ndim >= 2:
+    return tuple(range(x.ndim - 1))
+  return tuple(range(x.ndim))
+
+
+def symmetric_scale(x: jax.Array, bits: int, granularity: str = "tensor",
+                    *, pow2: bool = False) -> jax.Array:
+  """max|x| / qmax per tensor or channel (a power of two with `pow2`)."""
+  qmax = 2 ** (bits - 1) - 1
+  amax = jnp.max(jnp.abs(x), axis=_reduce_axes(x, granularity), keepdims=True)
+  amax = jnp.where(amax > 0, amax, 1.0).astype(jnp.float32)
+  if pow2:
+    return 2.0 ** jnp.ceil(jnp.log2(amax / qmax))
+  return amax / qmax
+
+
+def quantize_array(x: jax.Array, *, bits: int = 8, granularity: str = "channel",
+                   scheme: str = "symmetric", name: str = "array") -> QArray:
+  """Quantizes one floating array (see `quantize`)."""
+  _check_options(bits, granularity, scheme)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ConfigError(f"cannot quantize {name}: it holds {x.dtype} values, not "
+                      "floats; quantize only floating leaves (use include=...)")
+  x = x.astype(jnp.float32)
+  if scheme == "asymmetric":
+    levels = 2 ** bits - 1
+    axes = _reduce_axes(x, granularity)
+    lo = jnp.minimum(jnp.min(x, axis=axes, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(x, axis=axes, keepdims=True), 0.0)
+    scale = jnp.where(hi > lo, (hi - lo) / levels, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, levels)
+    values = jnp.clip(jnp.round(x / scale) + zero, 0, levels)
+    return QArray(values.astype(jnp.uint8), scale, zero.astype(jnp.uint8),
+                  bits=bits)
+  qmax = 2 ** (bits - 1) - 1
+  scale = symmetric_scale(x, bits, granularity, pow2=scheme == "pow2")
+  values = jnp.clip(jnp.round(x / scale), -qmax, qmax)
+  return QArray(values.astype(jnp.int8), scale, bits=bits)
+
+
+def _default_include(name: str, leaf) -> bool:
+  del name
+  return leaf.ndim >= 1
+
+
+def quantize(params: PyTree, *, bits: int = 8, granularity: str = "channel",
+             scheme: str = "symmetric",
+             include: Callable[[str, jax.Array], bool] | None = None) -> PyTree:
+  """Post-training quantization of a params pytree.
+
+  Args:
+    params: floating leaves (a non-float leaf is an error).
+    bits: 8 or 4.
+    granularity: "tensor" (one scale) or "channel" (one per output channel,
+      the last axis of kernels).
+    scheme: "symmetric" (zero-preserving, values in [-qmax, qmax]),
+      "asymmetric" (unsigned values with a zero point), or "pow2"
+      (w_q = round(w / 2^p) * 2^p: the scale is a power of two).
+    include: `(name, leaf) -> bool`, which leaves to quantize (default: all
+      but scalars); the others stay float.
+
+  Returns:
+    The params tree with `QArray` leaves where quantized.
+  """
+  _check_options(bits, granularity, scheme)
+  include = include or _default_include
+  names = leaf_names(params)
+  leaves, treedef = jax.tree.flatten(params)
+  out = []
+  for name, x in zip(names, leaves):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ConfigError(f"cannot quantize leaf {name}: it holds {x.dtype} "
+                        "values, not floats; pass floating params only")
+    out.append(quantize_array(x, bits=bits, granularity=granularity,
+                              scheme=scheme, name=name)
+               if include(name, x) else x)
+  return jax.tree.unflatten(treedef, out)
+
+
+def dequantize(tree: PyTree) -> PyTree:
+  """Replaces every `QArray` leaf by its float32 value."""
+  return jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, tree,
+                      is_leaf=is_qarray)
+
+
+def size_bytes(tree: PyTree) -> int:
+  """Stored bytes of a params tree: QArrays by their encoding, arrays dense."""
+  return sum(int(x.nbytes) for x in jax.tree.leaves(tree, is_leaf=is_qarray))
+
+
+def pack_int4(values: jax.Array) -> jax.Array:
+  """Two signed 4-bit values per byte (low nibble first), as uint8."""
+  v = jnp.asarray(values, jnp.int8).ravel()
+  if v.size % 2:
+    v = jnp.concatenate([v, jnp.zeros(1, jnp.int8)])
+  nib = (v.astype(jnp.uint8) & 0x0F).reshape(-1, 2)
+  return nib[:, 0] | (nib[:, 1] << 4)
+
+
+def unpack_int4(packed: jax.Array, shape) -> jax.Array:
+  """Inverse of `pack_int4`."""
+  packed = jnp.asarray(packed, jnp.uint8)
+  nib = jnp.stack([packed & 0x0F, packed >> 4], axis=1).ravel().astype(jnp.int8)
+  signed = jnp.where(nib >= 8, nib - 16, nib).astype(jnp.int8)
+  return signed[:math.prod(shape)].reshape(shape)
+
+
+# ------------------------------------------------ fake quantization (QAT)
+
+@jax.custom_vjp
+def _round_clip_ste(x, qmax):
+  return jnp.clip(jnp.round(x), -qmax, qmax)
+
+
+def _ste_fwd(x, qmax):
+  return _round_clip_ste(x, qmax), (x, qmax)
+
+
+def _ste_bwd(res, g):
+  x, qmax = res
+  # Straight through where rounding alone decides, zero where clipped.
+  return (jnp.where(jnp.abs(x) <= qmax + 0.5, g, 0.0), None)
+
+
+_round_clip_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def fake_quantize(x: jax.Array, *, bits: int = 8, granularity: str = "channel",
+                  scheme: str = "symmetric") -> jax.Array:
+  """Quantize-dequantize in float, with a straight-through gradient.
+
+  Forward: `dequantize(quantize_array(x))` for the symmetric and pow2
+  schemes. Backward: the identity where x is representable (the rounding is
+  skipped), so training sees the quantized weights and still moves them.
+  """
+  _check_options(bits, granularity, scheme)
+  if scheme == "asymmetric":
+    raise ConfigError("fake quantization supports the symmetric and pow2 "
+                      "schemes; use scheme='symmetric'")
+  qmax = 2 ** (bits - 1) - 1
+  scale = jax.lax.stop_gradient(
+      symmetric_scale(x, bits, granularity, pow2=scheme == "pow2"))
+  return _round_clip_ste(x / scale, float(qmax)) * scale
+
+
+def fake_quantize_params(params: PyTree, *, bits: int = 8,
+                         granularity: str = "channel",
+                         scheme: str = "symmetric",
+                         include: Callable | None = None) -> PyTree:
+  """`fake_quantize` on every leaf `quantize` would quantize."""
+  include = include or _default_include
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [
+      fake_quantize(x, bits=bits, granularity=granularity, scheme=scheme)
+      if include(n, x) else x
+      for n, x in zip(leaf_names(params), leaves)])
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantAwareModel:
+  """Wraps a model so every forward pass uses fake-quantized params.
+
+  It has the `init` / `apply` surface `fit` uses, so quantization-aware
+  training is `fit(QuantAwareModel(model), tx, data, ...)`. After training,
+  `quantize(params, ...)` with the same options gives exactly the weights
+  the model was trained with.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxaccel import models
+    >>> qat = QuantAwareModel(models.create("mlp", num_classes=3, widths=(4,)))
+    >>> v = qat.init(jax.random.key(0), jnp.ones((1, 5)))
+    >>> qat.apply(v, jnp.ones((2, 5))).shape
+    (2, 3)
+  """
+  model: Any
+  bits: int = 8
+  granularity: str = "channel"
+  scheme: str = "symmetric"
+
+  def __post_init__(self):
+    _check_options(self.bits, self.granularity, self.scheme)
+
+  @property
+  def num_classes(self):
+    return getattr(self.model, "num_classes", None)
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, variables, *args, **kwargs):
+    variables = dict(variables)
+    variables["params"] = fake_quantize_params(
+        variables["params"], bits=self.bits, granularity=self.granularity,
+        scheme=self.scheme)
+    return self.model.apply(variables, *args, **kwargs)
+
+
+# ------------------------------------------------------ int8 inference path
+
+def _dense_layers(params: PyTree) -> list[str]:
+  """Names Dense_0..Dense_k of an MLP's params, checked."""
+  names = sorted((k for k in params if k.startswith("Dense_")),
+                 key=lambda k: int(k.split("_")[1]))
+  if not names or set(params) != set(names) or any(
+      set(params[n]) != {"kernel", "bias"} for n in names):
+    raise ConfigError(f"the int8 path runs MLPs (Dense_0..Dense_k layers with "
+                      f"kernel and bias); got layers {sorted(params)}")
+  return names
+
+
+def mlp_activations(params: PyTree, x: jax.Array) -> list[jax.Array]:
+  """The float input of every Dense layer of an MLP, for calibration."""
+  names = _dense_layers(params)
+  h = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  inputs = []
+  for i, name in enumerate(names):
+    inputs.append(h)
+    h = h @ params[name]["kernel"] + params[name]["bias"]
+    if i < len(names) - 1:
+      h = jax.nn.relu(h)
+  return inputs
+
+
+def calibrate(params: PyTree, batches: Iterable, *, bits: int = 8,
+              percentile: float = 99.99) -> list:
+  """Activation scales for the int8 path, from a few batches of inputs.
+
+  Each Dense layer's input range is the `percentile` of |input| (averaged
+  over batches), divided by 127. A high percentile rather than the maximum
+  keeps rare outliers (standardized pixels that are almost always zero reach
+  150) from wasting the 8 bits; they are clipped instead.
+
+  Args:
+    params: float params of an MLP.
+    batches: an iterable of input arrays.
+    bits: 8 (the integer path runs int8 activations).
+    percentile: in (0, 100]; 100 takes the maximum.
+  """
+  if bits != 8:
+    raise ConfigError(f"the integer inference path runs int8 activations; "
+                      f"got bits={bits}")
+  if not 0.0 < percentile <= 100.0:
+    raise ConfigError(f"calibration percentile must lie in (0, 100]; got "
+                      f"{percentile}")
+  fn = jax.jit(lambda p, x: [jnp.percentile(jnp.abs(a), percentile)
+                             for a in mlp_activations(p, x)])
+  ranges = [fn(params, jnp.asarray(xb)) for xb in batches]
+  if not ranges:
+    raise ConfigError("calibration got no batches; give at least one")
+  amax = [sum(r[i] for r in ranges) / len(ranges) for i in range(len(ranges[0]))]
+  return [jnp.where(a > 0, a, 1.0).astype(jnp.float32) / 127.0 for a in amax]
+
+
+def _quantize_activation(h, scale):
+  return jnp.clip(jnp.round(h / scale), -127, 127).astype(jnp.int8)
+
+
+def int8_mlp_apply(qparams: PyTree, act_scales: list, x: jax.Array) -> jax.Array:
+  """MLP logits with int8 x int8 -> int32 matmuls, rescaled to float.
+
+  Args:
+    qparams: `quantize(params, bits=8, scheme="symmetric")` of an MLP (the
+      kernels as QArray; biases float or QArray).
+    act_scales: `calibrate(params, batches)`.
+    x: float inputs.
+  """
+  names = _dense_layers(qparams)
+  h = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  for i, name in enumerate(names):
+    w, b = qparams[name]["kernel"], qparams[name]["bias"]
+    if not is_qarray(w) or w.bits != 8 or w.zero_point is not None:
+      raise ConfigError(f"the int8 path needs symmetric int8 kernels; layer "
+                        f"{name} holds {w!r}")
+    hq = _quantize_activation(h, act_scales[i])
+    acc = jax.lax.dot_general(hq, w.values, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    h = acc.astype(jnp.float32) * (act_scales[i] * w.scale.reshape(-1))
+    h = h + (b.dequantize() if is_qarray(b) else b)
+    if i < len(names) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
+def fake_int8_mlp_apply(params: PyTree, act_scales: list, x: jax.Array) -> jax.Array:
+  """The float reference of `int8_mlp_apply`: same rounding of weights and
+  activations, float matmuls. Equal to it up to float summation order."""
+  names = _dense_layers(params)
+  h = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  for i, name in enumerate(names):
+    hq = _quantize_activation(h, act_scales[i]).astype(jnp.float32) * act_scales[i]
+    h = hq @ params[name]["kernel"] + params[name]["bias"]
+    if i < len(names) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
+def predict_int8(qparams: PyTree, act_scales: list, x: np.ndarray, *,
+                 batch_size: int = 1024) -> np.ndarray:
+  """Logits of the int8 path over x in batches, as numpy."""
+  fn = jax.jit(int8_mlp_apply)
+  outs = [np.asarray(fn(qparams, act_scales, jnp.asarray(x[i:i + batch_size])))
+          for i in range(0, len(x), batch_size)]
+  return np.concatenate(outs)

@@ -1,0 +1,392 @@
+"""Before/after figures of a compression: parameters, bytes, sparsity,
+accuracy and latency.
+
+Bytes are those of a real encoding, computed from the arrays: dense float32;
+or, for a leaf that is mostly zeros, the cheaper of a packed bitmask plus the
+nonzero values, and relative indices (each nonzero stores the count of zeros
+before it in a few bits, with filler entries for longer runs, as in Han et
+al. 2016) plus the values. Values take 32 bits, or the QArray's bit width
+plus its scales.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> w = jnp.zeros((100, 10)).at[:, 0].set(1.0)  # 100 nonzeros, 9 zeros apart
+  >>> encoded_bytes(w), 100 * (4 + 32) // 8         # 4-bit skips + float32
+  (450, 450)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxaccel import data, models, train
+from jaxaccel.compress import distillation, pruning, quantization
+from jaxaccel.compress.quantization import QArray, is_qarray
+from jaxaccel.errors import ConfigError
+
+PyTree = Any
+
+
+def relative_index_entries(nonzero: np.ndarray, index_bits: int) -> int:
+  """Entries of a relative-index encoding: one per nonzero, plus a filler
+  per 2^b zeros in a run that the b-bit skip field cannot span."""
+  positions = np.flatnonzero(nonzero)
+  if positions.size == 0:
+    return 0
+  runs = np.diff(np.concatenate([[-1], positions])) - 1
+  return int(positions.size + np.sum(runs // (2 ** index_bits)))
+
+
+def encoded_bytes(leaf) -> int:
+  """Bytes of the smallest encoding of one leaf (see the module doc)."""
+  if is_qarray(leaf):
+    values = np.asarray(leaf.values)
+    nonzero = (values != (0 if leaf.zero_point is None else
+                          np.broadcast_to(np.asarray(leaf.zero_point),
+                                          values.shape)))
+    value_bits = leaf.bits
+    extra = leaf.nbytes - math.ceil(values.size * leaf.bits / 8)
+  else:
+    values = np.asarray(leaf)
+    nonzero = values != 0
+    value_bits = 32
+    extra = 0
+  n, nnz = values.size, int(nonzero.sum())
+  dense = math.ceil(n * value_bits / 8)
+  bitmask = math.ceil(n / 8) + math.ceil(nnz * value_bits / 8)
+  relative = min(math.ceil(relative_index_entries(nonzero.ravel(), b)
+                           * (b + value_bits) / 8) for b in range(1, 9))
+  return min(dense, bitmask, relative) + extra
+
+
+def size_bytes(tree: PyTree, *, sparse: bool = True) -> int:
+  """Stored bytes of a params tree (QArray leaves as encoded); with
+  `sparse`, zeros are not stored (see `encoded_bytes`)."""
+  leaves = jax.tree.leaves(tree, is_leaf=is_qarray)
+  if not sparse:
+    return sum(int(x.nbytes) for x in leaves)
+  return sum(encoded_bytes(x) for x in leaves)
+
+
+def dense_bytes(params: PyTree) -> int:
+  """Bytes of the params as dense float32 arrays."""
+  return sum(int(np.prod(np.shape(x))) * 4
+             for x in jax.tree.leaves(params, is_leaf=is_qarray))
+
+
+def count_params(tree: PyTree) -> int:
+  return sum(int(np.prod(np.shape(x))) for x in
+             jax.tree.leaves(tree, is_leaf=is_qarray))
+
+
+def sparsity(tree: PyTree) -> float:
+  """Fraction of zeros among the kernels (ndim >= 2) of float params."""
+  floats = jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, tree,
+                        is_leaf=is_qarray)
+  return pruning.sparsity_report(floats)["sparsity"]
+
+
+def latency_ms(fn: Callable, x: np.ndarray, *, repeats: int = 20) -> float:
+  """Median milliseconds of one jitted call of `fn(x)` (after a warm-up)."""
+  f = jax.jit(fn)
+  x = jnp.asarray(x)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times) * 1e3
+
+
+def latencies(fn: Callable, x: np.ndarray, *, batch_sizes=(1, 1024),
+              repeats: int = 20) -> dict:
+  """{"batch_1": ms, "batch_1024": ms}: rows taken (repeated) from x."""
+  out = {}
+  for b in batch_sizes:
+    xb = np.resize(x, (b, *x.shape[1:]))
+    out[f"batch_{b}"] = round(latency_ms(fn, xb, repeats=repeats), 4)
+  return out
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+  return float(np.mean(np.asarray(logits).argmax(-1) == np.asarray(labels)))
+
+
+def compare(before: dict, after: dict) -> dict:
+  """The `jaxaccel compress` JSON keys from two {accuracy, params, latency}
+  records (see `measure`)."""
+  return {
+      "test_accuracy_before": before["accuracy"],
+      "test_accuracy_after": after["accuracy"],
+      "size_bytes_before": before["size_bytes"],
+      "size_bytes_after": after["size_bytes"],
+      "compression_ratio": round(before["size_bytes"] / after["size_bytes"], 3),
+      "parameters_before": before["parameters"],
+      "parameters_after": after["parameters"],
+      "sparsity": after["sparsity"],
+      "latency_ms_before": before["latency_ms"],
+      "latency_ms_after": after["latency_ms"],
+  }
+
+
+def measure(name: str, params: PyTree, logits_fn: Callable, x: np.ndarray,
+            y: np.ndarray, *, latency: bool = True, batch_size: int = 1024,
+            repeats: int = 20, dense: bool = False) -> dict:
+  """Accuracy, size, sparsity and latency of one model variant.
+
+  Args:
+    name: a label for tables and plots.
+    params: what is stored (float or QArray leaves).
+    logits_fn: `x -> logits` of this variant.
+    x, y: test inputs and labels.
+    dense: count bytes as dense float32 (the uncompressed reference) rather
+      than the smallest encoding.
+  """
+  f = jax.jit(logits_fn)
+  logits = np.concatenate([np.asarray(f(jnp.asarray(x[i:i + batch_size])))
+                           for i in range(0, len(x), batch_size)])
+  record = {"name": name, "accuracy": accuracy(logits, y),
+            "size_bytes": dense_bytes(params) if dense else size_bytes(params),
+            "parameters": count_params(params),
+            "sparsity": round(sparsity(params), 6)}
+  record["latency_ms"] = (latencies(logits_fn, x, repeats=repeats)
+                          if latency else None)
+  return record
+
+
+def format_table(records: list[dict]) -> str:
+  """A text table of `measure` records, ratios against the first."""
+  base = records[0]["size_bytes"]
+  header = ["model", "test acc", "params", "bytes", "smaller", "sparsity",
+            "ms@1", "ms@1024"]
+  rows = []
+  for r in records:
+    lat = r.get("latency_ms") or {}
+    rows.append([r["name"], f"{r['accuracy']:.4f}", f"{r['parameters']:,}",
+                 f"{r['size_bytes']:,}", f"{base / r['size_bytes']:.1f}x",
+                 f"{r['sparsity']:.3f}",
+                 f"{lat['batch_1']:.3f}" if "batch_1" in lat else "-",
+                 f"{lat['batch_1024']:.3f}" if "batch_1024" in lat else "-"])
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+  return "\n".join([line(header), line(["-" * w for w in widths])]
+                   + [line(r) for r in rows])
+
+
+def plot_accuracy_vs_size(records: list[dict], path=None, *, ax=None,
+                          title: str = "accuracy vs size"):
+  """Scatter of test accuracy against stored kilobytes (log scale), the
+  Pareto front drawn through the points no other point beats on both."""
+  import matplotlib
+  if path is not None and ax is None:
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig = None
+  if ax is None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+  kb = [r["size_bytes"] / 1024 for r in records]
+  acc = [r["accuracy"] for r in records]
+  ax.scatter(kb, acc)
+  for r, s, a in zip(records, kb, acc):
+    ax.annotate(r["name"], (s, a), fontsize=8, xytext=(3, 3),
+                textcoords="offset points")
+  front = pareto_front(records)
+  ax.plot([r["size_bytes"] / 1024 for r in front],
+          [r["accuracy"] for r in front], "--", alpha=0.6, label="Pareto front")
+  ax.set_xscale("log")
+  ax.set_xlabel("stored size (KiB, log scale)")
+  ax.set_ylabel("test accuracy")
+  ax.set_title(title)
+  ax.legend()
+  if path is not None and fig is not None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+  return ax
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+  """Records that no other record beats in both size and accuracy, by size."""
+  front = [r for r in records if not any(
+      o["size_bytes"] <= r["size_bytes"] and o["accuracy"] >= r["accuracy"]
+      and (o["size_bytes"], o["accuracy"]) != (r["size_bytes"], r["accuracy"])
+      for o in records)]
+  return sorted(front, key=lambda r: r["size_bytes"])
+
+
+def save_compressed(path, tree: PyTree, report: dict | None = None) -> None:
+  """Writes the compressed params to `params.npz` (no pickle: one array per
+  leaf field, keyed by leaf name) and the report to `report.json`."""
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  arrays = {}
+  leaves = jax.tree.leaves(tree, is_leaf=is_qarray)
+  names = pruning.leaf_names(jax.tree.map(lambda x: 0, tree, is_leaf=is_qarray))
+  for name, leaf in zip(names, leaves):
+    if isinstance(leaf, QArray):
+      arrays[f"{name}/values"] = np.asarray(leaf.values)
+      arrays[f"{name}/scale"] = np.asarray(leaf.scale)
+      arrays[f"{name}/bits"] = np.asarray(leaf.bits)
+      if leaf.zero_point is not None:
+        arrays[f"{name}/zero_point"] = np.asarray(leaf.zero_point)
+    else:
+      arrays[name] = np.asarray(leaf)
+  np.savez_compressed(path / "params.npz", **arrays)
+  if report is not None:
+    (path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+# ------------------------------------------------- the `compress` pipeline
+
+QUANTIZE = {"int8": 8, "int4": 4}
+
+
+def compress_run(run_dir, *, prune: float | None = None,
+                 prune_method: str = "magnitude", prune_scope: str = "layer",
+                 prune_pattern: str = "unstructured",
+                 quantize: str | None = None,
+                 distill_student: str | None = None, distill_epochs: int = 10,
+                 temperature: float = 4.0, alpha: float = 0.9,
+                 finetune_epochs: int = 0, learning_rate: float = 1e-3,
+                 batch_size: int = 128, seed: int = 0, progress: bool = True,
+                 latency: bool = True) -> dict:
+  """Compresses a trained run: distill, then prune, then quantize.
+
+  Every option is checked before any work. Each stage is measured on the
+  run's test split, and the result holds the `jaxaccel compress` keys
+  (before = the trained run, after = the last stage) and `stages`.
+
+  Args:
+    run_dir: the `--out` directory of `jaxaccel train`.
+    prune: sparsity in [0, 1) (None: no pruning, unless the pattern is N:M,
+      which prunes 1 - N/M).
+    prune_method, prune_scope, prune_pattern: see `pruning.prune`.
+    quantize: "int8" or "int4" (None: float). int8 MLPs run the integer path.
+    distill_student: a model spec such as "mlp:64,64", trained from the run.
+    distill_epochs, temperature, alpha: the student's training.
+    finetune_epochs: epochs of fine-tuning with the masks held after pruning.
+    learning_rate: Adam's rate for fine-tuning and distillation.
+  """
+  pattern_kind = pruning.parse_pattern(prune_pattern)[0]
+  do_prune = prune is not None or pattern_kind == "n:m"
+  pruning.check_scope(prune_scope, prune_pattern)
+  if pattern_kind == "channel" and prune is None:
+    raise ConfigError("pattern 'channel' needs a sparsity: the fraction of "
+                      "output channels to remove, e.g. --prune 0.5")
+  if do_prune:
+    if pattern_kind != "n:m":
+      pruning.check_sparsity(prune)
+    else:
+      n, m = pruning.parse_pattern(prune_pattern)[1:]
+      if prune is not None and abs(prune - (1 - n / m)) > 1e-9:
+        raise ConfigError(f"pattern {prune_pattern!r} prunes {1 - n / m:g} of "
+                          f"the weights, but --prune {prune} was asked: drop "
+                          "--prune or make them match")
+    if prune_method not in pruning.METHODS:
+      raise ConfigError(f"unknown pruning method {prune_method!r}: use one of "
+                        f"{', '.join(pruning.METHODS)}")
+  if quantize is not None and quantize not in QUANTIZE:
+    raise ConfigError(f"unsupported quantization {quantize!r}: use int8 or int4")
+  if finetune_epochs < 0 or distill_epochs <= 0:
+    raise ConfigError(f"epochs must be non-negative (fine-tuning) and positive "
+                      f"(distillation); got {finetune_epochs}, {distill_epochs}")
+  student_spec = (models.parse_model_spec(distill_student)
+                  if distill_student else None)
+
+  model, variables, config = train.load_run(run_dir)
+  ds = data.load(config["dataset"], validation=config.get("validation", 0.1),
+                 seed=config.get("seed", 0),
+                 normalize=config.get("normalize", "unit"),
+                 nan_policy=config.get("nan_policy", "drop"),
+                 num_classes=config["num_classes"])
+  x, y = ds.x_test, ds.y_test
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  kw = dict(latency=latency, repeats=10)
+  stages = [measure("original", params,
+                    lambda xb: model.apply(variables, xb, train=False), x, y,
+                    dense=True, **kw)]
+
+  if student_spec is not None:
+    name, kwargs = student_spec
+    models.check_input(name, ds.input_shape)
+    student = models.create(name, num_classes=ds.num_classes, **kwargs)
+    teacher = (model, variables)
+    result = distillation.distill(
+        student, [teacher], optax.adam(learning_rate), ds,
+        epochs=distill_epochs, temperature=temperature, alpha=alpha,
+        batch_size=batch_size, seed=seed, progress=progress)
+    model, variables = student, train.variables_of(result.state)
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    record = measure(f"student {distill_student}", params,
+                     lambda xb: model.apply(variables, xb, train=False), x, y,
+                     **kw)
+    record["agreement"] = distillation.agreement(model, variables, *teacher, x)
+    stages.append(record)
+
+  if do_prune:
+    grads = None
+    if prune_method in ("saliency", "taylor"):
+      loss = lambda p, b: train.cross_entropy(
+          model.apply({"params": p, **rest}, b[0], train=False), b[1])
+      grads = pruning.gradient_statistics(loss, params, [
+          (ds.x_train[i:i + batch_size], ds.y_train[i:i + batch_size])
+          for i in range(0, min(len(ds.x_train), 8 * batch_size), batch_size)])
+    params, masks = pruning.prune(
+        params, None if pattern_kind == "n:m" else prune, method=prune_method,
+        scope=prune_scope, pattern=prune_pattern, grads=grads,
+        key=jax.random.key(seed))
+    label = f"pruned {prune_pattern if pattern_kind == 'n:m' else prune}"
+    if finetune_epochs:
+      tx = optax.chain(optax.adam(learning_rate), pruning.keep_masks(masks))
+      state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               model_state=rest, opt_state=tx.init(params),
+                               rng=jax.random.key(seed))
+      result = train.fit(model, tx, ds, epochs=finetune_epochs,
+                         batch_size=batch_size, seed=seed, progress=progress,
+                         state=state)
+      params = result.state.params
+      rest = dict(result.state.model_state)
+      label += f" +{finetune_epochs} ep"
+    pv = {"params": params, **rest}
+    stages.append(measure(label, params,
+                          lambda xb: model.apply(pv, xb, train=False), x, y,
+                          **kw))
+
+  if quantize is not None:
+    bits = QUANTIZE[quantize]
+    qparams = quantization.quantize(params, bits=bits, granularity="channel")
+    desc = models.describe(model) or {}
+    if bits == 8 and desc.get("name") == "mlp":
+      scales = quantization.calibrate(params, [
+          ds.x_train[i:i + 1000] for i in range(0, min(len(ds.x_train), 5000),
+                                                1000)])
+      fn = lambda xb: quantization.int8_mlp_apply(qparams, scales, xb)
+      path = "int8 matmuls"
+    else:
+      qv = {"params": quantization.dequantize(qparams), **rest}
+      fn = lambda xb: model.apply(qv, xb, train=False)
+      path = "dequantized float"
+    record = measure(f"{quantize} ({path})", qparams, fn, x, y, **kw)
+    record["inference"] = path
+    stages.append(record)
+    params = qparams
+
+  payload = compare(stages[0], stages[-1])
+  payload["stages"] = stages
+  payload["dataset"] = ds.name
+  payload["compressed_params"] = params
+  return payload
+

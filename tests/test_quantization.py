@@ -1,0 +1,193 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxaccel import data, models, train
+from jaxaccel.compress import pruning, quantization as q
+from jaxaccel.errors import ConfigError
+
+from conftest import requires_fashion_mnist
+
+
+def make_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(12, 8)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=8) * 0.1, jnp.float32)},
+          "Dense_1": {"kernel": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=3) * 0.1, jnp.float32)}}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric", "pow2"])
+def test_round_trip_error_is_at_most_half_a_step(bits, granularity, scheme):
+  params = make_params()
+  qp = q.quantize(params, bits=bits, granularity=granularity, scheme=scheme)
+  back = q.dequantize(qp)
+  for w, qa, b in zip(jax.tree.leaves(params),
+                      jax.tree.leaves(qp, is_leaf=q.is_qarray),
+                      jax.tree.leaves(back)):
+    assert isinstance(qa, q.QArray) and qa.bits == bits
+    assert np.all(np.abs(np.asarray(w - b)) <= np.asarray(qa.scale) / 2 + 1e-6)
+    if granularity == "channel" and w.ndim == 2:
+      assert qa.scale.shape == (1, w.shape[1])
+    else:
+      assert qa.scale.size == 1
+    if scheme == "pow2":
+      exponent = np.log2(np.asarray(qa.scale))
+      np.testing.assert_array_equal(exponent, np.round(exponent))
+    v = np.asarray(qa.values, np.int32)
+    if scheme == "asymmetric":
+      assert v.min() >= 0 and v.max() <= 2 ** bits - 1
+    else:
+      assert np.abs(v).max() <= 2 ** (bits - 1) - 1
+
+
+def test_symmetric_values_and_pow2_rule_exactly():
+  w = jnp.array([[0.5, -1.0], [0.0, 0.3]])
+  qa = q.quantize_array(w, bits=8, granularity="tensor")
+  np.testing.assert_array_equal(qa.values, np.round(np.asarray(w) / (1.0 / 127)))
+  p2 = q.quantize_array(w, bits=4, granularity="tensor", scheme="pow2")
+  # w_q = round(w / 2^p) * 2^p with 2^p = 1/4: the smallest power covering 1.0/7
+  assert float(p2.scale.ravel()[0]) == 0.25
+  np.testing.assert_array_equal(p2.dequantize(), [[0.5, -1.0], [0.0, 0.25]])
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric", "pow2"])
+def test_pruned_zeros_stay_zero(scheme):
+  pruned, masks = pruning.prune(make_params(), 0.7)
+  back = q.dequantize(q.quantize(pruned, bits=4, scheme=scheme))
+  for b, m in zip(jax.tree.leaves(back), jax.tree.leaves(masks)):
+    assert bool(jnp.all(jnp.where(m, True, b == 0)))
+
+
+def test_sizes_count_the_real_storage():
+  params = make_params()
+  dense = q.size_bytes(params)
+  assert dense == (12 * 8 + 8 + 8 * 3 + 3) * 4
+  q8 = q.quantize(params, bits=8, granularity="tensor")
+  assert q.size_bytes(q8) == (12 * 8 + 8 + 8 * 3 + 3) + 4 * 4
+  q4 = q.quantize(params, bits=4, granularity="channel")
+  assert q.size_bytes(q4) == (48 + 4 + 12 + 2) + (8 + 1 + 3 + 1) * 4
+  qa = q.quantize(params, bits=8, scheme="asymmetric", granularity="tensor")
+  assert q.size_bytes(qa) == (12 * 8 + 8 + 8 * 3 + 3) + 4 * 4 + 4
+
+
+def test_int4_packing_round_trips():
+  qa = q.quantize_array(make_params()["Dense_0"]["kernel"], bits=4)
+  packed = q.pack_int4(qa.values)
+  assert packed.dtype == jnp.uint8 and packed.size == qa.values.size // 2
+  assert packed.size == qa.nbytes - qa.scale.size * 4
+  np.testing.assert_array_equal(q.unpack_int4(packed, qa.shape), qa.values)
+
+
+def test_qarray_is_a_pytree_through_jit():
+  qp = q.quantize(make_params(), bits=8)
+  out = jax.jit(q.dequantize)(qp)
+  jax.tree.map(np.testing.assert_array_equal, out, q.dequantize(qp))
+
+
+@pytest.fixture(scope="module")
+def trained_digits_mlp(digits):
+  model = models.create("mlp", num_classes=10, widths=(32,))
+  result = train.fit(model, optax.adam(3e-3), digits, epochs=3, batch_size=64,
+                     progress=False)
+  return model, result.state.params
+
+
+def test_int8_path_matches_float_inference(digits, trained_digits_mlp):
+  model, params = trained_digits_mlp
+  x = jnp.asarray(digits.x_test)
+  scales = q.calibrate(params, [digits.x_train[:256], digits.x_train[256:512]])
+  qp = q.quantize(params, bits=8, granularity="channel")
+  logits = q.int8_mlp_apply(qp, scales, x)
+  # same roundings in float: equal up to summation order
+  ref = q.fake_int8_mlp_apply(q.dequantize(qp), scales, x)
+  np.testing.assert_allclose(logits, ref, atol=1e-4 * float(jnp.abs(ref).max()))
+  # against the float model: within the quantization error, same answers
+  float_logits = model.apply({"params": params}, x)
+  err = float(jnp.abs(logits - float_logits).max())
+  assert 0 < err < 0.05 * float(jnp.abs(float_logits).max()), err
+  agree = float(jnp.mean(logits.argmax(-1) == float_logits.argmax(-1)))
+  assert agree >= 0.98
+  # the matmuls really are int8 x int8 -> int32
+  jaxpr = str(jax.make_jaxpr(q.int8_mlp_apply)(qp, scales, x[:2]))
+  assert jaxpr.count("dot_general") == 2
+  assert "i8[2,64]" in jaxpr and "preferred_element_type=int32" in jaxpr
+  np.testing.assert_allclose(q.predict_int8(qp, scales, digits.x_test,
+                                            batch_size=100), logits, atol=1e-5)
+
+
+def test_int8_path_uses_only_the_integer_values(digits, trained_digits_mlp):
+  params = jax.tree.map(jnp.array, trained_digits_mlp[1])   # a copy to edit
+  x = jnp.asarray(digits.x_test[:50])
+  scales = q.calibrate(params, [digits.x_train[:256]])
+  qp = q.quantize(params, bits=8)
+  logits = q.int8_mlp_apply(qp, scales, x)
+  # zeroing the float weights changes nothing ...
+  params["Dense_0"]["kernel"] = jnp.zeros_like(params["Dense_0"]["kernel"])
+  np.testing.assert_array_equal(q.int8_mlp_apply(qp, scales, x), logits)
+  # ... zeroing the int8 values does
+  k = qp["Dense_0"]["kernel"]
+  qp["Dense_0"]["kernel"] = q.QArray(jnp.zeros_like(k.values), k.scale, bits=8)
+  changed = q.int8_mlp_apply(qp, scales, x)
+  assert float(jnp.abs(changed - logits).max()) > 0.1
+
+
+def test_quantization_aware_training_trains_through_rounding(digits):
+  model = models.create("mlp", num_classes=10, widths=(32,))
+  qat = q.QuantAwareModel(model, bits=4, granularity="channel")
+  result = train.fit(qat, optax.adam(3e-3), digits, epochs=3, batch_size=64,
+                     progress=False)
+  params = result.state.params
+  acc_qat = train.evaluate(qat, result.state, digits.x_test, digits.y_test)["accuracy"]
+  # the QAT forward pass is exactly the int4-quantized model
+  deq = q.dequantize(q.quantize(params, bits=4, granularity="channel"))
+  acc_int4 = train.evaluate(model, {"params": deq}, digits.x_test,
+                            digits.y_test)["accuracy"]
+  assert acc_int4 == acc_qat and acc_qat > 0.8
+  # straight-through gradient: identity inside the range
+  g = jax.grad(lambda w: jnp.sum(q.fake_quantize(w, bits=4) * 3.0))(
+      make_params()["Dense_0"]["kernel"])
+  np.testing.assert_allclose(g, 3.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: q.quantize(make_params(), bits=3), "unsupported bit width 3"),
+    (lambda: q.quantize(make_params(), bits=16), "unsupported bit width 16"),
+    (lambda: q.quantize(make_params(), granularity="row"), "unknown granularity 'row'"),
+    (lambda: q.quantize(make_params(), scheme="log"), "unknown quantization scheme 'log'"),
+    (lambda: q.quantize({"w": jnp.ones((2, 2)), "n": jnp.arange(3)}),
+     "cannot quantize leaf n: it holds int32"),
+    (lambda: q.fake_quantize(jnp.ones(3), scheme="asymmetric"), "symmetric and pow2"),
+    (lambda: q.calibrate(make_params(), [], bits=8), "no batches"),
+    (lambda: q.int8_mlp_apply({"conv": {}}, [], jnp.ones((1, 3))), "the int8 path runs MLPs"),
+    (lambda: q.int8_mlp_apply(q.quantize(make_params(), bits=4), [1.0, 1.0],
+                              jnp.ones((1, 12))), "needs symmetric int8 kernels"),
+])
+def test_bad_quantization_arguments(call, message):
+  with pytest.raises(ConfigError, match=message):
+    call()
+
+
+@pytest.mark.slow
+@requires_fashion_mnist
+def test_fashion_mnist_int8_ptq_within_a_third_of_a_point():
+  """LeNet-300-100: int8 post-training quantization loses <= 0.3 points and
+  is stored ~4x smaller."""
+  ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
+  model = models.create("mlp", num_classes=10, widths=(300, 100))
+  steps = 10 * (60000 // 128)
+  result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
+                     epochs=10, batch_size=128, progress=False)
+  params = result.state.params
+  before = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
+  scales = q.calibrate(params, [ds.x_train[i:i + 1000] for i in range(0, 5000, 1000)])
+  qp = q.quantize(params, bits=8, granularity="channel")
+  logits = q.predict_int8(qp, scales, ds.x_test)
+  after = float(np.mean(logits.argmax(-1) == ds.y_test))
+  assert after >= before - 0.003, (before, after)
+  # one float32 scale per output channel: 3.98x rather than 4x
+  assert q.size_bytes(params) / q.size_bytes(qp) > 3.95

@@ -1,0 +1,164 @@
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxaccel import cli
+from jaxaccel.compress import pruning, quantization as q, report
+
+COMPRESS_KEYS = {"test_accuracy_before", "test_accuracy_after",
+                 "size_bytes_before", "size_bytes_after", "compression_ratio",
+                 "sparsity", "latency_ms_before", "latency_ms_after"}
+
+
+def brute_force_entries(nonzero, bits):
+  """Walks the array as an encoder would, emitting fillers for long runs
+  (the zeros after the last nonzero need no entries: the size is known)."""
+  entries, run = 0, 0
+  for nz in nonzero[:np.flatnonzero(nonzero)[-1] + 1]:
+    if nz:
+      entries += 1
+      run = 0
+    else:
+      run += 1
+      if run == 2 ** bits:       # the skip field is full: store a zero
+        entries += 1
+        run = 0
+  return entries
+
+
+@pytest.mark.parametrize("density", [0.02, 0.1, 0.5])
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_relative_index_count_matches_an_encoder(density, bits):
+  nonzero = np.random.default_rng(bits).random(3000) < density
+  nonzero[-50:] = False              # trailing zeros cost nothing
+  assert report.relative_index_entries(nonzero, bits) == brute_force_entries(
+      nonzero, bits)
+
+
+def test_encoded_sizes():
+  dense = jnp.asarray(np.random.default_rng(0).normal(size=(40, 20)), jnp.float32)
+  assert report.encoded_bytes(dense) == 800 * 4
+  pruned, _ = pruning.prune({"w": dense}, 0.9)
+  nz = np.asarray(pruned["w"]).ravel() != 0
+  want = min(800 * 4, 100 + 80 * 4, *[
+      -(-report.relative_index_entries(nz, b) * (b + 32) // 8) for b in range(1, 9)])
+  assert report.encoded_bytes(pruned["w"]) == want < 800 * 4 / 5
+  qa = q.quantize_array(pruned["w"], bits=8)
+  want8 = min(800, 100 + 80, *[
+      -(-report.relative_index_entries(nz, b) * (b + 8) // 8) for b in range(1, 9)])
+  assert report.encoded_bytes(qa) == want8 + 20 * 4     # + per-channel scales
+  assert report.sparsity({"w": qa}) == 0.9
+  assert report.dense_bytes({"w": qa}) == 3200
+
+
+def test_pareto_front_and_plot(tmp_path):
+  records = [{"name": n, "size_bytes": s, "accuracy": a}
+             for n, s, a in [("a", 100, 0.9), ("b", 50, 0.85), ("c", 60, 0.8),
+                             ("d", 10, 0.5), ("e", 200, 0.9)]]
+  assert [r["name"] for r in report.pareto_front(records)] == ["d", "b", "a"]
+  report.plot_accuracy_vs_size(records, tmp_path / "p.png")
+  assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def run_cli(capsys, *argv):
+  try:
+    code = cli.main(list(argv))
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("run") / "r"
+  assert cli.main(["train", "--model", "mlp:32", "--epochs", "8",
+                   "--batch-size", "32", "--optimizer", "adam(3e-3)",
+                   "--out", str(out), "--no-progress"]) == 0
+  return out
+
+
+def test_compress_prune_and_int8_json(capsys, trained_run, tmp_path):
+  code, out, err = run_cli(capsys, "compress", "--from", str(trained_run),
+                           "--prune", "0.5", "--finetune-epochs", "2",
+                           "--quantize", "int8", "--json", "--no-progress",
+                           "--out", str(tmp_path / "c"),
+                           "--plot", str(tmp_path / "c.png"))
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert COMPRESS_KEYS <= set(result)
+  assert result["size_bytes_before"] == (64 * 32 + 32 + 32 * 10 + 10) * 4
+  assert result["compression_ratio"] == pytest.approx(
+      result["size_bytes_before"] / result["size_bytes_after"], abs=1e-3)
+  assert result["compression_ratio"] > 4.5          # int8 and half the weights gone
+  assert result["sparsity"] == pytest.approx(0.5, abs=1e-3)
+  assert result["test_accuracy_before"] > 0.9
+  assert result["test_accuracy_after"] > result["test_accuracy_before"] - 0.05
+  assert set(result["latency_ms_after"]) == {"batch_1", "batch_1024"}
+  assert [s["name"] for s in result["stages"]] == [
+      "original", "pruned 0.5 +2 ep", "int8 (int8 matmuls)"]
+  saved = np.load(tmp_path / "c" / "params.npz")
+  assert saved["Dense_0/kernel/values"].dtype == np.int8
+  assert (saved["Dense_0/kernel/values"] == 0).mean() == pytest.approx(0.5, abs=1e-3)
+  assert json.loads((tmp_path / "c" / "report.json").read_text())[
+      "size_bytes_after"] == result["size_bytes_after"]
+  assert (tmp_path / "c.png").is_file()
+
+
+def test_compress_distills_a_student(capsys, trained_run):
+  code, out, err = run_cli(capsys, "compress", "--from", str(trained_run),
+                           "--distill-student", "mlp:8", "--distill-epochs", "20",
+                           "--learning-rate", "0.01",
+                           "--json", "--no-progress")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["size_bytes_after"] == (64 * 8 + 8 + 8 * 10 + 10) * 4
+  student = result["stages"][-1]
+  assert student["name"] == "student mlp:8" and student["agreement"] > 0.8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prune", "1.0"], r"sparsity must lie in \[0, 1\).*got 1.0"),
+    (["--prune", "-0.2"], r"got -0.2"),
+    (["--prune-pattern", "4:2"], "N=4 of every M=2"),
+    (["--prune-pattern", "2:3"], "has 64 inputs per output, which is not divisible by M=3"),
+    (["--prune", "0.5", "--prune-method", "l0"], "unknown pruning method 'l0'"),
+    (["--quantize", "int3"], "unsupported quantization 'int3'"),
+    (["--prune", "0.3", "--prune-pattern", "2:4"], "prunes 0.5 of the weights, but --prune 0.3"),
+    (["--quantize", "int8", "--prune-scope", "all"], "unknown pruning scope 'all'"),
+    (["--prune-pattern", "channel", "--quantize", "int8"],
+     "pattern 'channel' needs a sparsity"),
+    (["--distill-student", "mlp:x"], "model spec 'mlp:x'"),
+    (["--distill-student", "transformer"], "unknown model 'transformer'"),
+    ([], "nothing to do"),
+])
+def test_compress_bad_inputs(capsys, trained_run, args, message):
+  code, out, err = run_cli(capsys, "compress", "--from", str(trained_run),
+                           "--no-progress", *args)
+  assert code == 2
+  assert len(err.strip().splitlines()) == 1
+  import re
+  assert re.search(message, err), err
+
+
+def test_compress_missing_run(capsys, tmp_path):
+  code, _, err = run_cli(capsys, "compress", "--from", str(tmp_path / "none"),
+                         "--quantize", "int8")
+  assert code == 2 and "config.json is missing" in err
+
+
+def test_demo_has_pruning_and_int8_rows(capsys):
+  code, out, _ = run_cli(capsys, "demo", "--epochs", "10", "--no-progress",
+                         "--json")
+  assert code == 0
+  result = json.loads(out.strip().splitlines()[-1])
+  names = [r["model"] for r in result["rows"]]
+  assert names[1:] == ["80% pruned, 5 epochs fine-tuned", "int8 (int8 matmuls)",
+                       "80% pruned + int8"]
+  assert COMPRESS_KEYS - {"latency_ms_before", "latency_ms_after"} <= set(result)
+  assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
+  sizes = [r["size_bytes"] for r in result["rows"]]
+  assert sizes[0] / sizes[2] > 3.5 and sizes[0] / sizes[3] > 8
+  assert min(r["test_accuracy"] for r in result["rows"]) > 0.85
