@@ -62,3 +62,88 @@ def test_none_pmap_and_sharded_give_the_same_parameters(small, name):
     assert_same(got.state.model_state, ref.state.model_state)
     assert got.history[-1]["train_loss"] == pytest.approx(
         ref.history[-1]["train_loss"], rel=1e-5)
+
+
+def spec_of(leaf):
+  return leaf.sharding.spec
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_model_axis_and_fsdp_match_one_device(small, fsdp):
+  model = models.create("mlp", num_classes=10, widths=(32, 16))
+  run = lambda **kw: train.fit(model, optax.adam(1e-3), small, epochs=2,
+                               batch_size=64, progress=False, **kw)
+  ref = run()
+  got = run(parallel="sharded", mesh_shape=(2, 4), fsdp=fsdp)
+  assert_same(got.state.params, ref.state.params)
+  assert_same(got.state.opt_state, ref.state.opt_state)
+  kernel = P("data", "model") if fsdp else P(None, "model")
+  assert spec_of(got.state.params["Dense_0"]["kernel"]) == kernel
+  assert spec_of(got.state.params["Dense_0"]["bias"]) == P("model")
+  # The optimizer's moments follow their parameters.
+  mu = got.state.opt_state[0].mu
+  assert spec_of(mu["Dense_0"]["kernel"]) == kernel
+  # 10 outputs do not split over 4 devices: that kernel keeps whole columns.
+  assert spec_of(got.state.params["Dense_2"]["kernel"]) == (
+      P("data", None) if fsdp else P(None, None))
+
+
+def test_partition_spec_rules_by_path():
+  mesh = parallel.make_mesh((2, 4))
+  rules = parallel.TENSOR_PARALLEL_RULES
+  spec = lambda path, shape, **kw: parallel.partition_spec(
+      path, shape, mesh, rules=rules, **kw)
+  assert spec("params/Dense_1/kernel", (8, 12)) == P(None, "model")
+  assert spec("opt_state/0/nu/Dense_1/kernel", (8, 12)) == P(None, "model")
+  assert spec("params/Dense_1/kernel", (8, 10)) == P(None, None)
+  assert spec("params/Conv_0/kernel", (3, 3, 1, 8)) == P(None, None, None, None)
+  assert spec("params/Conv_0/kernel", (3, 3, 1, 8), fsdp=True) == P(
+      None, None, None, "data")
+  assert spec("step", ()) == P()
+  custom = parallel.partition_spec("params/Conv_0/kernel", (3, 3, 4, 8), mesh,
+                                   rules=[(r"Conv_\d+/kernel$",
+                                           P(None, None, "model", None))])
+  assert custom == P(None, None, "model", None)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="dp"),
+     "unknown parallel mode 'dp': use one of none, pmap, sharded"),
+    (lambda: parallel.make_mesh((16,)),
+     r"asks for 16 devices but only 8 exist"),
+    (lambda: parallel.make_mesh((3, 2)),
+     r"multiplies to 6, not to the 8 devices"),
+    (lambda: parallel.make_mesh((2, 2, 2)), r"must be \(data,\) or \(data, model\)"),
+    (lambda: parallel.parse_mesh("2by4"), "mesh '2by4' is not a shape"),
+    (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="pmap",
+                                  mesh_shape=(2, 4)), "pmap splits over one axis"),
+    (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="pmap",
+                                  mesh_shape=(4,)), r"multiplies to 4, not to the 8"),
+    (lambda: parallel.make_engine(None, optax.sgd(0.1), mesh_shape=(8,)),
+     "need parallel='sharded'"),
+    (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="sharded",
+                                  precision="fp8"), "unknown precision 'fp8'"),
+    (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="sharded"
+                                  ).check_batch(100),
+     "batch size 100 does not split over the 8 devices.*e.g. 96 or 104"),
+    (lambda: parallel.initialize("127.0.0.1:1234", num_processes=2, process_id=2),
+     r"process id 2 is outside 0..1 for 2 processes"),
+    (lambda: parallel.initialize("127.0.0.1:1234", num_processes=0, process_id=0),
+     "num_processes must be at least 1; got 0"),
+    (lambda: parallel.initialize("127.0.0.1:1234"),
+     "needs num_processes and process_id"),
+    (lambda: parallel.initialize(num_processes=2, process_id=0),
+     "need the coordinator's address"),
+    (lambda: parallel.initialize("localhost", num_processes=2, process_id=0),
+     "coordinator 'localhost' is not HOST:PORT"),
+])
+def test_bad_parallel_settings(call, message):
+  with pytest.raises(ConfigError, match=message):
+    call()
+
+
+def test_fit_refuses_a_batch_that_does_not_split(small):
+  model = models.create("mlp", num_classes=10, widths=(8,))
+  with pytest.raises(ConfigError, match="batch size 60 does not split over the 8"):
+    train.fit(model, optax.sgd(0.1), small, epochs=1, batch_size=60,
+              parallel="pmap", progress=False)
