@@ -28,6 +28,8 @@ import collections
 import dataclasses
 import math
 import re
+import socket
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import flax.linen as nn
@@ -110,6 +112,13 @@ def initialize(coordinator: str | None = None, *,
     raise ConfigError(f"process id {process_id} is outside 0..{num_processes - 1} "
                       f"for {num_processes} processes: number the processes "
                       "0, 1, ..., N-1")
+  # The runtime aborts the whole process when it cannot connect, so the
+  # address is checked here first, where a clear error can still be raised.
+  if process_id == 0:
+    _check_can_listen(coordinator, int(port))
+  else:
+    _wait_for_coordinator(coordinator, host.strip("[]"), int(port),
+                          timeout_seconds)
   try:
     jax.distributed.initialize(coordinator_address=coordinator,
                                num_processes=num_processes,
@@ -126,6 +135,33 @@ def initialize(coordinator: str | None = None, *,
     raise ConfigError(f"the run at {coordinator} has {jax.process_count()} "
                       f"processes, but this one was told {num_processes}; "
                       "give every process the same --num-processes")
+
+
+def _check_can_listen(coordinator: str, port: int) -> None:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      sock.bind(("", port))
+    except OSError as e:
+      raise ConfigError(f"process 0 cannot host the coordinator at "
+                        f"{coordinator}: port {port} is not free ({e.strerror}); "
+                        "choose another port") from None
+
+
+def _wait_for_coordinator(coordinator: str, host: str, port: int,
+                          timeout_seconds: float) -> None:
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConfigError(
+            f"cannot reach the coordinator at {coordinator} within "
+            f"{timeout_seconds} s ({e.strerror or e}); start process 0 there "
+            "first, or check the address, the port and the firewall") from None
+      time.sleep(0.25)
 
 
 def is_main_process() -> bool:
