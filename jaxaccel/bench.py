@@ -265,3 +265,136 @@ def format_train_report(report: dict) -> str:
   if "note" in report:
     lines.append(report["note"])
   return "\n".join(lines)
+
+
+# ------------------------------------------------------------ parallel suite
+
+PARALLEL_MODES = ("none", "pmap", "sharded")
+
+
+def time_parallel_fit(model, ds: data.Dataset, steps: int, mode: str, *,
+                      batch_size: int, epochs: int = 3) -> float:
+  """Steps/s of `fit(parallel=mode)` over epochs of `steps` steps."""
+  sub = _subset(ds, steps * batch_size)
+  result = train.fit(model, optax.adam(LEARNING_RATE), sub, epochs=epochs,
+                     batch_size=batch_size, parallel=mode, progress=False)
+  return result.steps_per_second
+
+
+def time_one_device(model, ds: data.Dataset, steps: int, side: str, *,
+                    batch_size: int, epochs: int = 3) -> float:
+  """Steps/s on one device of the plain jitted scan epoch ("jit") or of the
+  sharded engine over a one-device mesh ("sharded_1"): the cost of the
+  sharding machinery itself."""
+  from jaxaccel import parallel
+  sub = _subset(ds, steps * batch_size)
+  tx = optax.adam(LEARNING_RATE)
+  state = jax.tree.map(jnp.array, train.init_state(model, tx, sub.input_shape))
+  if side == "jit":
+    run = train.make_scan_epoch(train.make_train_step(model, tx))
+    x, y = jax.device_put(sub.x_train), jax.device_put(sub.y_train)
+    epoch = lambda state, order: run(state, x, y, order)
+  else:
+    engine = parallel.make_engine(model, tx, mode="sharded",
+                                  devices=jax.devices()[:1])
+    epoch = lambda state, order: engine.run_epoch(
+        state, sub.x_train, sub.y_train, order, use_scan=True)
+  times = []
+  for e in range(epochs):
+    order = train.epoch_order(0, e, steps * batch_size, batch_size)
+    t = time.perf_counter()
+    state, metrics = epoch(state, order)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  return _steps_per_second(steps, times)
+
+
+def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
+                       steps: int | None = None, repeats: int = 3,
+                       batch_size: int | None = None,
+                       progress: bool = True) -> dict:
+  """Steps/s of none / pmap / sharded on the available devices, and the
+  sharded path against plain `jit` on one device, measured side by side.
+
+  The global batch is `BATCH` rounded up to a multiple of the device count.
+  """
+  if dataset == "auto":
+    from jaxaccel.data import fashion_mnist_dir, FASHION_MNIST_FILES
+    have = all((fashion_mnist_dir() / f).is_file()
+               for f in FASHION_MNIST_FILES.values())
+    ds = data.load("fashion_mnist" if have else "digits", validation=0.0)
+  else:
+    ds = data.load(dataset, validation=0.0)
+  n_dev = jax.device_count()
+  batch = batch_size or -(-BATCH // n_dev) * n_dev
+  backend = jax.default_backend()
+  report = {"suite": "parallel", "dataset": ds.name, "batch_size": batch,
+            "optimizer": f"adam(learning_rate={LEARNING_RATE})",
+            "repeats": repeats, "backend": backend, "devices": n_dev,
+            "cpu_count": os.cpu_count(), "models": {}}
+  if backend == "cpu":
+    report["note"] = (
+        "CPU: forced host devices share the same cores, so pmap and sharded "
+        "on them test correctness only; their steps/s say nothing about "
+        "scaling. The one-device overhead figure is meaningful.")
+  sides = [("fit", m) for m in PARALLEL_MODES] + [("one", "jit"),
+                                                  ("one", "sharded_1")]
+  bar = tqdm(total=len(model_names) * repeats * len(sides), desc="bench",
+             disable=not progress, leave=False)
+  for name in model_names:
+    if name not in BENCH_MODELS:
+      from jaxaccel.errors import ConfigError
+      raise ConfigError(f"unknown bench model {name!r}: use "
+                        f"{', '.join(BENCH_MODELS)}")
+    spec = BENCH_MODELS[name]
+    n_steps = min(steps or spec["steps"], len(ds.x_train) // batch)
+    models.check_input(spec["name"], ds.input_shape)
+    model = models.create(spec["name"], num_classes=ds.num_classes,
+                          **spec["kwargs"])
+    runs = {side: [] for _, side in sides}
+    for _ in range(repeats):
+      for kind, side in sides:
+        bar.set_postfix(model=name, side=side)
+        if kind == "fit":
+          runs[side].append(time_parallel_fit(model, ds, n_steps, side,
+                                              batch_size=batch))
+        else:
+          runs[side].append(time_one_device(model, ds, n_steps, side,
+                                            batch_size=batch))
+        bar.update()
+    sps = {s: max(v) for s, v in runs.items()}
+    report["models"][name] = {
+        "steps_per_epoch": n_steps,
+        "steps_per_second": {s: round(v, 2) for s, v in sps.items()},
+        "examples_per_second": {s: round(v * batch, 1) for s, v in sps.items()},
+        "ratio_vs_none": {m: round(sps[m] / sps["none"], 3)
+                          for m in PARALLEL_MODES},
+        "sharded_overhead_one_device": round(1.0 - sps["sharded_1"] / sps["jit"], 4),
+    }
+  bar.close()
+  return report
+
+
+def format_parallel_report(report: dict) -> str:
+  """The parallel suite as a table for people."""
+  head = (f"parallel training, {report['dataset']}, global batch "
+          f"{report['batch_size']}, {report['optimizer']}, {report['backend']} "
+          f"x{report['devices']} ({report['cpu_count']} cores)")
+  sides = list(PARALLEL_MODES) + ["jit", "sharded_1"]
+  header = (["model"] + [f"{s} steps/s" for s in sides]
+            + ["pmap/none", "sharded/none", "sharded overhead, 1 device"])
+  rows = []
+  for name, e in report["models"].items():
+    rows.append([name] + [f"{e['steps_per_second'][s]:.1f}" for s in sides]
+                + [f"{e['ratio_vs_none']['pmap']:.2f}x",
+                   f"{e['ratio_vs_none']['sharded']:.2f}x",
+                   f"{100 * e['sharded_overhead_one_device']:+.1f}%"])
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+  lines = [head, line(header)] + [line(r) for r in rows]
+  lines.append("none/pmap/sharded: fit(parallel=...) on all devices; jit: a "
+               "jitted scan epoch on one device; sharded_1: the sharded engine "
+               "on a one-device mesh (overhead = 1 - sharded_1/jit).")
+  if "note" in report:
+    lines.append(report["note"])
+  return "\n".join(lines)

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="side-by-side throughput against peers")
   common(p)
-  p.add_argument("--suite", choices=("train",), default="train")
+  p.add_argument("--suite", choices=("train", "parallel"), default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
   p.add_argument("--models", default="mlp,cnn", help="comma-separated")
@@ -276,6 +276,12 @@ def cmd_demo(args) -> None:
 
 def cmd_bench(args) -> None:
   from jaxaccel import bench
+  if args.suite == "parallel":
+    report = bench.run_parallel_suite(
+        dataset=args.dataset, model_names=args.models.split(","),
+        steps=args.steps, repeats=args.repeats, progress=not args.no_progress)
+    _emit(args, bench.format_parallel_report(report), report)
+    return
   report = bench.run_train_suite(
       dataset=args.dataset, model_names=args.models.split(","),
       steps=args.steps, repeats=args.repeats, torch_peer=not args.no_torch,

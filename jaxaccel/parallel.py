@@ -197,21 +197,24 @@ def _check_device_count(shape: Sequence[int], available: int, what: str) -> None
                       f"({available // 2 or 1}, {2 if available > 1 else 1})")
 
 
-def make_mesh(mesh_shape: Sequence[int] | None = None) -> Mesh:
+def make_mesh(mesh_shape: Sequence[int] | None = None, *,
+              devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh over all devices: axes ("data",) or ("data", "model").
 
   Args:
     mesh_shape: `(data,)` or `(data, model)`; its sizes must multiply to the
       number of devices. Default: every device on "data".
+    devices: the devices to use (default: all of them).
   """
-  n = jax.device_count()
+  n = len(devices) if devices is not None else jax.device_count()
   shape = tuple(mesh_shape) if mesh_shape is not None else (n,)
   if not 1 <= len(shape) <= 2 or any(int(v) <= 0 for v in shape):
     raise ConfigError(f"mesh shape {shape} must be (data,) or (data, model) "
                       "with positive sizes")
   _check_device_count(shape, n, "mesh shape")
   names = (DATA_AXIS, MODEL_AXIS)[:len(shape)]
-  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
 
 
 # ------------------------------------------------------------ state sharding
@@ -458,8 +461,7 @@ class Engine:
       if self.mode == "none":
         fn = jax.jit(run_epoch, donate_argnums=0)
       elif self.mode == "pmap":
-        fn = jax.pmap(run_epoch, axis_name=DATA_AXIS,
-                      in_axes=(0, None, None, 0), donate_argnums=0)
+        fn = jax.pmap(run_epoch, axis_name=DATA_AXIS, donate_argnums=0)
       else:
         out = (jax.tree.map(lambda a: a.sharding, placed),
                NamedSharding(self.mesh, P()))
@@ -470,10 +472,16 @@ class Engine:
   def _on_devices(self, x: np.ndarray):
     """`x` kept on the devices across epochs (replicated when sharded)."""
     if id(x) not in self._resident:
-      sharding = (NamedSharding(self.mesh, P()) if self.mode == "sharded"
-                  else None)
+      if self.mode == "sharded":
+        placed = jax.device_put(x, NamedSharding(self.mesh, P()))
+      elif self.mode == "pmap":   # one full copy per device
+        n = jax.local_device_count()
+        placed = jax.device_put(np.broadcast_to(x, (n, *x.shape)),
+                                NamedSharding(self._pmap_mesh(), P(DATA_AXIS)))
+      else:
+        placed = jax.device_put(x)
       # x is kept too, so that its id is not reused while the entry lives.
-      self._resident[id(x)] = (x, jax.device_put(x, sharding))
+      self._resident[id(x)] = (x, placed)
     return self._resident[id(x)][1]
 
   def _put_batch(self, x: np.ndarray, y: np.ndarray):
@@ -573,7 +581,8 @@ def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
                 rules: Sequence[tuple[str, P]] | None = None,
                 fsdp: bool = False, loss_fn: Callable = train.cross_entropy,
                 augment: Callable | None = None,
-                skip_nonfinite: bool = True) -> Engine:
+                skip_nonfinite: bool = True,
+                devices: Sequence[Any] | None = None) -> Engine:
   """Checks a parallel set-up and builds the engine that runs it.
 
   Args:
@@ -587,6 +596,7 @@ def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
       `TENSOR_PARALLEL_RULES` when the mesh has a "model" axis.
     fsdp: also split params and optimizer state over "data".
     loss_fn, augment, skip_nonfinite: as in `fit`.
+    devices: for "sharded", the devices of the mesh (default: all).
   """
   if mode not in MODES:
     raise ConfigError(f"unknown parallel mode {mode!r}: use one of "
@@ -616,7 +626,7 @@ def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
     if "axis_name" in getattr(model, "__dataclass_fields__", {}):
       model = model.clone(axis_name=DATA_AXIS)
   else:
-    mesh = make_mesh(mesh_shape)
+    mesh = make_mesh(mesh_shape, devices=devices)
     shards = mesh.shape[DATA_AXIS]
     if rules is None:
       rules = TENSOR_PARALLEL_RULES if MODEL_AXIS in mesh.shape else ()

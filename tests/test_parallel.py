@@ -1,9 +1,6 @@
 import dataclasses
-import os
-import socket
-import subprocess
-import sys
-import time
+import json
+import re
 
 import jax
 import numpy as np
@@ -11,8 +8,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxaccel import data, models, parallel, train
-from jaxaccel.checkpoint import RunDir
+from jaxaccel import bench, models, parallel, train
 from jaxaccel.errors import ConfigError
 
 TINY_MODELS = {
@@ -147,3 +143,60 @@ def test_fit_refuses_a_batch_that_does_not_split(small):
   with pytest.raises(ConfigError, match="batch size 60 does not split over the 8"):
     train.fit(model, optax.sgd(0.1), small, epochs=1, batch_size=60,
               parallel="pmap", progress=False)
+
+
+def run_cli(capsys, *argv):
+  from jaxaccel import cli
+  try:
+    code = cli.main(list(argv))
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_cli_trains_sharded_over_a_mesh_and_predicts(capsys, tmp_path):
+  code, out, err = run_cli(
+      capsys, "train", "--model", "mlp:32", "--epochs", "2", "--batch-size", "64",
+      "--parallel", "sharded", "--mesh", "2x4", "--precision", "bf16",
+      "--out", str(tmp_path / "r"), "--json", "--no-progress")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert (result["devices"], result["processes"]) == (8, 1)
+  assert (result["parallel"], result["precision"]) == ("sharded", "bf16")
+  assert result["test_accuracy"] > 0.5
+  np.save(tmp_path / "x.npy", np.zeros((3, 8, 8), np.float32))
+  code, out, err = run_cli(capsys, "predict", "--run", str(tmp_path / "r"),
+                           "--input", str(tmp_path / "x.npy"), "--json")
+  assert code == 0, err
+  assert json.loads(out.strip().splitlines()[-1])["count"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "3x2", "--parallel", "sharded"], "multiplies to 6, not to the 8"),
+    (["--mesh", "16", "--parallel", "sharded"], "asks for 16 devices but only 8"),
+    (["--parallel", "pmap", "--batch-size", "36"], "batch size 36 does not split"),
+    (["--num-processes", "2", "--process-id", "0"], "need the coordinator's address"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "5"],
+     "process id 5 is outside 0..1"),
+])
+def test_cli_bad_parallel_flags(capsys, tmp_path, argv, message):
+  code, _, err = run_cli(capsys, "train", "--epochs", "1", "--out",
+                         str(tmp_path / "r"), "--no-progress", *argv)
+  assert code == 2
+  assert re.search(message, err), err
+
+
+def test_parallel_bench_suite_reports_consistent_ratios():
+  report = bench.run_parallel_suite(dataset="digits", model_names=["mlp"],
+                                    steps=2, repeats=1, progress=False)
+  assert report["devices"] == 8 and report["batch_size"] == 128
+  entry = report["models"]["mlp"]
+  sps = entry["steps_per_second"]
+  assert set(sps) == {"none", "pmap", "sharded", "jit", "sharded_1"}
+  assert all(v > 0 for v in sps.values())
+  assert entry["ratio_vs_none"]["sharded"] == round(sps["sharded"] / sps["none"], 3)
+  assert entry["sharded_overhead_one_device"] == round(
+      1 - sps["sharded_1"] / sps["jit"], 4)
+  text = bench.format_parallel_report(report)
+  assert "test correctness only" in text
