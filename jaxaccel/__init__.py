@@ -1,6 +1,6 @@
 """jaxaccel: faster training and smaller models in JAX, as pure functions."""
 
-from jaxaccel import data, models, optim
+from jaxaccel import data, models, optim, parallel, precision
 from jaxaccel.data import Dataset, load
 from jaxaccel.errors import (CheckpointError, ConfigError, DataError,
                              JaxaccelError, SpecError)
@@ -15,5 +15,5 @@ __all__ = [
     "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
     "FitResult", "JaxaccelError", "SpecError", "TrainState", "create_model",
     "data", "evaluate", "fit", "init_state", "load", "make_eval_step",
-    "make_train_step", "models", "optim", "predict",
+    "make_train_step", "models", "optim", "parallel", "precision", "predict",
 ]

@@ -200,3 +200,15 @@ def test_parallel_bench_suite_reports_consistent_ratios():
       1 - sps["sharded_1"] / sps["jit"], 4)
   text = bench.format_parallel_report(report)
   assert "test correctness only" in text
+
+
+def test_sharded_run_resumes_to_the_uninterrupted_result(small, tmp_path):
+  model = models.create("mlp", num_classes=10, widths=(16,))
+  run = lambda epochs, out, **kw: train.fit(
+      model, "adam(1e-3)", small, epochs=epochs, batch_size=64, out=out,
+      parallel="sharded", progress=False, **kw)
+  full = run(3, tmp_path / "full")
+  run(2, tmp_path / "part")
+  resumed = run(3, tmp_path / "part", resume=True)
+  assert_same(resumed.state.params, full.state.params, rtol=0, atol=0)
+  assert_same(resumed.state.opt_state, full.state.opt_state, rtol=0, atol=0)
