@@ -292,12 +292,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
 
   With `axis_name` (under `pmap`), gradients, the loss, the accuracy and the
   updated batch-norm statistics are averaged over that axis before the
-  update, so every device applies the same update. When the optimizer state
+  update, so every device applies the same update. Augmentation draws
+  differ per device (the key is folded with the device index), so an
+  augmented pmap run differs from a one-device run by its random draws. When the optimizer state
   comes from `precision.loss_scaled`, the loss is multiplied by its scale and
   the optimizer itself skips overflowing steps.
   """
   def train_step(state: train.TrainState, batch):
     rng, aug_key, dropout_key = jax.random.split(state.rng, 3)
+    if axis_name is not None:   # each device draws for its own rows
+      aug_key = jax.random.fold_in(aug_key, jax.lax.axis_index(axis_name))
     x = augment(aug_key, batch["x"]) if augment is not None else batch["x"]
     scaled = precision_lib.is_loss_scaled(state.opt_state)
 
@@ -383,11 +387,6 @@ class Engine:
   _resident: dict = dataclasses.field(default_factory=dict)
 
   @property
-  def devices(self) -> int:
-    return 1 if self.mode == "none" else (
-        jax.local_device_count() if self.mode == "pmap" else self.mesh.size)
-
-  @property
   def multi_process(self) -> bool:
     return jax.process_count() > 1
 
@@ -422,12 +421,6 @@ class Engine:
       first = jax.local_devices()[0]
       return jax.tree.map(lambda a: jax.device_put(a[0], first), state)
     return state
-
-  def local(self, state):
-    """A copy of a (host-form) state on this process's first device only."""
-    if not self.multi_process or self.mode != "sharded":
-      return state
-    return jax.tree.map(_local_from_global, state)
 
   # ---------------------------------------------------------------- compile
   def _batch_sharding(self):
@@ -561,18 +554,6 @@ def _global_from_host(leaf, sharding: NamedSharding):
     return jax.random.wrap_key_data(data, impl=impl)
   value = np.asarray(leaf)
   return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
-
-
-def _local_from_global(leaf):
-  """The full value of a global array, on this process's first device."""
-  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    impl = jax.random.key_impl(leaf)
-    return jax.random.wrap_key_data(_local_from_global(jax.random.key_data(leaf)),
-                                    impl=impl)
-  if leaf.is_fully_replicated:
-    return jnp.asarray(leaf.addressable_data(0))
-  from jax.experimental import multihost_utils
-  return jnp.asarray(multihost_utils.process_allgather(leaf, tiled=True))
 
 
 def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
