@@ -16,10 +16,18 @@ All three give the same parameters after the same steps (up to float
 rounding): the loss is the mean over the global batch either way.
 
 Examples:
-  >>> from jaxaccel import parallel
-  >>> mesh = parallel.make_mesh((1,))
-  >>> dict(mesh.shape)
-  {'data': 1}
+  >>> import jax, optax
+  >>> from jaxaccel import data, models, parallel, train
+  >>> mesh = parallel.make_mesh()              # every device on "data"
+  >>> mesh.shape["data"] == jax.device_count()
+  True
+  >>> ds = data.load("digits")
+  >>> model = models.create("mlp", num_classes=10, widths=(32,))
+  >>> result = train.fit(model, optax.adam(1e-3), ds, epochs=1,
+  ...                    batch_size=8 * jax.device_count(),
+  ...                    parallel="sharded", progress=False)
+  >>> result.history[0]["steps"] > 0
+  True
 """
 
 from __future__ import annotations
@@ -135,6 +143,20 @@ def initialize(coordinator: str | None = None, *,
     raise ConfigError(f"the run at {coordinator} has {jax.process_count()} "
                       f"processes, but this one was told {num_processes}; "
                       "give every process the same --num-processes")
+  # One small collective: every process must have joined with the same count
+  # before training starts, or this one stops here with a clear message.
+  from jax.experimental import multihost_utils
+  try:
+    counts = multihost_utils.process_allgather(np.int32(num_processes))
+  except Exception as e:
+    raise ConfigError(
+        f"process {process_id} of the run at {coordinator} could not reach "
+        f"all {num_processes} processes ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][-160:]}); one of them stopped or was given "
+        "other settings: give every process the same --num-processes") from None
+  if np.any(np.asarray(counts) != num_processes):
+    raise ConfigError(f"the processes of the run at {coordinator} were told "
+                      f"different --num-processes: {np.asarray(counts).tolist()}")
 
 
 def _check_can_listen(coordinator: str, port: int) -> None:
@@ -486,7 +508,10 @@ class Engine:
       return jax.device_put({"x": split(x), "y": split(y)},
                             NamedSharding(self._pmap_mesh(), P(DATA_AXIS)))
     sharding = self._batch_sharding()
-    lo, hi = _process_rows(sharding, len(x))
+    key = ("rows", len(x))
+    if key not in self._compiled:
+      self._compiled[key] = _process_rows(sharding, len(x))
+    lo, hi = self._compiled[key]
     return {"x": jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape),
             "y": jax.make_array_from_process_local_data(sharding, y[lo:hi], y.shape)}
 

@@ -38,16 +38,18 @@ def launch(args, devices, log):
 
 
 def wait_all(procs, limit):
+  """Waits for every process; kills them all on a hang or an interrupt."""
   deadline = time.monotonic() + limit
   try:
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
   except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    for p in procs:
-      p.wait()
     pytest.fail(f"multi-process run did not finish within {limit} s")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 def last_json(log) -> dict:
@@ -96,3 +98,19 @@ def test_busy_coordinator_port_is_refused():
     with pytest.raises(ConfigError, match=f"cannot host the coordinator at "
                        f"127.0.0.1:{port}: port {port} is not free"):
       parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=0)
+
+
+@pytest.mark.slow
+def test_mismatched_process_counts_stop_both_processes(tmp_path):
+  """Mostly waiting: the survivor gives up after gloo's 30 s deadline."""
+  port = free_port()
+  common = ["--out", str(tmp_path / "r"), "--coordinator", f"127.0.0.1:{port}",
+            "--coordinator-timeout", "20", "--epochs", "1"]
+  procs = [launch([*common, "--num-processes", str(n), "--process-id", str(i)],
+                  2, tmp_path / f"proc{i}.log") for i, n in ((0, 2), (1, 3))]
+  wait_all(procs, 120)
+  logs = [(tmp_path / f"proc{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [2, 2], logs
+  assert f"the run at 127.0.0.1:{port} has 2 processes, but this one was told 3" in logs[1]
+  assert (f"process 0 of the run at 127.0.0.1:{port} could not reach all 2 "
+          "processes") in logs[0]
