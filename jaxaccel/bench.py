@@ -273,11 +273,14 @@ PARALLEL_MODES = ("none", "pmap", "sharded")
 
 
 def time_parallel_fit(model, ds: data.Dataset, steps: int, mode: str, *,
-                      batch_size: int, epochs: int = 3) -> float:
-  """Steps/s of `fit(parallel=mode)` over epochs of `steps` steps."""
+                      batch_size: int, epochs: int = 3,
+                      precision: str = "fp32") -> float:
+  """Steps/s of `fit(parallel=mode, precision=...)` over epochs of `steps`
+  steps."""
   sub = _subset(ds, steps * batch_size)
   result = train.fit(model, optax.adam(LEARNING_RATE), sub, epochs=epochs,
-                     batch_size=batch_size, parallel=mode, progress=False)
+                     batch_size=batch_size, parallel=mode, precision=precision,
+                     progress=False)
   return result.steps_per_second
 
 
@@ -337,8 +340,8 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
         "CPU: forced host devices share the same cores, so pmap and sharded "
         "on them test correctness only; their steps/s say nothing about "
         "scaling. The one-device overhead figure is meaningful.")
-  sides = [("fit", m) for m in PARALLEL_MODES] + [("one", "jit"),
-                                                  ("one", "sharded_1")]
+  sides = ([("fit", m) for m in PARALLEL_MODES] + [("bf16", "none_bf16")]
+           + [("one", "jit"), ("one", "sharded_1")])
   bar = tqdm(total=len(model_names) * repeats * len(sides), desc="bench",
              disable=not progress, leave=False)
   for name in model_names:
@@ -358,6 +361,10 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
         if kind == "fit":
           runs[side].append(time_parallel_fit(model, ds, n_steps, side,
                                               batch_size=batch))
+        elif kind == "bf16":
+          runs[side].append(time_parallel_fit(model, ds, n_steps, "none",
+                                              batch_size=batch,
+                                              precision="bf16"))
         else:
           runs[side].append(time_one_device(model, ds, n_steps, side,
                                             batch_size=batch))
@@ -369,6 +376,7 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
         "examples_per_second": {s: round(v * batch, 1) for s, v in sps.items()},
         "ratio_vs_none": {m: round(sps[m] / sps["none"], 3)
                           for m in PARALLEL_MODES},
+        "bf16_vs_fp32": round(sps["none_bf16"] / sps["none"], 3),
         "sharded_overhead_one_device": round(1.0 - sps["sharded_1"] / sps["jit"], 4),
     }
   bar.close()
@@ -380,21 +388,24 @@ def format_parallel_report(report: dict) -> str:
   head = (f"parallel training, {report['dataset']}, global batch "
           f"{report['batch_size']}, {report['optimizer']}, {report['backend']} "
           f"x{report['devices']} ({report['cpu_count']} cores)")
-  sides = list(PARALLEL_MODES) + ["jit", "sharded_1"]
+  sides = list(PARALLEL_MODES) + ["none_bf16", "jit", "sharded_1"]
   header = (["model"] + [f"{s} steps/s" for s in sides]
-            + ["pmap/none", "sharded/none", "sharded overhead, 1 device"])
+            + ["pmap/none", "sharded/none", "bf16/fp32",
+               "sharded overhead, 1 device"])
   rows = []
   for name, e in report["models"].items():
     rows.append([name] + [f"{e['steps_per_second'][s]:.1f}" for s in sides]
                 + [f"{e['ratio_vs_none']['pmap']:.2f}x",
                    f"{e['ratio_vs_none']['sharded']:.2f}x",
+                   f"{e['bf16_vs_fp32']:.2f}x",
                    f"{100 * e['sharded_overhead_one_device']:+.1f}%"])
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
   lines = [head, line(header)] + [line(r) for r in rows]
-  lines.append("none/pmap/sharded: fit(parallel=...) on all devices; jit: a "
-               "jitted scan epoch on one device; sharded_1: the sharded engine "
-               "on a one-device mesh (overhead = 1 - sharded_1/jit).")
+  lines.append("none/pmap/sharded: fit(parallel=...) on all devices; "
+               "none_bf16: fit(precision='bf16') on one device; jit: a jitted "
+               "scan epoch on one device; sharded_1: the sharded engine on a "
+               "one-device mesh (overhead = 1 - sharded_1/jit).")
   if "note" in report:
     lines.append(report["note"])
   return "\n".join(lines)

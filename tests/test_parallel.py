@@ -193,7 +193,8 @@ def test_parallel_bench_suite_reports_consistent_ratios():
   assert report["devices"] == 8 and report["batch_size"] == 128
   entry = report["models"]["mlp"]
   sps = entry["steps_per_second"]
-  assert set(sps) == {"none", "pmap", "sharded", "jit", "sharded_1"}
+  assert set(sps) == {"none", "pmap", "sharded", "none_bf16", "jit", "sharded_1"}
+  assert entry["bf16_vs_fp32"] == round(sps["none_bf16"] / sps["none"], 3)
   assert all(v > 0 for v in sps.values())
   assert entry["ratio_vs_none"]["sharded"] == round(sps["sharded"] / sps["none"], 3)
   assert entry["sharded_overhead_one_device"] == round(
