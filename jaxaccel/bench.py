@@ -284,32 +284,40 @@ def time_parallel_fit(model, ds: data.Dataset, steps: int, mode: str, *,
   return result.steps_per_second
 
 
-def time_one_device(model, ds: data.Dataset, steps: int, side: str, *,
-                    batch_size: int, epochs: int = 3) -> float:
-  """Steps/s on one device of the plain jitted scan epoch ("jit") or of the
-  sharded engine over a one-device mesh ("sharded_1"): the cost of the
-  sharding machinery itself."""
+def time_one_device(model, ds: data.Dataset, steps: int, *, batch_size: int,
+                    rounds: int = 6) -> dict:
+  """The plain jitted scan epoch ("jit") against the sharded engine over a
+  one-device mesh ("sharded_1"), on one device: the cost of the sharding
+  machinery itself.
+
+  The two run alternately, one epoch each per round, so that load from
+  elsewhere on the machine hits both alike. Returns the best steps/s of each
+  (first round excluded: it compiles) and the median per-round ratio.
+  """
   from jaxaccel import parallel
   sub = _subset(ds, steps * batch_size)
   tx = optax.adam(LEARNING_RATE)
-  state = jax.tree.map(jnp.array, train.init_state(model, tx, sub.input_shape))
-  if side == "jit":
-    run = train.make_scan_epoch(train.make_train_step(model, tx))
-    x, y = jax.device_put(sub.x_train), jax.device_put(sub.y_train)
-    epoch = lambda state, order: run(state, x, y, order)
-  else:
-    engine = parallel.make_engine(model, tx, mode="sharded",
-                                  devices=jax.devices()[:1])
-    epoch = lambda state, order: engine.run_epoch(
-        state, sub.x_train, sub.y_train, order, use_scan=True)
-  times = []
-  for e in range(epochs):
-    order = train.epoch_order(0, e, steps * batch_size, batch_size)
-    t = time.perf_counter()
-    state, metrics = epoch(state, order)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  return _steps_per_second(steps, times)
+  fresh = lambda: jax.tree.map(jnp.array, train.init_state(model, tx,
+                                                          sub.input_shape))
+  run = train.make_scan_epoch(train.make_train_step(model, tx))
+  x, y = jax.device_put(sub.x_train), jax.device_put(sub.y_train)
+  engine = parallel.make_engine(model, tx, mode="sharded",
+                                devices=jax.devices()[:1])
+  epochs = {"jit": lambda state, order: run(state, x, y, order),
+            "sharded_1": lambda state, order: engine.run_epoch(
+                state, sub.x_train, sub.y_train, order, use_scan=True)}
+  states = {side: fresh() for side in epochs}
+  times = {side: [] for side in epochs}
+  for r in range(rounds + 1):
+    order = train.epoch_order(0, r, steps * batch_size, batch_size)
+    for side, epoch in epochs.items():
+      t = time.perf_counter()
+      states[side], metrics = epoch(states[side], order)
+      jax.block_until_ready(metrics)
+      times[side].append(time.perf_counter() - t)
+  ratios = [a / b for a, b in zip(times["jit"][1:], times["sharded_1"][1:])]
+  return {"steps_per_second": {s: steps / min(t[1:]) for s, t in times.items()},
+          "ratio": statistics.median(ratios)}
 
 
 def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
@@ -340,8 +348,8 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
         "CPU: forced host devices share the same cores, so pmap and sharded "
         "on them test correctness only; their steps/s say nothing about "
         "scaling. The one-device overhead figure is meaningful.")
-  sides = ([("fit", m) for m in PARALLEL_MODES] + [("bf16", "none_bf16")]
-           + [("one", "jit"), ("one", "sharded_1")])
+  sides = [("fit", m) for m in PARALLEL_MODES] + [("bf16", "none_bf16"),
+                                                  ("one", "jit and sharded_1")]
   bar = tqdm(total=len(model_names) * repeats * len(sides), desc="bench",
              disable=not progress, leave=False)
   for name in model_names:
@@ -354,7 +362,9 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
     models.check_input(spec["name"], ds.input_shape)
     model = models.create(spec["name"], num_classes=ds.num_classes,
                           **spec["kwargs"])
-    runs = {side: [] for _, side in sides}
+    runs = {side: [] for side in (*PARALLEL_MODES, "none_bf16", "jit",
+                                  "sharded_1")}
+    one_device_ratios = []
     for _ in range(repeats):
       for kind, side in sides:
         bar.set_postfix(model=name, side=side)
@@ -366,8 +376,10 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
                                               batch_size=batch,
                                               precision="bf16"))
         else:
-          runs[side].append(time_one_device(model, ds, n_steps, side,
-                                            batch_size=batch))
+          one = time_one_device(model, ds, n_steps, batch_size=batch)
+          for s, v in one["steps_per_second"].items():
+            runs[s].append(v)
+          one_device_ratios.append(one["ratio"])
         bar.update()
     sps = {s: max(v) for s, v in runs.items()}
     report["models"][name] = {
@@ -377,7 +389,10 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
         "ratio_vs_none": {m: round(sps[m] / sps["none"], 3)
                           for m in PARALLEL_MODES},
         "bf16_vs_fp32": round(sps["none_bf16"] / sps["none"], 3),
-        "sharded_overhead_one_device": round(1.0 - sps["sharded_1"] / sps["jit"], 4),
+        # Per repeat, the median per-epoch speed ratio sharded_1 / jit.
+        "one_device_ratios": [round(r, 4) for r in one_device_ratios],
+        "sharded_overhead_one_device": round(
+            1.0 - statistics.median(one_device_ratios), 4),
     }
   bar.close()
   return report
@@ -405,7 +420,8 @@ def format_parallel_report(report: dict) -> str:
   lines.append("none/pmap/sharded: fit(parallel=...) on all devices; "
                "none_bf16: fit(precision='bf16') on one device; jit: a jitted "
                "scan epoch on one device; sharded_1: the sharded engine on a "
-               "one-device mesh (overhead = 1 - sharded_1/jit).")
+               "one-device mesh, run epoch by epoch alternately with jit "
+               "(overhead: 1 - median per-epoch speed ratio).")
   if "note" in report:
     lines.append(report["note"])
   return "\n".join(lines)
