@@ -215,3 +215,15 @@ def test_sharded_run_resumes_to_the_uninterrupted_result(small, tmp_path):
   resumed = run(3, tmp_path / "part", resume=True)
   assert_same(resumed.state.params, full.state.params, rtol=0, atol=0)
   assert_same(resumed.state.opt_state, full.state.opt_state, rtol=0, atol=0)
+
+
+def test_prefetch_issues_the_next_batch_before_yielding():
+  produced = []
+
+  def batches():
+    for i in range(4):
+      produced.append(i)
+      yield i
+  it = parallel.prefetch(batches(), size=2)
+  assert next(it) == 0 and produced == [0, 1]
+  assert list(it) == [1, 2, 3]
