@@ -1,6 +1,6 @@
 """jaxaccel: faster training and smaller models in JAX, as pure functions."""
 
-from jaxaccel import compress, data, models, optim, sweep
+from jaxaccel import compress, data, models, optim, parallel, precision, sweep
 from jaxaccel.data import Dataset, load
 from jaxaccel.errors import (CheckpointError, ConfigError, DataError,
                              JaxaccelError, SpecError)
@@ -15,6 +15,6 @@ __all__ = [
     "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
     "FitResult", "JaxaccelError", "SpecError", "TrainState", "create_model",
     "data", "evaluate", "fit", "init_state", "load", "make_eval_step",
-    "make_train_step", "models", "optim", "predict", "sweep", "warm_start",
-    "compress",
+    "make_train_step", "models", "optim", "parallel", "precision", "predict",
+    "sweep", "warm_start", "compress",
 ]

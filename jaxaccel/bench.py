@@ -634,4 +634,163 @@ def format_compress_report(r: dict) -> str:
                  f"({c['pruned_80_int8']['loss_points']:+.2f} pt; target <= 1: "
                  f"{yes(c['pruned_80_int8']['loss_points'] <= 1.0)}), "
                  f"{c['pruned_80_int8']['ratio']:.1f}x smaller")
+
+
+# ------------------------------------------------------------ parallel suite
+
+PARALLEL_MODES = ("none", "pmap", "sharded")
+
+
+def time_parallel_fit(model, ds: data.Dataset, steps: int, mode: str, *,
+                      batch_size: int, epochs: int = 3,
+                      precision: str = "fp32") -> float:
+  """Steps/s of `fit(parallel=mode, precision=...)` over epochs of `steps`
+  steps."""
+  sub = _subset(ds, steps * batch_size)
+  result = train.fit(model, optax.adam(LEARNING_RATE), sub, epochs=epochs,
+                     batch_size=batch_size, parallel=mode, precision=precision,
+                     progress=False)
+  return result.steps_per_second
+
+
+def time_one_device(model, ds: data.Dataset, steps: int, *, batch_size: int,
+                    rounds: int = 6) -> dict:
+  """The plain jitted scan epoch ("jit") against the sharded engine over a
+  one-device mesh ("sharded_1"), on one device: the cost of the sharding
+  machinery itself.
+
+  The two run alternately, one epoch each per round, so that load from
+  elsewhere on the machine hits both alike. Returns the best steps/s of each
+  (first round excluded: it compiles) and the median per-round ratio.
+  """
+  from jaxaccel import parallel
+  sub = _subset(ds, steps * batch_size)
+  tx = optax.adam(LEARNING_RATE)
+  fresh = lambda: jax.tree.map(jnp.array, train.init_state(model, tx,
+                                                          sub.input_shape))
+  run = train.make_scan_epoch(train.make_train_step(model, tx))
+  x, y = jax.device_put(sub.x_train), jax.device_put(sub.y_train)
+  engine = parallel.make_engine(model, tx, mode="sharded",
+                                devices=jax.devices()[:1])
+  epochs = {"jit": lambda state, order: run(state, x, y, order),
+            "sharded_1": lambda state, order: engine.run_epoch(
+                state, sub.x_train, sub.y_train, order, use_scan=True)}
+  states = {side: fresh() for side in epochs}
+  times = {side: [] for side in epochs}
+  for r in range(rounds + 1):
+    order = train.epoch_order(0, r, steps * batch_size, batch_size)
+    for side, epoch in epochs.items():
+      t = time.perf_counter()
+      states[side], metrics = epoch(states[side], order)
+      jax.block_until_ready(metrics)
+      times[side].append(time.perf_counter() - t)
+  ratios = [a / b for a, b in zip(times["jit"][1:], times["sharded_1"][1:])]
+  return {"steps_per_second": {s: steps / min(t[1:]) for s, t in times.items()},
+          "ratio": statistics.median(ratios)}
+
+
+def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
+                       steps: int | None = None, repeats: int = 3,
+                       batch_size: int | None = None,
+                       progress: bool = True) -> dict:
+  """Steps/s of none / pmap / sharded on the available devices, and the
+  sharded path against plain `jit` on one device, measured side by side.
+
+  The global batch is `BATCH` rounded up to a multiple of the device count.
+  """
+  if dataset == "auto":
+    from jaxaccel.data import fashion_mnist_dir, FASHION_MNIST_FILES
+    have = all((fashion_mnist_dir() / f).is_file()
+               for f in FASHION_MNIST_FILES.values())
+    ds = data.load("fashion_mnist" if have else "digits", validation=0.0)
+  else:
+    ds = data.load(dataset, validation=0.0)
+  n_dev = jax.device_count()
+  batch = batch_size or -(-BATCH // n_dev) * n_dev
+  backend = jax.default_backend()
+  report = {"suite": "parallel", "dataset": ds.name, "batch_size": batch,
+            "optimizer": f"adam(learning_rate={LEARNING_RATE})",
+            "repeats": repeats, "backend": backend, "devices": n_dev,
+            "cpu_count": os.cpu_count(), "models": {}}
+  if backend == "cpu":
+    report["note"] = (
+        "CPU: forced host devices share the same cores, so pmap and sharded "
+        "on them test correctness only; their steps/s say nothing about "
+        "scaling. The one-device overhead figure is meaningful.")
+  sides = [("fit", m) for m in PARALLEL_MODES] + [("bf16", "none_bf16"),
+                                                  ("one", "jit and sharded_1")]
+  bar = tqdm(total=len(model_names) * repeats * len(sides), desc="bench",
+             disable=not progress, leave=False)
+  for name in model_names:
+    if name not in BENCH_MODELS:
+      from jaxaccel.errors import ConfigError
+      raise ConfigError(f"unknown bench model {name!r}: use "
+                        f"{', '.join(BENCH_MODELS)}")
+    spec = BENCH_MODELS[name]
+    n_steps = min(steps or spec["steps"], len(ds.x_train) // batch)
+    models.check_input(spec["name"], ds.input_shape)
+    model = models.create(spec["name"], num_classes=ds.num_classes,
+                          **spec["kwargs"])
+    runs = {side: [] for side in (*PARALLEL_MODES, "none_bf16", "jit",
+                                  "sharded_1")}
+    one_device_ratios = []
+    for _ in range(repeats):
+      for kind, side in sides:
+        bar.set_postfix(model=name, side=side)
+        if kind == "fit":
+          runs[side].append(time_parallel_fit(model, ds, n_steps, side,
+                                              batch_size=batch))
+        elif kind == "bf16":
+          runs[side].append(time_parallel_fit(model, ds, n_steps, "none",
+                                              batch_size=batch,
+                                              precision="bf16"))
+        else:
+          one = time_one_device(model, ds, n_steps, batch_size=batch)
+          for s, v in one["steps_per_second"].items():
+            runs[s].append(v)
+          one_device_ratios.append(one["ratio"])
+        bar.update()
+    sps = {s: max(v) for s, v in runs.items()}
+    report["models"][name] = {
+        "steps_per_epoch": n_steps,
+        "steps_per_second": {s: round(v, 2) for s, v in sps.items()},
+        "examples_per_second": {s: round(v * batch, 1) for s, v in sps.items()},
+        "ratio_vs_none": {m: round(sps[m] / sps["none"], 3)
+                          for m in PARALLEL_MODES},
+        "bf16_vs_fp32": round(sps["none_bf16"] / sps["none"], 3),
+        # Per repeat, the median per-epoch speed ratio sharded_1 / jit.
+        "one_device_ratios": [round(r, 4) for r in one_device_ratios],
+        "sharded_overhead_one_device": round(
+            1.0 - statistics.median(one_device_ratios), 4),
+    }
+  bar.close()
+  return report
+
+
+def format_parallel_report(report: dict) -> str:
+  """The parallel suite as a table for people."""
+  head = (f"parallel training, {report['dataset']}, global batch "
+          f"{report['batch_size']}, {report['optimizer']}, {report['backend']} "
+          f"x{report['devices']} ({report['cpu_count']} cores)")
+  sides = list(PARALLEL_MODES) + ["none_bf16", "jit", "sharded_1"]
+  header = (["model"] + [f"{s} steps/s" for s in sides]
+            + ["pmap/none", "sharded/none", "bf16/fp32",
+               "sharded overhead, 1 device"])
+  rows = []
+  for name, e in report["models"].items():
+    rows.append([name] + [f"{e['steps_per_second'][s]:.1f}" for s in sides]
+                + [f"{e['ratio_vs_none']['pmap']:.2f}x",
+                   f"{e['ratio_vs_none']['sharded']:.2f}x",
+                   f"{e['bf16_vs_fp32']:.2f}x",
+                   f"{100 * e['sharded_overhead_one_device']:+.1f}%"])
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+  lines = [head, line(header)] + [line(r) for r in rows]
+  lines.append("none/pmap/sharded: fit(parallel=...) on all devices; "
+               "none_bf16: fit(precision='bf16') on one device; jit: a jitted "
+               "scan epoch on one device; sharded_1: the sharded engine on a "
+               "one-device mesh, run epoch by epoch alternately with jit "
+               "(overhead: 1 - median per-epoch speed ratio).")
+  if "note" in report:
+    lines.append(report["note"])
   return "\n".join(lines)

@@ -151,8 +151,14 @@ class RunDir:
     """Restores only params and model state, with no optimizer needed."""
     epoch = self._require_checkpoint()
     try:
+      # Host arrays shaped from the metadata: a run saved from many devices
+      # (or processes) is then readable on any number of devices.
+      meta = ocp.StandardCheckpointer().metadata(
+          (self.path / "checkpoint" / str(epoch) / "state").absolute())
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                            meta.item_metadata)
       out = self.manager.restore(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))
+          state=ocp.args.StandardRestore(target)))
       return {"params": out.state["params"], **out.state["model_state"]}
     except Exception as e:
       raise CheckpointError(

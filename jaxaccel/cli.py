@@ -88,6 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
   p.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its last checkpoint")
+  p.add_argument("--parallel", choices=("none", "pmap", "sharded"),
+                 default="none", help="data parallelism over the devices")
+  p.add_argument("--mesh", help="with --parallel sharded: DATA or DATAxMODEL "
+                 "device mesh, e.g. 8 or 2x4 (dense layers split over MODEL)")
+  p.add_argument("--fsdp", action="store_true",
+                 help="with --parallel sharded: split params and optimizer "
+                      "state over the data axis too")
+  p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                 default="fp32", help="compute dtype; params stay float32")
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="multi-process run: process 0's address, or 'auto' to "
+                      "detect the cluster")
+  p.add_argument("--num-processes", type=_positive_int,
+                 help="multi-process run: how many processes take part")
+  p.add_argument("--process-id", type=int,
+                 help="multi-process run: this process's index, 0..N-1")
+  p.add_argument("--coordinator-timeout", type=_positive_int, default=120,
+                 metavar="SECONDS", help="give up joining after this long")
   p.add_argument("--init-from", metavar="RUN",
                  help="start from a trained run's variables where path and "
                       "shape match (transfer learning; freeze the body with "
@@ -159,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="side-by-side throughput against peers")
   common(p)
-  p.add_argument("--suite", choices=("train", "sweep", "compress"),
+  p.add_argument("--suite", choices=("train", "sweep", "compress", "parallel"),
                  default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
@@ -189,7 +207,12 @@ def _json_default(v):
 
 
 def cmd_train(args) -> None:
-  from jaxaccel import data, models, optim, train
+  from jaxaccel import data, models, optim, parallel, train
+  # Joins the other processes before anything touches a device.
+  parallel.initialize(args.coordinator, num_processes=args.num_processes,
+                      process_id=args.process_id,
+                      timeout_seconds=args.coordinator_timeout)
+  mesh_shape = parallel.parse_mesh(args.mesh) if args.mesh else None
   calls = optim.parse(args.optimizer)            # spec errors before any work
   spec = optim.to_string(calls)
   name, kwargs = models.parse_model_spec(args.model)
@@ -226,8 +249,12 @@ def cmd_train(args) -> None:
                      batch_size=args.batch_size, seed=args.seed, out=out,
                      resume=args.resume, early_stopping=early, augment=augment,
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
-                     config=config, state=state)
+                     config=config, state=state, parallel=args.parallel,
+                     mesh_shape=mesh_shape, precision=args.precision,
+                     fsdp=args.fsdp)
   test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
+  if not parallel.is_main_process():
+    return
   last = result.history[-1] if result.history else {}
   payload = {
       "test_accuracy": test["accuracy"], "test_loss": test["loss"],
@@ -238,7 +265,9 @@ def cmd_train(args) -> None:
       "steps_per_second": round(result.steps_per_second, 2),
       "wall_seconds": round(result.wall_seconds, 3),
       "parameters": models.count_params(result.state.params),
-      "devices": jax.device_count(), "optimizer": spec, "model": args.model,
+      "devices": jax.device_count(), "processes": jax.process_count(),
+      "parallel": args.parallel, "precision": args.precision,
+      "optimizer": spec, "model": args.model,
       "dataset": ds.name, "out": str(out),
   }
   human = (f"{args.model} on {ds.name}: test accuracy {test['accuracy']:.4f}, "
@@ -467,6 +496,12 @@ def cmd_bench(args) -> None:
         dataset=args.dataset, model_names=args.models.split(","),
         progress=not args.no_progress)
     _emit(args, bench.format_compress_report(report), report)
+    return
+  if args.suite == "parallel":
+    report = bench.run_parallel_suite(
+        dataset=args.dataset, model_names=args.models.split(","),
+        steps=args.steps, repeats=args.repeats, progress=not args.no_progress)
+    _emit(args, bench.format_parallel_report(report), report)
     return
   report = bench.run_train_suite(
       dataset=args.dataset, model_names=args.models.split(","),

@@ -114,11 +114,13 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None   # average batch statistics over this axis
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = lambda name: nn.BatchNorm(use_running_average=not train,
-                                     momentum=0.9, dtype=self.dtype, name=name)
+                                     momentum=0.9, dtype=self.dtype,
+                                     axis_name=self.axis_name, name=name)
     y = Conv(self.features, (3, 3), self.strides, use_bias=False,
              dtype=self.dtype)(x)
     y = nn.relu(norm("bn1")(y))
@@ -138,17 +140,20 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
   dtype: jnp.dtype = jnp.float32
+  # Batch statistics are averaged over this named axis (set under pmap).
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     x = x.astype(self.dtype)
     x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)(x))
+                             dtype=self.dtype, axis_name=self.axis_name)(x))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2 ** i, strides, self.dtype)(x, train=train)
+        x = BasicBlock(self.width * 2 ** i, strides, self.dtype,
+                       self.axis_name)(x, train=train)
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
@@ -228,7 +233,7 @@ def describe(model: nn.Module) -> dict | None:
       fields = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
       kwargs = {f: getattr(model, f) for f in sorted(fields)}
       kwargs = {k: list(v) if isinstance(v, (tuple, list)) else v
-                for k, v in kwargs.items() if k != "dtype"}
+                for k, v in kwargs.items() if k not in ("dtype", "axis_name")}
       return {"name": name, "num_classes": model.num_classes, "kwargs": kwargs}
   return None
 

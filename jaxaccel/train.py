@@ -340,7 +340,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
         progress: bool = True, config: dict | None = None,
         state: TrainState | None = None,
         skip_nonfinite: bool = True,
-        teacher: Callable | None = None) -> FitResult:
+        teacher: Callable | None = None, parallel: str = "none",
+        mesh_shape=None, precision: str = "fp32", shard_rules=None,
+        fsdp: bool = False) -> FitResult:
   """Trains `model` with the optax transformation `tx` on `data`.
 
   Args:
@@ -368,6 +370,12 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
       `jaxaccel.compress.distillation`); `loss_fn` then takes
       `(logits, labels, teacher_logits)` and each epoch logs
       `train_agreement`.
+    parallel: "none" (one device), "pmap" or "sharded" (see
+      `jaxaccel.parallel`); the batch must split evenly over the devices.
+    mesh_shape: for "sharded", `(data,)` or `(data, model)`.
+    precision: "fp32", "bf16" or "fp16" (see `jaxaccel.precision`).
+    shard_rules: `(regex, PartitionSpec)` pairs on state paths ("sharded").
+    fsdp: split params and optimizer state over the "data" axis too.
 
   Returns:
     A `FitResult` with the final state and per-epoch history.
@@ -394,6 +402,24 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
                 "input_shape": list(data.input_shape),
                 "num_classes": data.num_classes, **(config or {})}
 
+  engine = None
+  if (parallel, precision, mesh_shape, shard_rules, fsdp) != (
+      "none", "fp32", None, None, False):
+    from jaxaccel import parallel as parallel_lib
+    if teacher is not None:
+      raise ConfigError("distillation (teacher=...) runs on one device in "
+                        "fp32: drop parallel/precision/mesh options for it")
+    engine = parallel_lib.make_engine(
+        model, tx, mode=parallel, mesh_shape=mesh_shape, precision=precision,
+        rules=shard_rules, fsdp=fsdp, loss_fn=loss_fn, augment=augment,
+        skip_nonfinite=skip_nonfinite)
+    engine.check_batch(batch_size)
+    tx = engine.tx
+    run_config.update(parallel=parallel, precision=precision)
+  # In a multi-process run only process 0 prints and writes run files.
+  primary = engine is None or parallel_lib.is_main_process()
+  progress = progress and primary
+
   fresh = state if state is not None else init_state(
       model, tx, data.input_shape, seed=seed)
   start_epoch, best, bad_epochs, history = 0, None, 0, []
@@ -413,6 +439,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     if run.latest_epoch() is not None:
       raise CheckpointError(f"{run.path} already holds a run; pass --resume to "
                             "continue it or choose a new --out")
+  if run is not None and not resume and primary:
     run.write_config(run_config)
     run.write_normalization(**data.stats)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
@@ -424,10 +451,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
   steps = n // batch_size
   use_scan = epoch_mode == "scan" or (
       epoch_mode == "auto" and data.x_train.nbytes < scan_max_bytes)
-  if use_scan:
+  if engine is None and use_scan:
     run_epoch = make_scan_epoch(train_step)
     x_dev, y_dev = jax.device_put(data.x_train), jax.device_put(data.y_train)
-  else:
+  elif engine is None:
     step_fn = jax.jit(train_step, donate_argnums=0)
   # A fresh copy: donation deletes the buffers of the state passed in.
   state = jax.tree.map(jnp.array, state)
@@ -444,7 +471,11 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
   for epoch in bar:
     t0 = time.perf_counter()
     order = epoch_order(seed, epoch, n, batch_size)
-    if use_scan:
+    if engine is not None:
+      state, metrics = engine.run_epoch(
+          state, data.x_train, data.y_train, order, use_scan=use_scan,
+          progress=progress, desc=f"epoch {epoch + 1}")
+    elif use_scan:
       state, metrics = run_epoch(state, x_dev, y_dev, order)
     else:
       order = np.asarray(order)
@@ -483,7 +514,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
       stopped_early = bad_epochs >= early_stopping.patience
     if run is not None:
       # Metrics first: a kill between the two leaves a line that resume drops.
-      run.append_metrics(record)
+      if primary:
+        run.append_metrics(record)
       run.save(epoch + 1, state, {"epoch": epoch + 1, "best": best,
                                   "bad_epochs": bad_epochs})
     if stopped_early:

@@ -131,7 +131,7 @@ def bad_inputs(tmp_path):
       (["train", "--epochs", "0"], "must be a positive integer, got 0"),
       (["train", "--batch-size", "-3"], "must be a positive integer, got -3"),
       (["train", "--batch-size", "ten"], "expected a positive integer, got 'ten'"),
-      (["train", "--parallel", "x"], "unrecognized arguments"),
+      (["train", "--parallel", "x"], "invalid choice: 'x'"),
       (["train", "--optimizer", "adma(1e-3)"], "did you mean 'adam'"),
       (["train", "--optimizer", "__import__('os')"], "unknown function '__import__'"),
       (["train", "--optimizer", "adam(1e-3).__class__"], "not allowed"),

@@ -1,0 +1,643 @@
+"""Devices: meshes, pmap and sharded train steps, multi-process start-up.
+
+This is the only module that knows about devices. `fit(..., parallel=...)`
+hands its epochs to an `Engine` built here:
+
+* "none": one device, `jax.jit`;
+* "pmap": `jax.pmap` over the local devices; each global batch is split
+  along a leading device axis and gradients, batch-norm statistics and
+  metrics are averaged with `lax.pmean` over the named axis "data";
+* "sharded": `jax.jit` over a `Mesh`. The batch is split over the mesh axis
+  "data"; the state is replicated, or split by rules on parameter paths:
+  dense kernels over a second axis "model" (tensor parallelism) and, with
+  `fsdp=True`, every parameter and its optimizer state over "data".
+
+All three give the same parameters after the same steps (up to float
+rounding): the loss is the mean over the global batch either way.
+
+Examples:
+  >>> import jax, optax
+  >>> from jaxaccel import data, models, parallel, train
+  >>> mesh = parallel.make_mesh()              # every device on "data"
+  >>> mesh.shape["data"] == jax.device_count()
+  True
+  >>> ds = data.load("digits")
+  >>> model = models.create("mlp", num_classes=10, widths=(32,))
+  >>> result = train.fit(model, optax.adam(1e-3), ds, epochs=1,
+  ...                    batch_size=8 * jax.device_count(),
+  ...                    parallel="sharded", progress=False)
+  >>> result.history[0]["steps"] > 0
+  True
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+import socket
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from jaxaccel import precision as precision_lib
+from jaxaccel import train
+from jaxaccel.errors import ConfigError
+
+MODES = ("none", "pmap", "sharded")
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+# Block on results this often when stepping one batch at a time: XLA:CPU
+# aborts when too many collective steps are queued without a sync.
+SYNC_EVERY = 8
+
+# Tensor parallelism for flax Dense layers: the output features of every
+# kernel (and bias) split over "model". Matched anywhere in the state, so the
+# optimizer's moments of a kernel follow the kernel.
+TENSOR_PARALLEL_RULES = (
+    (r"Dense_\d+/kernel$", P(None, MODEL_AXIS)),
+    (r"Dense_\d+/bias$", P(MODEL_AXIS)),
+)
+
+
+# ------------------------------------------------------------ multi-process
+
+def initialize(coordinator: str | None = None, *,
+               num_processes: int | None = None,
+               process_id: int | None = None,
+               timeout_seconds: int = 120) -> None:
+  """Joins a multi-process run; call it before anything touches a device.
+
+  Every process runs the same program with the same arguments but its own
+  `process_id`; process 0 also hosts the coordinator at `coordinator`.
+  With `coordinator="auto"` JAX detects the cluster (SLURM, Open MPI, TPU
+  pods, ...) and reads the counts from it.
+
+  Args:
+    coordinator: "HOST:PORT" of process 0, or "auto".
+    num_processes: how many processes take part.
+    process_id: this process's index in [0, num_processes).
+    timeout_seconds: how long to wait for the others before giving up.
+
+  Raises:
+    ConfigError: on inconsistent arguments, or when the coordinator cannot
+      be reached in `timeout_seconds` (the message names the address).
+  """
+  if coordinator is None:
+    if num_processes is not None or process_id is not None:
+      raise ConfigError("num_processes / process_id need the coordinator's "
+                        "address: pass coordinator='HOST:PORT' "
+                        "(--coordinator on the command line)")
+    return
+  if coordinator == "auto":
+    try:
+      jax.distributed.initialize(num_processes=num_processes,
+                                 process_id=process_id,
+                                 initialization_timeout=timeout_seconds)
+    except (RuntimeError, ValueError) as e:
+      raise ConfigError(f"no cluster detected for coordinator='auto' ({e}); "
+                        "pass --coordinator HOST:PORT --num-processes N "
+                        "--process-id I") from None
+    return
+  host, sep, port = coordinator.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"coordinator {coordinator!r} is not HOST:PORT; give "
+                      "e.g. 10.0.0.1:1234 (process 0's address and a free port)")
+  if num_processes is None or process_id is None:
+    raise ConfigError(f"coordinator {coordinator} needs num_processes and "
+                      "process_id (--num-processes N --process-id I)")
+  if num_processes < 1:
+    raise ConfigError(f"num_processes must be at least 1; got {num_processes}")
+  if not 0 <= process_id < num_processes:
+    raise ConfigError(f"process id {process_id} is outside 0..{num_processes - 1} "
+                      f"for {num_processes} processes: number the processes "
+                      "0, 1, ..., N-1")
+  # The runtime aborts the whole process when it cannot connect, so the
+  # address is checked here first, where a clear error can still be raised.
+  if process_id == 0:
+    _check_can_listen(coordinator, int(port))
+  else:
+    _wait_for_coordinator(coordinator, host.strip("[]"), int(port),
+                          timeout_seconds)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=num_processes,
+                               process_id=process_id,
+                               initialization_timeout=timeout_seconds)
+  except Exception as e:   # the runtime raises several types for this
+    raise ConfigError(
+        f"cannot join the run at coordinator {coordinator} within "
+        f"{timeout_seconds} s as process {process_id} of {num_processes} "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); start process "
+        "0 first, check the address and port, and give every process the "
+        "same --num-processes") from None
+  if jax.process_count() != num_processes:
+    raise ConfigError(f"the run at {coordinator} has {jax.process_count()} "
+                      f"processes, but this one was told {num_processes}; "
+                      "give every process the same --num-processes")
+  # One small collective: every process must have joined with the same count
+  # before training starts, or this one stops here with a clear message.
+  from jax.experimental import multihost_utils
+  try:
+    counts = multihost_utils.process_allgather(np.int32(num_processes))
+  except Exception as e:
+    raise ConfigError(
+        f"process {process_id} of the run at {coordinator} could not reach "
+        f"all {num_processes} processes ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][-160:]}); one of them stopped or was given "
+        "other settings: give every process the same --num-processes") from None
+  if np.any(np.asarray(counts) != num_processes):
+    raise ConfigError(f"the processes of the run at {coordinator} were told "
+                      f"different --num-processes: {np.asarray(counts).tolist()}")
+
+
+def _check_can_listen(coordinator: str, port: int) -> None:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      sock.bind(("", port))
+    except OSError as e:
+      raise ConfigError(f"process 0 cannot host the coordinator at "
+                        f"{coordinator}: port {port} is not free ({e.strerror}); "
+                        "choose another port") from None
+
+
+def _wait_for_coordinator(coordinator: str, host: str, port: int,
+                          timeout_seconds: float) -> None:
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConfigError(
+            f"cannot reach the coordinator at {coordinator} within "
+            f"{timeout_seconds} s ({e.strerror or e}); start process 0 there "
+            "first, or check the address, the port and the firewall") from None
+      time.sleep(0.25)
+
+
+def is_main_process() -> bool:
+  """True on the process that prints, logs and writes metrics (process 0)."""
+  return jax.process_index() == 0
+
+
+# --------------------------------------------------------------------- meshes
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+  """Reads the command line's mesh spelling: "8" or "2x4" (data x model)."""
+  try:
+    shape = tuple(int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ConfigError(f"mesh {text!r} is not a shape: give DATA or "
+                      "DATAxMODEL, e.g. 8 or 2x4") from None
+  if not 1 <= len(shape) <= 2 or any(v <= 0 for v in shape):
+    raise ConfigError(f"mesh {text!r} must be one or two positive sizes "
+                      "(data, or data x model), e.g. 8 or 2x4")
+  return shape
+
+
+def _check_device_count(shape: Sequence[int], available: int, what: str) -> None:
+  need = math.prod(shape)
+  if need > available:
+    raise ConfigError(f"{what} {tuple(shape)} asks for {need} devices but only "
+                      f"{available} exist; use a mesh of at most {available} "
+                      "devices")
+  if need != available:
+    raise ConfigError(f"{what} {tuple(shape)} multiplies to {need}, not to the "
+                      f"{available} devices; use a shape whose sizes multiply "
+                      f"to {available}, e.g. ({available},) or "
+                      f"({available // 2 or 1}, {2 if available > 1 else 1})")
+
+
+def make_mesh(mesh_shape: Sequence[int] | None = None, *,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over all devices: axes ("data",) or ("data", "model").
+
+  Args:
+    mesh_shape: `(data,)` or `(data, model)`; its sizes must multiply to the
+      number of devices. Default: every device on "data".
+    devices: the devices to use (default: all of them).
+  """
+  n = len(devices) if devices is not None else jax.device_count()
+  shape = tuple(mesh_shape) if mesh_shape is not None else (n,)
+  if not 1 <= len(shape) <= 2 or any(int(v) <= 0 for v in shape):
+    raise ConfigError(f"mesh shape {shape} must be (data,) or (data, model) "
+                      "with positive sizes")
+  _check_device_count(shape, n, "mesh shape")
+  names = (DATA_AXIS, MODEL_AXIS)[:len(shape)]
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
+
+
+# ------------------------------------------------------------ state sharding
+
+def path_string(path) -> str:
+  """A pytree path as "params/Dense_0/kernel"."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, *,
+                   rules: Sequence[tuple[str, P]] = (),
+                   fsdp: bool = False) -> P:
+  """The PartitionSpec of one leaf of the train state.
+
+  The first rule whose regex is found in `path` gives the spec; a dimension
+  that its mesh axis does not divide stays whole. With `fsdp`, the largest
+  dimension still whole that "data" divides is split over "data".
+  """
+  spec: list[Any] = [None] * len(shape)
+  for pattern, rule in rules:
+    if re.search(pattern, path):
+      for d, axis in enumerate(tuple(rule)[:len(shape)]):
+        if axis is not None and axis in mesh.shape and shape[d] % mesh.shape[axis] == 0:
+          spec[d] = axis
+      break
+  n_data = mesh.shape.get(DATA_AXIS, 1)
+  if fsdp and n_data > 1:
+    free = [d for d in range(len(shape)) if spec[d] is None and shape[d] % n_data == 0]
+    if free:
+      spec[max(free, key=lambda d: shape[d])] = DATA_AXIS
+  return P(*spec)
+
+
+def state_shardings(state, mesh: Mesh, *, rules: Sequence[tuple[str, P]] = (),
+                    fsdp: bool = False):
+  """NamedShardings for every leaf of `state`, from rules on leaf paths."""
+  def one(path, leaf):
+    return NamedSharding(mesh, partition_spec(path_string(path), np.shape(leaf),
+                                              mesh, rules=rules, fsdp=fsdp))
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def describe_shardings(tree) -> list[dict]:
+  """Path, shape and PartitionSpec of every leaf of a placed pytree."""
+  rows = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    rows.append({"path": path_string(path), "shape": tuple(np.shape(leaf)),
+                 "spec": str(spec) if spec is not None else "single device"})
+  return rows
+
+
+# ---------------------------------------------------------------- the step
+
+def _mean_floats(tree, axis_name: str):
+  return jax.tree.map(
+      lambda v: jax.lax.pmean(v, axis_name)
+      if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
+                    loss_fn: Callable = train.cross_entropy,
+                    augment: Callable | None = None,
+                    skip_nonfinite: bool = True,
+                    axis_name: str | None = None):
+  """The train step of `jaxaccel.train.make_train_step`, for many devices.
+
+  With `axis_name` (under `pmap`), gradients, the loss, the accuracy and the
+  updated batch-norm statistics are averaged over that axis before the
+  update, so every device applies the same update. Augmentation draws
+  differ per device (the key is folded with the device index), so an
+  augmented pmap run differs from a one-device run by its random draws. When the optimizer state
+  comes from `precision.loss_scaled`, the loss is multiplied by its scale and
+  the optimizer itself skips overflowing steps.
+  """
+  def train_step(state: train.TrainState, batch):
+    rng, aug_key, dropout_key = jax.random.split(state.rng, 3)
+    if axis_name is not None:   # each device draws for its own rows
+      aug_key = jax.random.fold_in(aug_key, jax.lax.axis_index(axis_name))
+    x = augment(aug_key, batch["x"]) if augment is not None else batch["x"]
+    scaled = precision_lib.is_loss_scaled(state.opt_state)
+
+    def loss_of(params):
+      logits, new_model_state = model.apply(
+          {"params": params, **state.model_state}, x, train=True,
+          mutable=list(state.model_state), rngs={"dropout": dropout_key})
+      loss = loss_fn(logits, batch["y"])
+      scaled_loss = loss * state.opt_state.scale if scaled else loss
+      return scaled_loss, (loss, logits, dict(new_model_state))
+
+    (_, (loss, logits, model_state)), grads = jax.value_and_grad(
+        loss_of, has_aux=True)(state.params)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+    if axis_name is not None:
+      grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
+      model_state = _mean_floats(model_state, axis_name)
+
+    def apply_update(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state, model_state
+
+    def keep(_):
+      return state.params, state.opt_state, dict(state.model_state)
+
+    if scaled:
+      # The loss-scale transformation turns an overflowing step into zero
+      # updates and a smaller scale; batch statistics are kept here.
+      finite = train.all_finite(loss, grads)
+      params, opt_state, _ = apply_update(None)
+      model_state = jax.lax.cond(finite, lambda _: model_state,
+                                 lambda _: dict(state.model_state), None)
+    elif skip_nonfinite:
+      finite = train.all_finite(loss, grads)
+      params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep,
+                                                    None)
+    else:
+      finite = jnp.array(True)
+      params, opt_state, model_state = apply_update(None)
+    new_state = train.TrainState(step=state.step + 1, params=params,
+                                 model_state=model_state, opt_state=opt_state,
+                                 rng=rng)
+    metrics = {"loss": jnp.where(finite, loss, 0.0),
+               "accuracy": jnp.where(finite, accuracy, 0.0),
+               "finite": finite.astype(jnp.float32)}
+    return new_state, metrics
+  return train_step
+
+
+def prefetch(batches: Iterable, size: int = 2) -> Iterator:
+  """Yields from `batches` while keeping `size` of them already issued.
+
+  Transfers to devices are asynchronous, so the next batch is on its way
+  while the current step runs.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(batch)
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+# -------------------------------------------------------------------- engine
+
+@dataclasses.dataclass
+class Engine:
+  """Runs `fit`'s epochs on devices; built by `make_engine`.
+
+  `run_epoch` takes and returns the state in host form (one copy, usable by
+  `evaluate` and checkpoints) and keeps it placed on the devices in between.
+  """
+  mode: str
+  model: nn.Module                       # computing in the policy's dtype
+  tx: optax.GradientTransformation       # wrapped for loss scaling if asked
+  step: Callable                         # the pure step
+  mesh: Mesh | None
+  data_shards: int                       # how many pieces each batch is cut in
+  rules: tuple = ()
+  fsdp: bool = False
+  _compiled: dict = dataclasses.field(default_factory=dict)
+  _resident: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def multi_process(self) -> bool:
+    return jax.process_count() > 1
+
+  def check_batch(self, batch_size: int) -> None:
+    """ConfigError when a global batch does not split evenly over devices."""
+    n = self.data_shards
+    if batch_size % n:
+      lower = batch_size // n * n
+      raise ConfigError(
+          f"batch size {batch_size} does not split over the {n} devices of "
+          f"parallel={self.mode!r}: use a multiple of {n}, e.g. "
+          f"{lower or n} or {lower + n}")
+
+  # -------------------------------------------------------------- placement
+  def place(self, state):
+    """The state on the devices (replicated, or split by the rules)."""
+    if self.mode == "none":
+      return state
+    if self.mode == "pmap":
+      n = jax.local_device_count()
+      sharding = NamedSharding(self._pmap_mesh(), P(DATA_AXIS))
+      return jax.tree.map(lambda a: jax.device_put(
+          jnp.broadcast_to(a, (n, *a.shape)), sharding), state)
+    shardings = state_shardings(state, self.mesh, rules=self.rules, fsdp=self.fsdp)
+    if self.multi_process:
+      return jax.tree.map(_global_from_host, state, shardings)
+    return jax.device_put(state, shardings)
+
+  def host(self, state):
+    """One copy of a placed state, as `evaluate` and checkpoints take it."""
+    if self.mode == "pmap":
+      first = jax.local_devices()[0]
+      return jax.tree.map(lambda a: jax.device_put(a[0], first), state)
+    return state
+
+  # ---------------------------------------------------------------- compile
+  def _batch_sharding(self):
+    return NamedSharding(self.mesh, P(DATA_AXIS))
+
+  def _step_fn(self, placed):
+    if "step" not in self._compiled:
+      if self.mode == "none":
+        fn = jax.jit(self.step, donate_argnums=0)
+      elif self.mode == "pmap":
+        fn = jax.pmap(self.step, axis_name=DATA_AXIS, donate_argnums=0)
+      else:
+        out = (jax.tree.map(lambda a: a.sharding, placed),
+               NamedSharding(self.mesh, P()))
+        fn = jax.jit(self.step, out_shardings=out, donate_argnums=0)
+      self._compiled["step"] = fn
+    return self._compiled["step"]
+
+  def _epoch_fn(self, placed):
+    if "epoch" not in self._compiled:
+      batch_sharding = self._batch_sharding() if self.mode == "sharded" else None
+
+      def run_epoch(state, x, y, order):
+        def body(state, idx):
+          batch = {"x": x[idx], "y": y[idx]}
+          if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+          return self.step(state, batch)
+        return jax.lax.scan(body, state, order)
+
+      if self.mode == "none":
+        fn = jax.jit(run_epoch, donate_argnums=0)
+      elif self.mode == "pmap":
+        fn = jax.pmap(run_epoch, axis_name=DATA_AXIS, donate_argnums=0)
+      else:
+        out = (jax.tree.map(lambda a: a.sharding, placed),
+               NamedSharding(self.mesh, P()))
+        fn = jax.jit(run_epoch, out_shardings=out, donate_argnums=0)
+      self._compiled["epoch"] = fn
+    return self._compiled["epoch"]
+
+  def _on_devices(self, x: np.ndarray):
+    """`x` kept on the devices across epochs (replicated when sharded)."""
+    if id(x) not in self._resident:
+      if self.mode == "sharded":
+        placed = jax.device_put(x, NamedSharding(self.mesh, P()))
+      elif self.mode == "pmap":   # one full copy per device
+        n = jax.local_device_count()
+        placed = jax.device_put(np.broadcast_to(x, (n, *x.shape)),
+                                NamedSharding(self._pmap_mesh(), P(DATA_AXIS)))
+      else:
+        placed = jax.device_put(x)
+      # x is kept too, so that its id is not reused while the entry lives.
+      self._resident[id(x)] = (x, placed)
+    return self._resident[id(x)][1]
+
+  def _put_batch(self, x: np.ndarray, y: np.ndarray):
+    if self.mode == "none":
+      return jax.device_put({"x": x, "y": y})
+    if self.mode == "pmap":
+      n = jax.local_device_count()
+      split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
+      return jax.device_put({"x": split(x), "y": split(y)},
+                            NamedSharding(self._pmap_mesh(), P(DATA_AXIS)))
+    sharding = self._batch_sharding()
+    key = ("rows", len(x))
+    if key not in self._compiled:
+      self._compiled[key] = _process_rows(sharding, len(x))
+    lo, hi = self._compiled[key]
+    return {"x": jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape),
+            "y": jax.make_array_from_process_local_data(sharding, y[lo:hi], y.shape)}
+
+  def _pmap_mesh(self) -> Mesh:
+    if "pmap_mesh" not in self._compiled:
+      self._compiled["pmap_mesh"] = Mesh(np.array(jax.local_devices()),
+                                         (DATA_AXIS,))
+    return self._compiled["pmap_mesh"]
+
+  def scan_supported(self) -> bool:
+    """Whole-epoch scans need the data on every device of one process."""
+    return not self.multi_process
+
+  # ------------------------------------------------------------------- run
+  def run_epoch(self, state, x: np.ndarray, y: np.ndarray, order, *,
+                use_scan: bool, progress: bool = False, desc: str = "epoch"):
+    """Trains one epoch over the batches `order` (steps, batch_size).
+
+    Returns the state in host form and the metrics of every step.
+    """
+    placed = self.place(state)
+    if use_scan and self.scan_supported():
+      run = self._epoch_fn(placed)
+      if self.mode == "pmap":
+        n = jax.local_device_count()
+        steps, batch = order.shape
+        order = jnp.transpose(order.reshape(steps, n, batch // n), (1, 0, 2))
+      elif self.mode == "sharded":
+        order = jax.device_put(order, NamedSharding(self.mesh, P(None, DATA_AXIS)))
+      placed, metrics = run(placed, self._on_devices(x), self._on_devices(y), order)
+      if self.mode == "pmap":
+        metrics = jax.tree.map(lambda m: m[0], metrics)
+      return self.host(placed), metrics
+    step = self._step_fn(placed)
+    order = np.asarray(order)
+    batches = (self._put_batch(x[idx], y[idx]) for idx in order)
+    collected = []
+    for i, batch in enumerate(tqdm(prefetch(batches), total=len(order),
+                                   desc=desc, leave=False, disable=not progress)):
+      placed, m = step(placed, batch)
+      collected.append(m)
+      if (i + 1) % SYNC_EVERY == 0:
+        jax.block_until_ready(m)
+    metrics = {k: np.stack([np.asarray(m[k]) for m in collected])
+               for k in collected[0]}
+    if self.mode == "pmap":
+      metrics = {k: v[:, 0] for k, v in metrics.items()}
+    return self.host(placed), metrics
+
+
+def _process_rows(sharding: NamedSharding, rows: int) -> tuple[int, int]:
+  """The rows of a batch split by `sharding` that this process holds."""
+  index_map = sharding.addressable_devices_indices_map((rows,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  return min(starts), max(stops)
+
+
+def _global_from_host(leaf, sharding: NamedSharding):
+  """A global array from a value every process holds in full."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    impl = jax.random.key_impl(leaf)
+    data = _global_from_host(jax.random.key_data(leaf), NamedSharding(
+        sharding.mesh, P(*sharding.spec, None)))
+    return jax.random.wrap_key_data(data, impl=impl)
+  value = np.asarray(leaf)
+  return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+
+
+def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
+                mode: str = "none", mesh_shape: Sequence[int] | None = None,
+                precision: str = "fp32",
+                rules: Sequence[tuple[str, P]] | None = None,
+                fsdp: bool = False, loss_fn: Callable = train.cross_entropy,
+                augment: Callable | None = None,
+                skip_nonfinite: bool = True,
+                devices: Sequence[Any] | None = None) -> Engine:
+  """Checks a parallel set-up and builds the engine that runs it.
+
+  Args:
+    model: the flax model (computing in float32; the policy may recast it).
+    tx: the optimizer.
+    mode: "none", "pmap" or "sharded".
+    mesh_shape: for "sharded", `(data,)` or `(data, model)`; default every
+      device on "data". For "pmap", `(n,)` with n the local device count.
+    precision: "fp32", "bf16" or "fp16" (see `jaxaccel.precision`).
+    rules: `(regex, PartitionSpec)` pairs on state paths; default
+      `TENSOR_PARALLEL_RULES` when the mesh has a "model" axis.
+    fsdp: also split params and optimizer state over "data".
+    loss_fn, augment, skip_nonfinite: as in `fit`.
+    devices: for "sharded", the devices of the mesh (default: all).
+  """
+  if mode not in MODES:
+    raise ConfigError(f"unknown parallel mode {mode!r}: use one of "
+                      f"{', '.join(MODES)}")
+  policy = precision_lib.get_policy(precision)
+  mesh, axis_name = None, None
+  if mode == "none":
+    if mesh_shape is not None or fsdp or rules:
+      raise ConfigError("a mesh, sharding rules and fsdp need "
+                        "parallel='sharded'; got parallel='none'")
+    shards = 1
+  elif mode == "pmap":
+    if fsdp or rules:
+      raise ConfigError("sharding rules and fsdp need parallel='sharded'; "
+                        "pmap replicates the state")
+    if jax.process_count() > 1:
+      raise ConfigError("parallel='pmap' runs within one process; use "
+                        "parallel='sharded' for a multi-process run")
+    n = jax.local_device_count()
+    if mesh_shape is not None:
+      if len(tuple(mesh_shape)) != 1:
+        raise ConfigError(f"pmap splits over one axis; mesh shape "
+                          f"{tuple(mesh_shape)} has {len(tuple(mesh_shape))}: "
+                          "use parallel='sharded' for a data x model mesh")
+      _check_device_count(mesh_shape, n, "pmap over")
+    shards, axis_name = n, DATA_AXIS
+    if "axis_name" in getattr(model, "__dataclass_fields__", {}):
+      model = model.clone(axis_name=DATA_AXIS)
+  else:
+    mesh = make_mesh(mesh_shape, devices=devices)
+    shards = mesh.shape[DATA_AXIS]
+    if rules is None:
+      rules = TENSOR_PARALLEL_RULES if MODEL_AXIS in mesh.shape else ()
+  model, tx = precision_lib.apply_policy(model, tx, policy)
+  step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
+                         skip_nonfinite=skip_nonfinite, axis_name=axis_name)
+  return Engine(mode=mode, model=model, tx=tx, step=step, mesh=mesh,
+                data_shards=shards, rules=tuple(rules or ()), fsdp=fsdp)

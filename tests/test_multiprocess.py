@@ -1,0 +1,116 @@
+"""Two processes with two CPU devices each against one process with four."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxaccel import parallel
+from jaxaccel.checkpoint import RunDir
+from jaxaccel.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIME_LIMIT = 240   # seconds for the whole launch; a hang fails the test
+TRAIN = ["train", "--dataset", "digits", "--model", "mlp:32", "--epochs", "2",
+         "--batch-size", "64", "--parallel", "sharded", "--no-progress", "--json"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(args, devices, log):
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", *TRAIN, *args],
+                          env=env, stdout=open(log, "w"),
+                          stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_all(procs, limit):
+  """Waits for every process; kills them all on a hang or an interrupt."""
+  deadline = time.monotonic() + limit
+  try:
+    for p in procs:
+      p.wait(timeout=max(deadline - time.monotonic(), 1))
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"multi-process run did not finish within {limit} s")
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def last_json(log) -> dict:
+  return json.loads(pathlib.Path(log).read_text().strip().splitlines()[-1])
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  port = free_port()
+  two, one = tmp_path / "two", tmp_path / "one"
+  procs = [launch(["--out", str(two), "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", "2", "--process-id", str(i)], 2,
+                  tmp_path / f"proc{i}.log") for i in range(2)]
+  procs.append(launch(["--out", str(one)], 4, tmp_path / "single.log"))
+  wait_all(procs, TIME_LIMIT)
+  logs = {name: (tmp_path / f"{name}.log").read_text()
+          for name in ("proc0", "proc1", "single")}
+  assert [p.returncode for p in procs] == [0, 0, 0], logs
+  multi, single = last_json(tmp_path / "proc0.log"), last_json(tmp_path / "single.log")
+  assert (multi["processes"], multi["devices"]) == (2, 4)
+  assert (single["processes"], single["devices"]) == (1, 4)
+  assert multi["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+  assert multi["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+  # Only process 0 prints and writes metrics.
+  assert "test accuracy" not in logs["proc1"] and "{" not in logs["proc1"]
+  assert [r["epoch"] for r in RunDir(two).read_metrics()] == [1, 2]
+  # The checkpoint is written once and a one-process run reads it.
+  got, want = RunDir(two).restore_variables(), RunDir(one).restore_variables()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got, want)
+
+
+def test_unreachable_coordinator_fails_in_bounded_time():
+  address = f"127.0.0.1:{free_port()}"
+  t0 = time.monotonic()
+  with pytest.raises(ConfigError, match=f"cannot reach the coordinator at {address}"):
+    parallel.initialize(address, num_processes=2, process_id=1,
+                        timeout_seconds=1)
+  assert time.monotonic() - t0 < 30
+
+
+def test_busy_coordinator_port_is_refused():
+  with socket.socket() as s:
+    s.bind(("", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"cannot host the coordinator at "
+                       f"127.0.0.1:{port}: port {port} is not free"):
+      parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=0)
+
+
+@pytest.mark.slow
+def test_mismatched_process_counts_stop_both_processes(tmp_path):
+  """Mostly waiting: the survivor gives up after gloo's 30 s deadline."""
+  port = free_port()
+  common = ["--out", str(tmp_path / "r"), "--coordinator", f"127.0.0.1:{port}",
+            "--coordinator-timeout", "20", "--epochs", "1"]
+  procs = [launch([*common, "--num-processes", str(n), "--process-id", str(i)],
+                  2, tmp_path / f"proc{i}.log") for i, n in ((0, 2), (1, 3))]
+  wait_all(procs, 120)
+  logs = [(tmp_path / f"proc{i}.log").read_text() for i in range(2)]
+  assert [p.returncode for p in procs] == [2, 2], logs
+  assert f"the run at 127.0.0.1:{port} has 2 processes, but this one was told 3" in logs[1]
+  assert (f"process 0 of the run at 127.0.0.1:{port} could not reach all 2 "
+          "processes") in logs[0]
