@@ -64,21 +64,27 @@ class _Family:
   states: train.TrainState
 
 
-def _make_epoch(train_step):
-  def run_epoch(states, x, y, orders):
+def _make_epoch(model: nn.Module, train_step):
+  """One compiled program per epoch for all configurations: each one's
+  training scan over its batch order, and its count of correct validation
+  answers."""
+  eval_step = train.make_eval_step(model)
+
+  def run_epoch(states, orders, x, y, val_batches):
     def one(state, order):
-      return jax.lax.scan(
+      state, _ = jax.lax.scan(
           lambda s, idx: train_step(s, {"x": x[idx], "y": y[idx]}), state, order)
+      variables = train.variables_of(state)
+      correct = jax.lax.map(lambda b: eval_step(variables, b)["correct"],
+                            val_batches)
+      return state, jnp.sum(correct)
     return jax.vmap(one)(states, orders)
   return jax.jit(run_epoch, donate_argnums=0)
 
 
-def _make_accuracy(model: nn.Module):
-  step = train.make_eval_step(model)
-
-  def correct(params, model_state, batch):
-    return step({"params": params, **model_state}, batch)["correct"]
-  return jax.jit(jax.vmap(correct, in_axes=(0, 0, None)))
+def _stacked_val_batches(data: Dataset) -> dict:
+  batches = list(train.eval_batches(data.x_val, data.y_val, 1024))
+  return {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def configurations(grid: dict | None, seeds: Sequence[int]) -> list[tuple[dict, int]]:
@@ -132,13 +138,6 @@ def _init_family(model, index, spec, configs, data) -> _Family:
   return _Family(index=index, tx=tx, entries=entries, states=states)
 
 
-def _val_accuracy(accuracy_fn, states, data: Dataset) -> np.ndarray:
-  correct = 0.0
-  for batch in train.eval_batches(data.x_val, data.y_val, 1024):
-    correct = correct + accuracy_fn(states.params, states.model_state, batch)
-  return np.asarray(correct) / len(data.x_val)
-
-
 def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
           grid: dict | None = None, seeds: Sequence[int] = (0,),
           batch_size: int = 128, halving_every: int | None = None,
@@ -181,8 +180,8 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
               for i, spec in enumerate(specs)]
   x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
   n = len(data.x_train)
-  accuracy_fn = _make_accuracy(model)
-  programs = {f.index: _make_epoch(train.make_train_step(model, f.tx))
+  val_batches = _stacked_val_batches(data)
+  programs = {f.index: _make_epoch(model, train.make_train_step(model, f.tx))
               for f in families}
   finished, epoch_seconds = [], []
   bar = tqdm(range(epochs), desc=f"sweep ({len(specs) * len(configs)} configs)",
@@ -193,8 +192,8 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
       by_seed = {seed: train.epoch_order(seed, epoch, n, batch_size)
                  for seed in dict.fromkeys(e["seed"] for e in f.entries)}
       orders = jnp.stack([by_seed[e["seed"]] for e in f.entries])
-      f.states, _ = programs[f.index](f.states, x, y, orders)
-      for e, acc in zip(f.entries, _val_accuracy(accuracy_fn, f.states, data)):
+      f.states, correct = programs[f.index](f.states, orders, x, y, val_batches)
+      for e, acc in zip(f.entries, np.asarray(correct) / len(data.x_val)):
         e["val_accuracy_history"].append(float(acc))
         e["val_accuracy"], e["epochs"] = float(acc), epoch + 1
     epoch_seconds.append(time.perf_counter() - t0)
