@@ -37,6 +37,18 @@ BENCH_MODELS = {
 }
 
 
+def bench_model(name: str, ds: data.Dataset):
+  """A benchmark model by name, checked against the data: (model, steps)."""
+  if name not in BENCH_MODELS:
+    from jaxaccel.errors import ConfigError
+    raise ConfigError(f"unknown bench model {name!r}: use "
+                      f"{', '.join(BENCH_MODELS)}")
+  spec = BENCH_MODELS[name]
+  models.check_input(spec["name"], ds.input_shape)
+  return (models.create(spec["name"], num_classes=ds.num_classes,
+                        **spec["kwargs"]), spec["steps"])
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
   """This machine's float32 matmul rate through XLA: the practical peak."""
   a = jnp.ones((n, n), jnp.float32)
@@ -195,15 +207,8 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   total = len(model_names) * repeats * len(sides)
   bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
   for name in model_names:
-    if name not in BENCH_MODELS:
-      from jaxaccel.errors import ConfigError
-      raise ConfigError(f"unknown bench model {name!r}: use "
-                        f"{', '.join(BENCH_MODELS)}")
-    spec = BENCH_MODELS[name]
-    n_steps = min(steps or spec["steps"], len(ds.x_train) // BATCH)
-    models.check_input(spec["name"], ds.input_shape)
-    model = models.create(spec["name"], num_classes=ds.num_classes,
-                          **spec["kwargs"])
+    model, default_steps = bench_model(name, ds)
+    n_steps = min(steps or default_steps, len(ds.x_train) // BATCH)
     runs = {s: [] for s in sides}
     for _ in range(repeats):
       for side in sides:
@@ -722,15 +727,8 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
   bar = tqdm(total=len(model_names) * repeats * len(sides), desc="bench",
              disable=not progress, leave=False)
   for name in model_names:
-    if name not in BENCH_MODELS:
-      from jaxaccel.errors import ConfigError
-      raise ConfigError(f"unknown bench model {name!r}: use "
-                        f"{', '.join(BENCH_MODELS)}")
-    spec = BENCH_MODELS[name]
-    n_steps = min(steps or spec["steps"], len(ds.x_train) // batch)
-    models.check_input(spec["name"], ds.input_shape)
-    model = models.create(spec["name"], num_classes=ds.num_classes,
-                          **spec["kwargs"])
+    model, default_steps = bench_model(name, ds)
+    n_steps = min(steps or default_steps, len(ds.x_train) // batch)
     runs = {side: [] for side in (*PARALLEL_MODES, "none_bf16", "jit",
                                   "sharded_1")}
     one_device_ratios = []

@@ -48,3 +48,36 @@ def tiny_npz(tmp_path):
   path = tmp_path / "tiny.npz"
   np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
   return path
+
+
+def run_cli(capsys, *argv):
+  """Runs `jaxaccel ARGV` in this process: (exit code, stdout, stderr)."""
+  from jaxaccel import cli
+  try:
+    code = cli.main(list(argv))
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def last_json(out: str) -> dict:
+  """The JSON object on the last line of a command's stdout."""
+  import json
+  return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def fashion_lenet():
+  """LeNet-300-100 trained 10 epochs on standardized Fashion-MNIST (Adam,
+  cosine decay from 1e-3, batch 128): (model, data, train state), shared by
+  the slow real-data tests."""
+  if not fashion_mnist_available():
+    pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+  from jaxaccel import models, train
+  ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
+  model = models.create("mlp", num_classes=10, widths=(300, 100))
+  steps = 10 * (60000 // 128)
+  result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
+                     epochs=10, batch_size=128, progress=False)
+  return model, ds, result.state

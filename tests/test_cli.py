@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,21 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxaccel import cli
 from jaxaccel.checkpoint import RunDir
 
-
-def run_cli(capsys, *argv):
-  try:
-    code = cli.main(list(argv))
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
-
-
-def last_json(out: str) -> dict:
-  return json.loads(out.strip().splitlines()[-1])
+from conftest import last_json, run_cli
 
 
 TRAIN_KEYS = {"test_accuracy", "train_loss", "epochs", "steps_per_second",

@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 from jaxaccel import bench, models, parallel, train
 from jaxaccel.errors import ConfigError
 
+from conftest import run_cli
+
 TINY_MODELS = {
     "mlp": dict(widths=(32,)),
     "cnn": dict(features=(4, 8), hidden=16),
@@ -143,16 +145,6 @@ def test_fit_refuses_a_batch_that_does_not_split(small):
   with pytest.raises(ConfigError, match="batch size 60 does not split over the 8"):
     train.fit(model, optax.sgd(0.1), small, epochs=1, batch_size=60,
               parallel="pmap", progress=False)
-
-
-def run_cli(capsys, *argv):
-  from jaxaccel import cli
-  try:
-    code = cli.main(list(argv))
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 def test_cli_trains_sharded_over_a_mesh_and_predicts(capsys, tmp_path):

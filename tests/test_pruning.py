@@ -5,7 +5,7 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxaccel import data, models, train
+from jaxaccel import models, train
 from jaxaccel.compress import pruning
 from jaxaccel.errors import ConfigError
 
@@ -254,21 +254,17 @@ def test_prune_then_fine_tune_with_masks_in_fit(digits):
 
 @pytest.mark.slow
 @requires_fashion_mnist
-def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point():
+def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point(fashion_lenet):
   """LeNet-300-100: 90% of the weights pruned, <= 0.5 pt loss after fine-tuning."""
-  ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
-  model = models.create("mlp", num_classes=10, widths=(300, 100))
-  steps = 10 * (60000 // 128)
-  result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
-                     epochs=10, batch_size=128, progress=False)
-  before = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
+  model, ds, trained = fashion_lenet
+  before = train.evaluate(model, trained, ds.x_test, ds.y_test)["accuracy"]
   # Gradual global pruning to 90% during the first half of fine-tuning.
   steps = 10 * (60000 // 128)
   tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, steps)),
                    pruning.prune_gradually(0.9, begin_step=0,
                                            end_step=steps // 2, every=100,
                                            scope="global"))
-  state = result.state._replace(opt_state=tx.init(result.state.params))
+  state = trained._replace(opt_state=tx.init(trained.params))
   tuned = train.fit(model, tx, ds, epochs=10, batch_size=128, progress=False,
                     state=state)
   after = train.evaluate(model, tuned.state, ds.x_test, ds.y_test)["accuracy"]

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import data, models, train
+from jaxaccel import models, train
 from jaxaccel.compress import pruning, quantization as q
 from jaxaccel.errors import ConfigError
 
@@ -174,16 +174,12 @@ def test_bad_quantization_arguments(call, message):
 
 @pytest.mark.slow
 @requires_fashion_mnist
-def test_fashion_mnist_int8_ptq_within_a_third_of_a_point():
+def test_fashion_mnist_int8_ptq_within_a_third_of_a_point(fashion_lenet):
   """LeNet-300-100: int8 post-training quantization loses <= 0.3 points and
   is stored ~4x smaller."""
-  ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
-  model = models.create("mlp", num_classes=10, widths=(300, 100))
-  steps = 10 * (60000 // 128)
-  result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
-                     epochs=10, batch_size=128, progress=False)
-  params = result.state.params
-  before = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
+  model, ds, trained = fashion_lenet
+  params = trained.params
+  before = train.evaluate(model, trained, ds.x_test, ds.y_test)["accuracy"]
   scales = q.calibrate(params, [ds.x_train[i:i + 1000] for i in range(0, 5000, 1000)])
   qp = q.quantize(params, bits=8, granularity="channel")
   logits = q.predict_int8(qp, scales, ds.x_test)

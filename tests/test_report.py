@@ -7,6 +7,8 @@ import pytest
 from jaxaccel import cli
 from jaxaccel.compress import pruning, quantization as q, report
 
+from conftest import run_cli
+
 COMPRESS_KEYS = {"test_accuracy_before", "test_accuracy_after",
                  "size_bytes_before", "size_bytes_after", "compression_ratio",
                  "sparsity", "latency_ms_before", "latency_ms_after"}
@@ -60,15 +62,6 @@ def test_pareto_front_and_plot(tmp_path):
   assert [r["name"] for r in report.pareto_front(records)] == ["d", "b", "a"]
   report.plot_accuracy_vs_size(records, tmp_path / "p.png")
   assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def run_cli(capsys, *argv):
-  try:
-    code = cli.main(list(argv))
-  except SystemExit as e:
-    code = e.code
-  out, err = capsys.readouterr()
-  return code, out, err
 
 
 @pytest.fixture(scope="module")
