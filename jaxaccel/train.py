@@ -332,6 +332,13 @@ def _check_data(model: nn.Module, data: Dataset, batch_size: int) -> None:
                       "nan_policy='drop' or 'impute'")
 
 
+def _describe_tx(tx) -> str:
+  """A process-independent name for a transformation built in Python: its
+  repr holds function addresses, which differ in every process, so resume
+  relies on the checkpoint's state structure and shapes instead."""
+  return f"optax transformation built in Python ({type(tx).__name__})"
+
+
 def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
         data: Dataset, *, epochs: int, batch_size: int = 128, seed: int = 0,
         out=None, resume: bool = False, early_stopping: EarlyStopping | None = None,
@@ -396,7 +403,7 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
                       "(--out on the command line)")
 
   run = RunDir(out) if out is not None else None
-  run_config = {"model": repr(model), "model_spec": models.describe(model), "optimizer": spec or repr(tx),
+  run_config = {"model": repr(model), "model_spec": models.describe(model), "optimizer": spec or _describe_tx(tx),
                 "dataset": data.name, "epochs": epochs,
                 "batch_size": batch_size, "seed": seed,
                 "input_shape": list(data.input_shape),

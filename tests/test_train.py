@@ -273,3 +273,20 @@ def test_fashion_mnist_cnn_reaches_the_bar():
                      epochs=5, batch_size=128, progress=False)
   acc = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
   assert acc >= 0.916, acc
+
+
+def test_a_python_built_chain_resumes_in_a_new_process(digits, tmp_path):
+  # Function addresses differ per process, so a fresh but identical chain
+  # must be accepted; the optimizer state's structure is checked on restore.
+  make = lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+  full = train.fit(small_mlp(), make(), digits, epochs=3, progress=False,
+                   out=tmp_path / "a")
+  train.fit(small_mlp(), make(), digits, epochs=2, progress=False,
+            out=tmp_path / "b")
+  resumed = train.fit(small_mlp(), make(), digits, epochs=3, progress=False,
+                      out=tmp_path / "b", resume=True)
+  jax.tree.map(np.testing.assert_array_equal, full.state.params,
+               resumed.state.params)
+  with pytest.raises(CheckpointError):
+    train.fit(small_mlp(), optax.sgd(0.1), digits, epochs=4, progress=False,
+              out=tmp_path / "b", resume=True)
