@@ -395,6 +395,8 @@ def format_sweep_report(report: dict) -> str:
       f"{report['best_val_accuracy']['vmapped']:.4f}, sequential "
       f"{report['best_val_accuracy']['sequential']:.4f}",
   ])
+
+
 # ------------------------------------------------------------ compress suite
 
 def _interleaved_ms(sides: dict, repeats: int = 30) -> dict:
@@ -639,6 +641,7 @@ def format_compress_report(r: dict) -> str:
                  f"({c['pruned_80_int8']['loss_points']:+.2f} pt; target <= 1: "
                  f"{yes(c['pruned_80_int8']['loss_points'] <= 1.0)}), "
                  f"{c['pruned_80_int8']['ratio']:.1f}x smaller")
+  return "\n".join(lines)
 
 
 # ------------------------------------------------------------ parallel suite

@@ -36,6 +36,16 @@ def _positive_int(text: str) -> int:
   return value
 
 
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+  return value
+
+
 def _fraction(text: str) -> float:
   try:
     value = float(text)
@@ -127,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=_positive_int, default=128)
   p.add_argument("--halving-every", type=_positive_int, metavar="EPOCHS",
                  help="successive halving: keep the better half every EPOCHS")
-  p.add_argument("--sequential-sample", type=int, default=2, metavar="N",
+  p.add_argument("--sequential-sample", type=_non_negative_int, default=2,
+                 metavar="N",
                  help="configs timed one after another with fit to estimate "
                       "the sequential time (0: skip)")
   p.add_argument("--batch-sizes", metavar="B1,B2",
@@ -240,8 +251,10 @@ def cmd_train(args) -> None:
     _, source, _ = train.load_run(args.init_from)
     variables, copied = train.warm_start(model, source, ds.input_shape,
                                          seed=args.seed)
-    state = train.init_state(model, optim.build(calls), ds.input_shape,
-                             seed=args.seed, variables=variables)
+    from jaxaccel import precision
+    _, tx = precision.apply_policy(model, optim.build(calls), args.precision)
+    state = train.init_state(model, tx, ds.input_shape, seed=args.seed,
+                             variables=variables)
     config["init_from"] = {"run": args.init_from, "copied": copied}
     if not args.no_progress:
       print(f"warm start from {args.init_from}: copied {', '.join(copied)}")

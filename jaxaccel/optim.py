@@ -55,26 +55,33 @@ def path_mask(pattern: str) -> Callable[[PyTree], PyTree]:
     >>> mask({"Dense_0": {"kernel": 1.0, "bias": 0.0}})
     {'Dense_0': {'bias': False, 'kernel': True}}
   """
+  negate, regex = _compile_pattern(pattern)
+
+  def mask_fn(params):
+    matched = jax.tree_util.tree_map_with_path(
+        lambda path, _: regex.search(param_path(path)) is not None, params)
+    hits = jax.tree.leaves(matched)
+    if not any(hits) or (negate and all(hits)):
+      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+      listed = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+      what = ("matches no parameter" if not any(hits)
+              else "excludes every parameter")
+      raise SpecError(f"parameter pattern {pattern!r} {what}; the parameter "
+                      f"paths are: {listed}")
+    return jax.tree.map(lambda m: m != negate, matched)
+  return mask_fn
+
+
+def _compile_pattern(pattern) -> tuple[bool, re.Pattern]:
+  """(negated?, regex) of a parameter pattern such as 'kernel' or '!bias'."""
   if not isinstance(pattern, str):
     raise SpecError(f"a parameter pattern is a string such as 'kernel' or "
                     f"'!bias'; got {pattern!r}")
   negate = pattern.startswith("!")
   try:
-    regex = re.compile(pattern[1:] if negate else pattern)
+    return negate, re.compile(pattern[1:] if negate else pattern)
   except re.error as e:
     raise SpecError(f"bad parameter pattern {pattern!r}: {e}") from None
-
-  def mask_fn(params):
-    matched = jax.tree_util.tree_map_with_path(
-        lambda path, _: regex.search(param_path(path)) is not None, params)
-    if not any(jax.tree.leaves(matched)) or all(jax.tree.leaves(matched)) and negate:
-      paths = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-      listed = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-      what = "matches no parameter" if not negate else "excludes every parameter"
-      raise SpecError(f"parameter pattern {pattern!r} {what}; the parameter "
-                      f"paths are: {listed}")
-    return jax.tree.map(lambda m: m != negate, matched)
-  return mask_fn
 
 
 def _as_mask(mask):
@@ -124,14 +131,14 @@ def scale_group(pattern: str, factor: float) -> optax.GradientTransformation:
 
 def param_groups(groups: dict, default) -> optax.GradientTransformation:
   """One transformation (or spec) per parameter group, chosen by the first
-  path pattern that matches; params matching none use `default`. Params of
+  path pattern (as in `path_mask`) that matches; params matching none use `default`. Params of
   a group get optimizer state only from their own transformation.
 
   Examples:
     >>> tx = param_groups({"Dense_2": "adam(1e-2)"}, default="sgd(0.1)")
   """
   patterns = list(groups)
-  regexes = [re.compile(p) for p in patterns]
+  compiled = [_compile_pattern(p) for p in patterns]
   as_tx = lambda t: build(t) if isinstance(t, (str, list, dict)) else t
   transforms = {str(i): as_tx(t) for i, t in enumerate(groups.values())}
   transforms["default"] = as_tx(default)
@@ -139,8 +146,8 @@ def param_groups(groups: dict, default) -> optax.GradientTransformation:
   def labels(params):
     def label(path, _):
       name = param_path(path)
-      return next((str(i) for i, r in enumerate(regexes) if r.search(name)),
-                  "default")
+      return next((str(i) for i, (negate, r) in enumerate(compiled)
+                   if (r.search(name) is None) == negate), "default")
     tree = jax.tree_util.tree_map_with_path(label, params)
     used = set(jax.tree.leaves(tree))
     unused = [p for i, p in enumerate(patterns) if str(i) not in used]
@@ -241,8 +248,9 @@ def _injected_states(opt_state):
 def hyperparams(opt_state: PyTree) -> dict[str, jax.Array]:
   """The hyperparameters held as array leaves of `opt_state`.
 
-  Keys are the argument names (`learning_rate`, ...), suffixed `_1`, `_2`
-  when several transformations of a chain share one; `lr_scale` is the
+  Keys are the argument names (`learning_rate`, ...), suffixed `_0`, `_1`,
+  ... (the position among the chain's transformations holding
+  hyperparameters) when several of them share one; `lr_scale` is the
   factor of a `reduce_on_plateau`. Values follow schedules: each is the one
   used by the last update.
   """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import pathlib
 import math
 import time
 from typing import Sequence
@@ -135,6 +136,9 @@ def _init_family(model, index, spec, configs, data) -> _Family:
     return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             model_state=variables, opt_state=opt_state, rng=rng)
   states = jax.jit(jax.vmap(init_one))(variables, rngs, values)
+  if optim.has_plateau(states.opt_state):
+    raise SpecError("reduce_on_plateau needs fit's per-run validation loss; "
+                    "sweep the chain without it")
   return _Family(index=index, tx=tx, entries=entries, states=states)
 
 
@@ -161,7 +165,7 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
       another as a user would (each compiles), and extrapolate.
     progress: show a progress bar.
   """
-  if isinstance(specs, (str, dict)):
+  if isinstance(specs, (str, dict, pathlib.Path)):
     specs = [specs]
   if not specs:
     raise SpecError("sweep needs at least one optimizer spec")
@@ -172,6 +176,8 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
     raise ConfigError(f"epochs must be positive; got {epochs}")
   if halving_every is not None and halving_every <= 0:
     raise ConfigError(f"halving_every must be positive; got {halving_every}")
+  if sequential_sample < 0:
+    raise ConfigError(f"sequential_sample must be >= 0; got {sequential_sample}")
   train._check_data(model, data, batch_size)
   configs = configurations(grid, seeds)
 
@@ -330,8 +336,8 @@ def accuracy_table(result: SweepResult) -> tuple[list, list, np.ndarray]:
   row_of = lambda e: e["hyperparams"][names[0]] if names else e["spec"]
   if len(names) >= 2:
     col_of = lambda e: e["hyperparams"][names[1]]
-  else:
-    col_of = lambda e: e["spec"].split("(")[0] if names else "seed mean"
+  else:   # one name: a column per optimizer family
+    col_of = lambda e: _family_label(e, entries) if names else "seed mean"
   rows = list(dict.fromkeys(row_of(e) for e in entries))
   cols = list(dict.fromkeys(col_of(e) for e in entries))
   table = np.full((len(rows), len(cols)), np.nan)
@@ -342,6 +348,15 @@ def accuracy_table(result: SweepResult) -> tuple[list, list, np.ndarray]:
       if accs:
         table[i, j] = np.mean(accs)
   return rows, cols, table
+
+
+def _family_label(entry: dict, entries: list[dict]) -> str:
+  """The family's last call name, or its whole spec when names collide."""
+  last = lambda e: e["spec"].split(" | ")[-1].split("(")[0]
+  firsts = {e["family"]: e for e in entries}
+  if len({last(e) for e in firsts.values()}) == len(firsts):
+    return last(entry)
+  return firsts[entry["family"]]["spec"]
 
 
 def plot_sweep(result: SweepResult, ax=None):

@@ -77,8 +77,7 @@ def warm_start(model: nn.Module, source: dict, input_shape, *,
   Returns:
     (variables, the paths copied from `source`).
   """
-  fresh = model.init(jax.random.key(seed),
-                     jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  fresh, _ = init_variables(model, input_shape, seed=seed)
   flat_source = {jax.tree_util.keystr(p): v
                  for p, v in jax.tree_util.tree_leaves_with_path(source)}
   copied = []
@@ -422,6 +421,12 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
         skip_nonfinite=skip_nonfinite)
     engine.check_batch(batch_size)
     tx = engine.tx
+    if state is not None and jax.tree.structure(state.opt_state) != (
+        jax.tree.structure(jax.eval_shape(tx.init, state.params))):
+      raise ConfigError(
+          "the given state's optimizer state does not fit the transformation "
+          f"fit runs with precision={precision!r}; build it with the "
+          "optimizer of precision.apply_policy(model, tx, precision)")
     run_config.update(parallel=parallel, precision=precision)
   # In a multi-process run only process 0 prints and writes run files.
   primary = engine is None or parallel_lib.is_main_process()

@@ -290,3 +290,16 @@ def test_reduce_on_plateau_scales_after_patience_epochs():
 def test_more_spec_errors(spec, message):
   with pytest.raises(SpecError, match=message):
     optim.build(spec)
+
+
+def test_pattern_errors_name_what_failed():
+  with pytest.raises(SpecError, match="'!biass' matches no parameter"):
+    optim.path_mask("!biass")(NET)
+  with pytest.raises(SpecError, match="bad parameter pattern '\\['"):
+    optim.param_groups({"[": "adam(1e-2)"}, default="sgd(0.1)")
+  tx = optim.param_groups({"!Dense_0": "sgd(0.5)"}, default="sgd(0.1)")
+  updates, _ = tx.update(NET_GRADS, tx.init(NET), NET)
+  np.testing.assert_allclose(updates["Dense_1"]["kernel"],
+                             -0.5 * NET_GRADS["Dense_1"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(updates["Dense_0"]["kernel"],
+                             -0.1 * NET_GRADS["Dense_0"]["kernel"], rtol=1e-6)

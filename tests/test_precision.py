@@ -98,3 +98,18 @@ def test_fashion_mnist_bf16_matches_fp32():
     acc[name] = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
   assert acc["fp32"] > 0.87, acc
   assert abs(acc["bf16"] - acc["fp32"]) <= 0.005, acc
+
+
+def test_fit_refuses_a_state_built_without_loss_scaling(digits):
+  from jaxaccel import optim
+  model = models.create("mlp", num_classes=10, widths=(8,))
+  state = train.init_state(model, optim.build("sgd(0.1)"), digits.input_shape)
+  with pytest.raises(ConfigError, match="precision='fp16'.*apply_policy"):
+    train.fit(model, "sgd(0.1)", digits, epochs=1, precision="fp16",
+              state=state, progress=False)
+  _, tx = precision.apply_policy(model, optim.build("sgd(0.1)"), "fp16")
+  state = train.init_state(model, tx, digits.input_shape)
+  result = train.fit(model, "sgd(0.1)", digits, epochs=1, precision="fp16",
+                     state=state, progress=False)
+  assert result.history[0]["steps"] == len(digits.x_train) // 128
+  assert np.isfinite(result.history[0]["train_loss"])

@@ -49,6 +49,10 @@ def test_successive_halving_across_optimizer_families(digits):
   assert {id(r) for r in after_one[:2]} == {id(r) for r in out.results
                                             if r["epochs"] > 1}
   assert out.best["epochs"] == 3
+  # The heat map has one column per family, labelled by its optimizer.
+  rows, cols, table = sweep.accuracy_table(out)
+  assert rows == [1e-3, 1e-2] and cols == ["sgd", "adam"]
+  assert table[1, 1] == [r["val_accuracy"] for r in out.results][3]
 
 
 def test_sweep_errors(digits):
@@ -62,6 +66,12 @@ def test_sweep_errors(digits):
                                "y_val": digits.y_val[:0]})
   with pytest.raises(ConfigError, match="validation > 0"):
     sweep.sweep(small_mlp(), "adam(1e-3)", no_val, epochs=1, progress=False)
+  with pytest.raises(SpecError, match="reduce_on_plateau needs fit"):
+    sweep.sweep(small_mlp(), "adam(1e-3) | reduce_on_plateau()", digits,
+                epochs=1, progress=False)
+  with pytest.raises(ConfigError, match="sequential_sample must be >= 0"):
+    sweep.sweep(small_mlp(), "adam(1e-3)", digits, epochs=1, progress=False,
+                sequential_sample=-1)
 
 
 def test_batch_size_search_scales_the_learning_rate(digits):
