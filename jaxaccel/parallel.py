@@ -48,7 +48,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jaxaccel import precision as precision_lib
+from jaxaccel import optim, precision as precision_lib
 from jaxaccel import train
 from jaxaccel.errors import ConfigError
 
@@ -241,19 +241,6 @@ def make_mesh(mesh_shape: Sequence[int] | None = None, *,
 
 # ------------------------------------------------------------ state sharding
 
-def path_string(path) -> str:
-  """A pytree path as "params/Dense_0/kernel"."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def partition_spec(path: str, shape: Sequence[int], mesh: Mesh, *,
                    rules: Sequence[tuple[str, P]] = (),
                    fsdp: bool = False) -> P:
@@ -282,7 +269,7 @@ def state_shardings(state, mesh: Mesh, *, rules: Sequence[tuple[str, P]] = (),
                     fsdp: bool = False):
   """NamedShardings for every leaf of `state`, from rules on leaf paths."""
   def one(path, leaf):
-    return NamedSharding(mesh, partition_spec(path_string(path), np.shape(leaf),
+    return NamedSharding(mesh, partition_spec(optim.param_path(path), np.shape(leaf),
                                               mesh, rules=rules, fsdp=fsdp))
   return jax.tree_util.tree_map_with_path(one, state)
 
@@ -292,7 +279,7 @@ def describe_shardings(tree) -> list[dict]:
   rows = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     spec = getattr(getattr(leaf, "sharding", None), "spec", None)
-    rows.append({"path": path_string(path), "shape": tuple(np.shape(leaf)),
+    rows.append({"path": optim.param_path(path), "shape": tuple(np.shape(leaf)),
                  "spec": str(spec) if spec is not None else "single device"})
   return rows
 
