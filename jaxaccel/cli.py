@@ -242,7 +242,8 @@ def cmd_train(args) -> None:
       f"{pathlib.Path(args.dataset).stem}")
   early = (train.EarlyStopping(patience=args.early_stopping)
            if args.early_stopping else None)
-  config = {"command": "train", "normalize": args.normalize,
+  config = {"command": "train", "data": args.dataset,
+            "data_dir": args.data_dir, "normalize": args.normalize,
             "validation": args.validation, "nan_policy": args.nan_policy,
             "augment": args.augment, "model_name": args.model}
   import jax

@@ -155,3 +155,13 @@ def test_demo_has_pruning_and_int8_rows(capsys):
   sizes = [r["size_bytes"] for r in result["rows"]]
   assert sizes[0] / sizes[2] > 3.5 and sizes[0] / sizes[3] > 8
   assert min(r["test_accuracy"] for r in result["rows"]) > 0.85
+
+
+def test_compress_a_run_trained_on_an_npz_file(capsys, tiny_npz, tmp_path):
+  assert run_cli(capsys, "train", "--dataset", str(tiny_npz), "--model", "mlp:16",
+                 "--epochs", "3", "--out", str(tmp_path / "r"), "--no-progress")[0] == 0
+  code, out, err = run_cli(capsys, "compress", "--from", str(tmp_path / "r"),
+                           "--prune", "0.5", "--json", "--no-progress")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -305,7 +305,10 @@ def compress_run(run_dir, *, prune: float | None = None,
                   if distill_student else None)
 
   model, variables, config = train.load_run(run_dir)
-  ds = data.load(config["dataset"], validation=config.get("validation", 0.1),
+  # The command line records how it named the data (a path for .npz).
+  ds = data.load(config.get("data", config["dataset"]),
+                 data_dir=config.get("data_dir"),
+                 validation=config.get("validation", 0.1),
                  seed=config.get("seed", 0),
                  normalize=config.get("normalize", "unit"),
                  nan_policy=config.get("nan_policy", "drop"),
