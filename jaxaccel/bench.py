@@ -243,6 +243,13 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   return report
 
 
+def _aligned(header: list, rows: list) -> list[str]:
+  """Right-aligned table lines: the header, then one per row."""
+  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+  line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+  return [line(header)] + [line(r) for r in rows]
+
+
 def format_train_report(report: dict) -> str:
   """The train suite as a table for people."""
   sides = (["jaxaccel", "jaxaccel_unguarded", "plain_jax"]
@@ -261,9 +268,7 @@ def format_train_report(report: dict) -> str:
                 + ([f"{e['ratio_vs_torch']:.2f}x"] if report["torch"] else [])
                 + [f"{e['achieved_gflops']:.1f}",
                    f"{100 * e['fraction_of_matmul_peak']:.0f}%"])
-  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-  line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
-  lines = [head, line(header)] + [line(r) for r in rows]
+  lines = [head] + _aligned(header, rows)
   lines.append("jaxaccel: fit with its default guard that skips non-finite "
                "steps; jaxaccel_unguarded: fit(skip_nonfinite=False). Ratios "
                "use the guarded figure.")
@@ -784,9 +789,7 @@ def format_parallel_report(report: dict) -> str:
                    f"{e['ratio_vs_none']['sharded']:.2f}x",
                    f"{e['bf16_vs_fp32']:.2f}x",
                    f"{100 * e['sharded_overhead_one_device']:+.1f}%"])
-  widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-  line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
-  lines = [head, line(header)] + [line(r) for r in rows]
+  lines = [head] + _aligned(header, rows)
   lines.append("none/pmap/sharded: fit(parallel=...) on all devices; "
                "none_bf16: fit(precision='bf16') on one device; jit: a jitted "
                "scan epoch on one device; sharded_1: the sharded engine on a "
