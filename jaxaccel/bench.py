@@ -37,6 +37,16 @@ BENCH_MODELS = {
 }
 
 
+def bench_data(dataset: str, *, normalize: str = "unit") -> data.Dataset:
+  """The benchmark data: "auto" is Fashion-MNIST, or digits when absent."""
+  if dataset != "auto":
+    return data.load(dataset, validation=0.0, normalize=normalize)
+  try:
+    return data.load("fashion_mnist", validation=0.0, normalize=normalize)
+  except data.DataError:
+    return data.load("digits", validation=0.0, normalize=normalize)
+
+
 def bench_model(name: str, ds: data.Dataset):
   """A benchmark model by name, checked against the data: (model, steps)."""
   if name not in BENCH_MODELS:
@@ -184,13 +194,7 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   Each side runs `repeats` times, interleaved, and keeps its best: the
   machine is shared, so the best run is the one least disturbed.
   """
-  if dataset == "auto":
-    try:
-      ds = data.load("fashion_mnist", validation=0.0)
-    except data.DataError:
-      ds = data.load("digits", validation=0.0)
-  else:
-    ds = data.load(dataset, validation=0.0)
+  ds = bench_data(dataset)
   use_torch = torch_peer and torch_available()
   peak = matmul_gflops()
   report = {"suite": "train", "dataset": ds.name, "batch_size": BATCH,
@@ -434,13 +438,7 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   """
   from jaxaccel.compress import (distillation, lowrank, pruning, quantization,
                                  report as creport)
-  if dataset == "auto":
-    try:
-      ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
-    except data.DataError:
-      ds = data.load("digits", validation=0.0, normalize="standardize")
-  else:
-    ds = data.load(dataset, validation=0.0, normalize="standardize")
+  ds = bench_data(dataset, normalize="standardize")
   per_epoch = len(ds.x_train) // BATCH
   out = {"suite": "compress", "dataset": ds.name, "batch_size": BATCH,
          "epochs": epochs, "backend": jax.default_backend(),
@@ -711,13 +709,7 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
 
   The global batch is `BATCH` rounded up to a multiple of the device count.
   """
-  if dataset == "auto":
-    from jaxaccel.data import fashion_mnist_dir, FASHION_MNIST_FILES
-    have = all((fashion_mnist_dir() / f).is_file()
-               for f in FASHION_MNIST_FILES.values())
-    ds = data.load("fashion_mnist" if have else "digits", validation=0.0)
-  else:
-    ds = data.load(dataset, validation=0.0)
+  ds = bench_data(dataset)
   n_dev = jax.device_count()
   batch = batch_size or -(-BATCH // n_dev) * n_dev
   backend = jax.default_backend()

@@ -104,18 +104,17 @@ def configurations(grid: dict | None, seeds: Sequence[int]) -> list[tuple[dict, 
 
 def _init_family(model, index, spec, configs, data) -> _Family:
   names = tuple(configs[0][0])
-  entries = []
+  entries, transforms = [], []
   for values, seed in configs:
     calls = optim.with_values(spec, **values) if values else optim.parse(spec)
-    optim.build(calls, hyperparams=("learning_rate",) + names)  # errors now
+    # Built for each config so a bad value is an error before any work.
+    transforms.append(optim.build(calls, hyperparams=("learning_rate",) + names))
     entries.append({"spec": optim.to_string(calls), "family": index,
                     "hyperparams": dict(values), "seed": seed,
                     "val_accuracy_history": []})
-  first = (optim.with_values(spec, **configs[0][0]) if names
-           else optim.parse(spec))
   # Every config's update reads its hyperparameters from its own state, so
   # one transformation serves them all; the states differ only in values.
-  tx = optim.build(first, hyperparams=("learning_rate",) + names)
+  tx = transforms[0]
 
   # Initial variables per seed exactly as `fit` makes them (eagerly: a
   # compiled random init costs more than the whole sweep of a small model).

@@ -457,12 +457,13 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
   state = fresh
 
-  train_step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
-                               skip_nonfinite=skip_nonfinite, teacher=teacher)
   n = len(data.x_train)
   steps = n // batch_size
   use_scan = epoch_mode == "scan" or (
       epoch_mode == "auto" and data.x_train.nbytes < scan_max_bytes)
+  if engine is None:   # the engine builds its own step for the devices
+    train_step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
+                                 skip_nonfinite=skip_nonfinite, teacher=teacher)
   if engine is None and use_scan:
     run_epoch = make_scan_epoch(train_step)
     x_dev, y_dev = jax.device_put(data.x_train), jax.device_put(data.y_train)

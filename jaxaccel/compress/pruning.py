@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxaccel import optim
 from jaxaccel.errors import ConfigError
 
 PyTree = Any
@@ -40,9 +41,8 @@ SCOPES = ("layer", "global")
 
 def leaf_names(params: PyTree) -> list[str]:
   """'Dense_0/kernel'-style names of the leaves, in tree order."""
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-          for path, _ in paths]
+  return [optim.param_path(path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def is_prunable(leaf) -> bool:

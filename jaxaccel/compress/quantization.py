@@ -304,12 +304,19 @@ class QuantAwareModel:
 
 def _dense_layers(params: PyTree) -> list[str]:
   """Names Dense_0..Dense_k of an MLP's params, checked."""
+  return mlp_layer_names(params, "the int8 path runs MLPs (Dense_0..Dense_k "
+                                 "layers with kernel and bias)")
+
+
+def mlp_layer_names(params: PyTree, requirement: str) -> list[str]:
+  """Names Dense_0..Dense_k of an MLP's params, in order; a ConfigError
+  starting with `requirement` when params are not such an MLP."""
   names = sorted((k for k in params if k.startswith("Dense_")),
                  key=lambda k: int(k.split("_")[1]))
   if not names or set(params) != set(names) or any(
-      set(params[n]) != {"kernel", "bias"} for n in names):
-    raise ConfigError(f"the int8 path runs MLPs (Dense_0..Dense_k layers with "
-                      f"kernel and bias); got layers {sorted(params)}")
+      set(params[n]) != {"kernel", "bias"} or len(params[n]["kernel"].shape) != 2
+      for n in names):
+    raise ConfigError(f"{requirement}; got layers {sorted(params)}")
   return names
 
 
