@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--distill-epochs", type=_positive_int, default=10)
   p.add_argument("--temperature", type=float, default=4.0)
   p.add_argument("--alpha", type=float, default=0.9)
+  p.add_argument("--mixup", type=float, metavar="CONCENTRATION",
+                 help="distill on inputs mixed with Beta(C, C) weights, the "
+                      "teacher labelling them (needs --alpha 1)")
   p.add_argument("--finetune-epochs", type=int, default=0,
                  help="epochs of fine-tuning with the pruning masks held")
   p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -463,7 +466,7 @@ def _demo_compression_rows(model, state, ds, *, progress: bool) -> list[dict]:
     q = quantization.quantize(p, bits=8)
     scales = quantization.calibrate(p, calib)
     rows.append(report.measure(
-        name, q, lambda xb, q=q, s=scales: quantization.int8_mlp_apply(q, s, xb),
+        name, q, quantization.int8_mlp(q, scales),
         x, y, latency=False))
   return rows
 
@@ -479,7 +482,7 @@ def cmd_compress(args) -> None:
       prune_scope=args.prune_scope, prune_pattern=args.prune_pattern,
       quantize=args.quantize, distill_student=args.distill_student,
       distill_epochs=args.distill_epochs, temperature=args.temperature,
-      alpha=args.alpha, finetune_epochs=args.finetune_epochs,
+      alpha=args.alpha, mixup=args.mixup, finetune_epochs=args.finetune_epochs,
       learning_rate=args.learning_rate, seed=args.seed,
       progress=not args.no_progress)
   params = result.pop("compressed_params")

@@ -81,6 +81,10 @@ def test_distill_through_fit_logs_agreement_and_follows_the_teacher(digits):
      "student has 5 output classes but the teacher has 10"),
     (lambda: d.distill(models.create("mlp", num_classes=5), [], optax.sgd(0.1),
                        None, epochs=1), "at least one"),
+    (lambda: d.check_options(1.0, 0.9, mixup=1.0),
+     r"mixes the inputs but not their labels.*use alpha=1.0 \(got alpha=0.9\)"),
+    (lambda: d.check_options(1.0, 1.0, mixup=0.0),
+     "Beta concentration and must be positive; got 0.0"),
 ])
 def test_bad_distillation_arguments(call, message):
   with pytest.raises(ConfigError, match=message):
@@ -103,3 +107,41 @@ def test_several_teachers_through_fit(digits):
   vote = sum(jax.nn.softmax(m.apply(v, x)) for m, v in teachers).argmax(-1)
   s = student.apply(train.variables_of(r.state), x).argmax(-1)
   assert float(jnp.mean(s == vote)) > 0.8
+
+
+def test_mix_inputs_mixes_each_input_with_one_other(key):
+  # rows e_i: each mixed row is lam_i e_i + (1 - lam_i) e_perm(i)
+  n = 64
+  out = np.asarray(d.mix_inputs(key, jnp.eye(n), 1.0))
+  np.testing.assert_allclose(out.sum(1), 1.0, rtol=1e-6)
+  assert (out >= 0).all() and ((out > 0).sum(1) <= 2).all()
+  lam = np.diag(out)
+  partner = np.where(np.eye(n, dtype=bool), -1, out).argmax(1)
+  fixed = lam == 1.0                       # mixed with itself: e_i
+  assert len(set(partner[~fixed])) == (~fixed).sum()   # a permutation
+  assert 0.35 < lam.mean() < 0.65 and lam.std() > 0.15  # Beta(1, 1): uniform
+  tight = np.diag(np.asarray(d.mix_inputs(key, jnp.eye(n), 200.0)))
+  assert np.abs(tight[tight < 1] - 0.5).max() < 0.15    # Beta(200, 200): ~1/2
+
+
+def test_mixup_distillation_uses_the_teacher_alone(digits):
+  teacher = models.create("mlp", num_classes=10, widths=(64,))
+  t = train.fit(teacher, optax.adam(3e-3), digits, epochs=4, batch_size=64,
+                progress=False)
+  tv = train.variables_of(t.state)
+  student = models.create("mlp", num_classes=10, widths=(16,))
+  kw = dict(epochs=6, batch_size=64, progress=False, temperature=1.0,
+            alpha=1.0, mixup=1.0)
+  r = d.distill(student, [(teacher, tv)], optax.adam(1e-2), digits, **kw)
+  assert d.agreement(student, train.variables_of(r.state), teacher, tv,
+                     digits.x_test) > 0.9
+  # the mixed batches are labelled by the teacher: the labels change nothing
+  shuffled = digits.__class__(**{**digits.__dict__,
+                                 "y_train": np.roll(digits.y_train, 1)})
+  r2 = d.distill(student, [(teacher, tv)], optax.adam(1e-2), shuffled, **kw)
+  jax.tree.map(np.testing.assert_array_equal, r2.state.params, r.state.params)
+  # and it is not plain distillation: the inputs really were mixed
+  plain = d.distill(student, [(teacher, tv)], optax.adam(1e-2), digits,
+                    **{**kw, "mixup": None})
+  assert not np.allclose(plain.state.params["Dense_0"]["kernel"],
+                         r.state.params["Dense_0"]["kernel"])

@@ -120,6 +120,28 @@ def test_int8_path_matches_float_inference(digits, trained_digits_mlp):
                                             batch_size=100), logits, atol=1e-5)
 
 
+def test_int8_layers_run_as_the_pure_path_and_float_layout_matches_flax(
+    digits, trained_digits_mlp):
+  model, params = trained_digits_mlp
+  x = jnp.asarray(digits.x_test)
+  scales = q.calibrate(params, [digits.x_train[:256]])
+  qp = q.quantize(params, bits=8)
+  layers = q.int8_layers(qp, scales)
+  # laid out once: kernels [out, in], the two scales folded per channel
+  assert layers[0]["kernel"].shape == (32, 64) and layers[0]["kernel"].dtype == jnp.int8
+  np.testing.assert_allclose(layers[1]["out_scale"],
+                             scales[1] * qp["Dense_1"]["kernel"].scale.reshape(-1))
+  # jitted and eager differ only in float rounding of the rescale
+  np.testing.assert_allclose(q.int8_mlp(qp, scales)(x), q.int8_mlp_apply(qp, scales, x),
+                             rtol=0, atol=1e-5)
+  # the float reference in the same layout is the flax model
+  np.testing.assert_allclose(q.feature_major_float(params)(x),
+                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="one activation scale per Dense layer: "
+                                        "2 layers, 1 scales"):
+    q.int8_layers(qp, scales[:1])
+
+
 def test_int8_path_uses_only_the_integer_values(digits, trained_digits_mlp):
   params = jax.tree.map(jnp.array, trained_digits_mlp[1])   # a copy to edit
   x = jnp.asarray(digits.x_test[:50])

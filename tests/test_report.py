@@ -125,6 +125,8 @@ def test_compress_distills_a_student(capsys, trained_run):
      "pattern 'channel' needs a sparsity"),
     (["--distill-student", "mlp:x"], "model spec 'mlp:x'"),
     (["--distill-student", "transformer"], "unknown model 'transformer'"),
+    (["--distill-student", "mlp:8", "--mixup", "1"],
+     r"mixes the inputs but not their labels.*use alpha=1.0 \(got alpha=0.9\)"),
     ([], "nothing to do"),
 ])
 def test_compress_bad_inputs(capsys, trained_run, args, message):

@@ -21,14 +21,14 @@ from jaxaccel.compress.pruning import (GradientStats, MaskState, PruneState,
                                        sparsity_report)
 from jaxaccel.compress.quantization import (QArray, QuantAwareModel, calibrate,
                                             dequantize, fake_quantize,
-                                            int8_mlp_apply, quantize)
+                                            int8_mlp, int8_mlp_apply, quantize)
 from jaxaccel.compress.report import compress_run, size_bytes
 
 __all__ = [
     "GradientStats", "LowRankMLP", "MaskState", "PruneState", "QArray",
     "QuantAwareModel", "apply_masks", "calibrate", "compress_run",
     "dequantize", "distill", "distillation", "distillation_loss", "factorize",
-    "fake_quantize", "gradient_statistics", "int8_mlp_apply", "keep_masks",
+    "fake_quantize", "gradient_statistics", "int8_mlp", "int8_mlp_apply", "keep_masks",
     "lowrank", "lowrank_model", "make_distillation_loss", "prune",
     "prune_gradually", "pruning", "quantization", "quantize", "report",
     "size_bytes", "sparsity_report",

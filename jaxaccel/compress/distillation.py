@@ -31,6 +31,20 @@ from jaxaccel.errors import ConfigError
 PyTree = Any
 
 
+def check_options(temperature: float, alpha: float,
+                  mixup: float | None = None) -> None:
+  """ConfigError unless the distillation options make sense together."""
+  if mixup is not None:
+    if not mixup > 0:
+      raise ConfigError(f"mixup is a Beta concentration and must be positive; "
+                        f"got {mixup}")
+    if alpha != 1.0:
+      raise ConfigError(f"mixup mixes the inputs but not their labels, so the "
+                        f"student must learn from the teacher alone: use "
+                        f"alpha=1.0 (got alpha={alpha})")
+  _check(temperature, alpha)
+
+
 def _check(temperature: float, alpha: float) -> None:
   if not temperature > 0:
     raise ConfigError(f"distillation temperature must be positive; got "
@@ -117,10 +131,24 @@ def check_classes(student, teachers: Sequence[tuple[Any, PyTree]]) -> None:
                         f"num_classes={got}")
 
 
+def mix_inputs(key: jax.Array, x: jax.Array, concentration: float = 1.0
+               ) -> jax.Array:
+  """Each input mixed with another of the batch: lam * x + (1 - lam) * x[perm],
+  lam ~ Beta(concentration, concentration) per example.
+
+  Only for training on a teacher's outputs, which label the mixed inputs
+  themselves (the labels of the originals are not mixed)."""
+  k_lam, k_perm = jax.random.split(key)
+  n = x.shape[0]
+  lam = jax.random.beta(k_lam, concentration, concentration,
+                        (n,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+  return lam * x + (1 - lam) * x[jax.random.permutation(k_perm, n)]
+
+
 def distill(student, teachers: Sequence[tuple[Any, PyTree]],
             tx: optax.GradientTransformation, data: Dataset, *, epochs: int,
             temperature: float = 4.0, alpha: float = 0.9,
-            **fit_kwargs) -> train.FitResult:
+            mixup: float | None = None, **fit_kwargs) -> train.FitResult:
   """Trains `student` on `data` from one or more trained teachers.
 
   Args:
@@ -130,6 +158,13 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
     data: the training data (teachers see the same, augmented, batches).
     epochs: passes over the training set.
     temperature, alpha: see `distillation_loss`.
+    mixup: when given, a Beta(mixup, mixup) concentration: every training
+      batch is mixed with `mix_inputs` (after any `augment`), and student
+      and teacher both see the mixed inputs, so the student matches the
+      teacher's function between the training points, not only on them.
+      Needs alpha=1.0: the labels are not mixed. On Fashion-MNIST this is
+      what makes distillation pay (see the README's compression figures):
+      temperature=1, alpha=1, mixup=1 and a long schedule (60-100 epochs).
     **fit_kwargs: passed to `fit` (batch_size, seed, out, progress, ...).
 
   Returns:
@@ -151,7 +186,19 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
   if not teachers:
     raise ConfigError("distill needs at least one (model, variables) teacher")
   check_classes(student, teachers)
+  check_options(temperature, alpha, mixup)
+  if mixup is not None:
+    fit_kwargs["augment"] = _then_mix(fit_kwargs.get("augment"), mixup)
   return train.fit(student, tx, data, epochs=epochs, teacher=teacher_fn(teachers),
                    loss_fn=make_distillation_loss(temperature=temperature,
                                                   alpha=alpha),
                    **fit_kwargs)
+
+
+def _then_mix(augment: Callable | None, concentration: float) -> Callable:
+  def mixed(key, x):
+    if augment is not None:
+      key, k_aug = jax.random.split(key)
+      x = augment(k_aug, x)
+    return mix_inputs(key, x, concentration)
+  return mixed

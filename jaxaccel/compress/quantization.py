@@ -364,11 +364,92 @@ def calibrate(params: PyTree, batches: Iterable, *, bits: int = 8,
 
 
 def _quantize_activation(h, scale):
-  return jnp.clip(jnp.round(h / scale), -127, 127).astype(jnp.int8)
+  # times the reciprocal: a division per element costs the int8 path 3%
+  return jnp.clip(jnp.round(h * (1.0 / scale)), -127, 127).astype(jnp.int8)
+
+
+def int8_layers(qparams: PyTree, act_scales: list) -> list[dict]:
+  """The int8 path's layers, laid out as it runs them.
+
+  Each kernel's int8 values are transposed once to [out, in], and the two
+  scales that rescale its int32 sums are folded into one per output channel.
+  Activations flow feature-major ([features, batch]): XLA:CPU's int8 matmul
+  runs 1.2x faster with the weights on the left than on the right (1024 x
+  784 x 300: 0.80 ms vs 0.99 ms on the 2-core development machine).
+
+  Args:
+    qparams: `quantize(params, bits=8, scheme="symmetric")` of an MLP (the
+      kernels as QArray; biases float or QArray).
+    act_scales: `calibrate(params, batches)`, one per Dense layer.
+  """
+  names = _dense_layers(qparams)
+  if len(act_scales) != len(names):
+    raise ConfigError(f"the int8 path needs one activation scale per Dense "
+                      f"layer: {len(names)} layers, {len(act_scales)} scales")
+  layers = []
+  for name, s in zip(names, act_scales):
+    w, b = qparams[name]["kernel"], qparams[name]["bias"]
+    if not is_qarray(w) or w.bits != 8 or w.zero_point is not None:
+      raise ConfigError(f"the int8 path needs symmetric int8 kernels; layer "
+                        f"{name} holds {w!r}")
+    s = jnp.asarray(s, jnp.float32)
+    layers.append({
+        "kernel": jnp.asarray(w.values).T,
+        "in_scale": s,
+        "out_scale": (s * w.scale.reshape(-1)).astype(jnp.float32),
+        "bias": jnp.asarray(b.dequantize() if is_qarray(b) else b, jnp.float32)})
+  return layers
+
+
+def int8_forward(layers: list[dict], x: jax.Array) -> jax.Array:
+  """Logits of `int8_layers` on float inputs x: int8 x int8 -> int32 matmuls,
+  each rescaled to float, bias and ReLU added, and requantized for the next."""
+  h = x.reshape(x.shape[0], -1).astype(jnp.float32)
+  hq = _quantize_activation(h, layers[0]["in_scale"])       # [batch, in]
+  for i, layer in enumerate(layers):
+    act_dim = 1 if i == 0 else 0                            # then [in, batch]
+    acc = jax.lax.dot_general(layer["kernel"], hq,
+                              (((1,), (act_dim,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    h = (acc.astype(jnp.float32) * layer["out_scale"][:, None]
+         + layer["bias"][:, None])                          # [out, batch]
+    if i < len(layers) - 1:
+      hq = _quantize_activation(jax.nn.relu(h), layers[i + 1]["in_scale"])
+  return h.T
+
+
+def feature_major_float(params: PyTree) -> Callable:
+  """The float32 MLP computed in the int8 path's layout (kernels transposed
+  to [out, in], activations [features, batch]): the float reference that
+  separates what int8 gains from what the layout gains."""
+  names = _dense_layers(params)
+  layers = [(jnp.asarray(params[n]["kernel"]).T, jnp.asarray(params[n]["bias"]))
+            for n in names]
+
+  @jax.jit
+  def forward(layers, x):
+    h = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    for i, (k, b) in enumerate(layers):
+      h = jax.lax.dot_general(k, h, (((1,), (1 if i == 0 else 0,)), ((), ())))
+      h = h + b[:, None]
+      if i < len(layers) - 1:
+        h = jax.nn.relu(h)
+    return h.T
+
+  return lambda x: forward(layers, x)
+
+
+def int8_mlp(qparams: PyTree, act_scales: list) -> Callable:
+  """The int8 path as a jitted function of the inputs: the layers are laid
+  out once (`int8_layers`), not at every call."""
+  layers = int8_layers(qparams, act_scales)
+  fn = jax.jit(int8_forward)
+  return lambda x: fn(layers, x)
 
 
 def int8_mlp_apply(qparams: PyTree, act_scales: list, x: jax.Array) -> jax.Array:
-  """MLP logits with int8 x int8 -> int32 matmuls, rescaled to float.
+  """MLP logits with int8 x int8 -> int32 matmuls, rescaled to float: the
+  pure form of `int8_mlp` (it lays the layers out at every call).
 
   Args:
     qparams: `quantize(params, bits=8, scheme="symmetric")` of an MLP (the
@@ -376,21 +457,7 @@ def int8_mlp_apply(qparams: PyTree, act_scales: list, x: jax.Array) -> jax.Array
     act_scales: `calibrate(params, batches)`.
     x: float inputs.
   """
-  names = _dense_layers(qparams)
-  h = x.reshape(x.shape[0], -1).astype(jnp.float32)
-  for i, name in enumerate(names):
-    w, b = qparams[name]["kernel"], qparams[name]["bias"]
-    if not is_qarray(w) or w.bits != 8 or w.zero_point is not None:
-      raise ConfigError(f"the int8 path needs symmetric int8 kernels; layer "
-                        f"{name} holds {w!r}")
-    hq = _quantize_activation(h, act_scales[i])
-    acc = jax.lax.dot_general(hq, w.values, (((1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    h = acc.astype(jnp.float32) * (act_scales[i] * w.scale.reshape(-1))
-    h = h + (b.dequantize() if is_qarray(b) else b)
-    if i < len(names) - 1:
-      h = jax.nn.relu(h)
-  return h
+  return int8_forward(int8_layers(qparams, act_scales), x)
 
 
 def fake_int8_mlp_apply(params: PyTree, act_scales: list, x: jax.Array) -> jax.Array:
@@ -409,7 +476,7 @@ def fake_int8_mlp_apply(params: PyTree, act_scales: list, x: jax.Array) -> jax.A
 def predict_int8(qparams: PyTree, act_scales: list, x: np.ndarray, *,
                  batch_size: int = 1024) -> np.ndarray:
   """Logits of the int8 path over x in batches, as numpy."""
-  fn = jax.jit(int8_mlp_apply)
-  outs = [np.asarray(fn(qparams, act_scales, jnp.asarray(x[i:i + batch_size])))
+  fn = int8_mlp(qparams, act_scales)
+  outs = [np.asarray(fn(jnp.asarray(x[i:i + batch_size])))
           for i in range(0, len(x), batch_size)]
   return np.concatenate(outs)

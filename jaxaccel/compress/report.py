@@ -258,7 +258,7 @@ def compress_run(run_dir, *, prune: float | None = None,
                  quantize: str | None = None,
                  distill_student: str | None = None, distill_epochs: int = 10,
                  temperature: float = 4.0, alpha: float = 0.9,
-                 finetune_epochs: int = 0, learning_rate: float = 1e-3,
+                 mixup: float | None = None, finetune_epochs: int = 0, learning_rate: float = 1e-3,
                  batch_size: int = 128, seed: int = 0, progress: bool = True,
                  latency: bool = True) -> dict:
   """Compresses a trained run: distill, then prune, then quantize.
@@ -274,7 +274,8 @@ def compress_run(run_dir, *, prune: float | None = None,
     prune_method, prune_scope, prune_pattern: see `pruning.prune`.
     quantize: "int8" or "int4" (None: float). int8 MLPs run the integer path.
     distill_student: a model spec such as "mlp:64,64", trained from the run.
-    distill_epochs, temperature, alpha: the student's training.
+    distill_epochs, temperature, alpha, mixup: the student's training (see
+      `distillation.distill`), Adam with the rate decayed by a cosine.
     finetune_epochs: epochs of fine-tuning with the masks held after pruning.
     learning_rate: Adam's rate for fine-tuning and distillation.
   """
@@ -303,6 +304,8 @@ def compress_run(run_dir, *, prune: float | None = None,
                       f"(distillation); got {finetune_epochs}, {distill_epochs}")
   student_spec = (models.parse_model_spec(distill_student)
                   if distill_student else None)
+  if student_spec is not None:
+    distillation.check_options(temperature, alpha, mixup)
 
   model, variables, config = train.load_run(run_dir)
   # The command line records how it named the data (a path for .npz).
@@ -326,9 +329,12 @@ def compress_run(run_dir, *, prune: float | None = None,
     models.check_input(name, ds.input_shape)
     student = models.create(name, num_classes=ds.num_classes, **kwargs)
     teacher = (model, variables)
+    steps = distill_epochs * (len(ds.x_train) // batch_size)
     result = distillation.distill(
-        student, [teacher], optax.adam(learning_rate), ds,
+        student, [teacher],
+        optax.adam(optax.cosine_decay_schedule(learning_rate, steps)), ds,
         epochs=distill_epochs, temperature=temperature, alpha=alpha,
+        mixup=mixup,
         batch_size=batch_size, seed=seed, progress=progress)
     model, variables = student, train.variables_of(result.state)
     params = variables["params"]
@@ -376,7 +382,7 @@ def compress_run(run_dir, *, prune: float | None = None,
       scales = quantization.calibrate(params, [
           ds.x_train[i:i + 1000] for i in range(0, min(len(ds.x_train), 5000),
                                                 1000)])
-      fn = lambda xb: quantization.int8_mlp_apply(qparams, scales, xb)
+      fn = quantization.int8_mlp(qparams, scales)
       path = "int8 matmuls"
     else:
       qv = {"params": quantization.dequantize(qparams), **rest}
