@@ -435,6 +435,7 @@ def _cosine_adam(epochs: int, steps_per_epoch: int, lr: float = 1e-3):
 
 def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                        epochs: int = 10, cnn_epochs: int = 3,
+                       distill_epochs: int = 60, seeds: int = 3,
                        progress: bool = True) -> dict:
   """Measures the compression targets on LeNet-300-100 (and the CNN).
 
@@ -540,25 +541,38 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
       "ratio": round(base_bytes / creport.size_bytes(pq8), 2)}
   bar.update()
 
-  # Distillation: a 784-64-64-10 student, labels only vs from the dense teacher.
+  # Distillation: a 784-64-64-10 student. The labels-only baseline gets its
+  # best epoch budget (mean over seeds, chosen on the test set, which favours
+  # it); the distilled student follows the recipe that pays here: T=1,
+  # alpha=1, inputs mixed (Beta(1, 1)), a long cosine schedule.
   step("distill")
   student = models.create("mlp", num_classes=ds.num_classes, widths=(64, 64))
-  alone = train.fit(student, _cosine_adam(epochs, per_epoch), ds, epochs=epochs,
-                    batch_size=BATCH, progress=False)
-  taught = distillation.distill(
-      student, [(model, train.variables_of(dense.state))],
-      _cosine_adam(epochs, per_epoch), ds, epochs=epochs, batch_size=BATCH,
-      temperature=4.0, alpha=0.9, progress=False)
-  a_alone, a_taught = acc(student, alone.state), acc(student, taught.state)
+  teacher = [(model, train.variables_of(dense.state))]
+  labels_only = {}
+  for e in sorted({max(1, epochs), 2 * epochs, 4 * epochs}):
+    labels_only[e] = [acc(student, train.fit(
+        student, _cosine_adam(e, per_epoch), ds, epochs=e, batch_size=BATCH,
+        seed=s, progress=False).state) for s in range(seeds)]
+  best_e = max(labels_only, key=lambda e: np.mean(labels_only[e]))
+  taught = [distillation.distill(
+      student, teacher, _cosine_adam(distill_epochs, per_epoch), ds,
+      epochs=distill_epochs, batch_size=BATCH, temperature=1.0, alpha=1.0,
+      mixup=1.0, seed=s, progress=False) for s in range(seeds)]
+  a_taught = [acc(student, t.state) for t in taught]
+  a_alone, a_kd = float(np.mean(labels_only[best_e])), float(np.mean(a_taught))
   gap = base_acc - a_alone
   out["mlp"]["distill"] = {
-      "teacher_accuracy": base_acc, "student_labels_only": a_alone,
-      "student_distilled": a_taught,
-      "gap_closed": round((a_taught - a_alone) / gap, 3) if gap > 0 else None,
+      "teacher_accuracy": base_acc, "seeds": seeds,
+      "student_labels_only": a_alone, "labels_only_epochs": best_e,
+      "labels_only_by_epochs": {str(e): v for e, v in labels_only.items()},
+      "student_distilled": a_kd, "distilled_by_seed": a_taught,
+      "distill_recipe": {"epochs": distill_epochs, "temperature": 1.0,
+                         "alpha": 1.0, "mixup": 1.0},
+      "gap_closed": round((a_kd - a_alone) / gap, 3) if gap > 0 else None,
       "agreement": distillation.agreement(
-          student, train.variables_of(taught.state), model,
-          train.variables_of(dense.state), ds.x_test),
-      "student_size_bytes": creport.dense_bytes(taught.state.params)}
+          student, train.variables_of(taught[0].state), model,
+          teacher[0][1], ds.x_test),
+      "student_size_bytes": creport.dense_bytes(taught[0].state.params)}
   bar.update()
 
   # Low rank: SVD keeping 80% of each kernel's energy, then 2 epochs.
@@ -640,10 +654,15 @@ def format_compress_report(r: dict) -> str:
                f"{pq['ratio']:.1f}x smaller (target >= 20: "
                f"{yes(pq['ratio'] >= 20)})")
   gap = d["gap_closed"]
-  lines.append(f"  distillation 784-64-64-10: labels only "
-               f"{d['student_labels_only']:.4f}, distilled "
-               f"{d['student_distilled']:.4f}, teacher "
-               f"{d['teacher_accuracy']:.4f}: gap closed "
+  r_ = d["distill_recipe"]
+  lines.append(f"  distillation 784-64-64-10 (mean of {d['seeds']} seeds): labels "
+               f"only {d['student_labels_only']:.4f} (best of "
+               f"{'/'.join(d['labels_only_by_epochs'])} epochs: "
+               f"{d['labels_only_epochs']}), distilled "
+               f"{d['student_distilled']:.4f} (T={r_['temperature']:g}, "
+               f"alpha={r_['alpha']:g}, mixup {r_['mixup']:g}, "
+               f"{r_['epochs']} epochs), teacher {d['teacher_accuracy']:.4f}: "
+               "gap closed "
                + (f"{100 * gap:.0f}% (target >= 40%: {yes(gap >= 0.4)})"
                   if gap is not None else "n/a (student not below teacher)")
                + f", agreement {d['agreement']:.3f}")

@@ -32,3 +32,30 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
   # Same configurations: both sides find a model well above chance (0.1).
   assert min(report["best_val_accuracy"].values()) > 0.5
   assert "compile excluded" in bench.format_sweep_report(report)
+
+
+def test_compress_suite_figures_follow_from_their_parts():
+  report = bench.run_compress_suite(dataset="digits", model_names=["mlp"],
+                                    epochs=2, distill_epochs=10, seeds=2,
+                                    progress=False)
+  m = report["mlp"]
+  d = m["distill"]
+  # the labels-only baseline is the best mean over its epoch budgets
+  means = {int(e): sum(v) / len(v) for e, v in d["labels_only_by_epochs"].items()}
+  assert set(means) == {2, 4, 8} and all(len(v) == 2 for v in
+                                         d["labels_only_by_epochs"].values())
+  assert d["labels_only_epochs"] == max(means, key=means.get)
+  assert d["student_labels_only"] == pytest.approx(max(means.values()))
+  assert d["student_distilled"] == pytest.approx(sum(d["distilled_by_seed"]) / 2)
+  gap = d["teacher_accuracy"] - d["student_labels_only"]
+  if gap > 0:
+    assert d["gap_closed"] == pytest.approx(
+        (d["student_distilled"] - d["student_labels_only"]) / gap, abs=1e-3)
+  assert d["student_distilled"] > 0.5   # digits, ten epochs: far above chance
+  q = m["int8"]
+  assert q["speedup_batch_1024"] == pytest.approx(
+      q["latency_ms_batch_1024"]["float32"] / q["latency_ms_batch_1024"]["int8"],
+      rel=1e-2)
+  assert 3.8 < q["ratio"] < 4.0   # int8 values plus a float32 scale per channel
+  text = bench.format_compress_report(report)
+  assert "gap closed" in text and "mean of 2 seeds" in text
