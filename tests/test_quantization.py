@@ -134,6 +134,11 @@ def test_int8_layers_run_as_the_pure_path_and_float_layout_matches_flax(
   # jitted and eager differ only in float rounding of the rescale
   np.testing.assert_allclose(q.int8_mlp(qp, scales)(x), q.int8_mlp_apply(qp, scales, x),
                              rtol=0, atol=1e-5)
+  # from batch 256 on, the layers after the first run on two halves of the
+  # batch: the same logits as small, unsplit batches
+  assert x.shape[0] >= 256
+  chunks = jnp.concatenate([q.int8_mlp(qp, scales)(c) for c in jnp.split(x[:300], 3)])
+  np.testing.assert_allclose(q.int8_mlp(qp, scales)(x[:300]), chunks, rtol=0, atol=1e-5)
   # the float reference in the same layout is the flax model
   np.testing.assert_allclose(q.feature_major_float(params)(x),
                              model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
