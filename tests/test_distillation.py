@@ -49,11 +49,18 @@ def test_teacher_gets_no_gradient_and_several_are_averaged(key):
   np.testing.assert_allclose(g_s, 0.0, atol=1e-6)
 
 
-def test_distill_through_fit_logs_agreement_and_follows_the_teacher(digits):
+@pytest.fixture(scope="module")
+def digits_teacher(digits):
+  """A 64-unit MLP trained 4 epochs on digits, and its variables."""
   teacher = models.create("mlp", num_classes=10, widths=(64,))
   t = train.fit(teacher, optax.adam(3e-3), digits, epochs=4, batch_size=64,
                 progress=False)
-  tv = train.variables_of(t.state)
+  return teacher, train.variables_of(t.state)
+
+
+def test_distill_through_fit_logs_agreement_and_follows_the_teacher(
+    digits, digits_teacher):
+  teacher, tv = digits_teacher
   student = models.create("mlp", num_classes=10, widths=(16,))
   r = d.distill(student, [(teacher, tv)], optax.adam(1e-2), digits, epochs=6,
                 batch_size=64, progress=False, temperature=4.0, alpha=1.0)
@@ -124,11 +131,8 @@ def test_mix_inputs_mixes_each_input_with_one_other(key):
   assert np.abs(tight[tight < 1] - 0.5).max() < 0.15    # Beta(200, 200): ~1/2
 
 
-def test_mixup_distillation_uses_the_teacher_alone(digits):
-  teacher = models.create("mlp", num_classes=10, widths=(64,))
-  t = train.fit(teacher, optax.adam(3e-3), digits, epochs=4, batch_size=64,
-                progress=False)
-  tv = train.variables_of(t.state)
+def test_mixup_distillation_uses_the_teacher_alone(digits, digits_teacher):
+  teacher, tv = digits_teacher
   student = models.create("mlp", num_classes=10, widths=(16,))
   kw = dict(epochs=6, batch_size=64, progress=False, temperature=1.0,
             alpha=1.0, mixup=1.0)

@@ -127,6 +127,7 @@ def test_compress_distills_a_student(capsys, trained_run):
     (["--distill-student", "transformer"], "unknown model 'transformer'"),
     (["--distill-student", "mlp:8", "--mixup", "1"],
      r"mixes the inputs but not their labels.*use alpha=1.0 \(got alpha=0.9\)"),
+    (["--quantize", "int8", "--mixup", "1"], "mixup 1.0 mixes the inputs a student"),
     ([], "nothing to do"),
 ])
 def test_compress_bad_inputs(capsys, trained_run, args, message):

@@ -258,7 +258,8 @@ def compress_run(run_dir, *, prune: float | None = None,
                  quantize: str | None = None,
                  distill_student: str | None = None, distill_epochs: int = 10,
                  temperature: float = 4.0, alpha: float = 0.9,
-                 mixup: float | None = None, finetune_epochs: int = 0, learning_rate: float = 1e-3,
+                 mixup: float | None = None, finetune_epochs: int = 0,
+                 learning_rate: float = 1e-3,
                  batch_size: int = 128, seed: int = 0, progress: bool = True,
                  latency: bool = True) -> dict:
   """Compresses a trained run: distill, then prune, then quantize.
@@ -306,6 +307,9 @@ def compress_run(run_dir, *, prune: float | None = None,
                   if distill_student else None)
   if student_spec is not None:
     distillation.check_options(temperature, alpha, mixup)
+  elif mixup is not None:
+    raise ConfigError(f"mixup {mixup} mixes the inputs a student is distilled "
+                      f"on: give a student (--distill-student) or drop it")
 
   model, variables, config = train.load_run(run_dir)
   # The command line records how it named the data (a path for .npz).
