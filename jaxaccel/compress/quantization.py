@@ -413,6 +413,12 @@ def int8_layers(qparams: PyTree, act_scales: list) -> list[dict]:
 _SPLIT_FROM_BATCH = 256
 
 
+def _batch_halves(a: jax.Array) -> list[jax.Array]:
+  """[features, batch] as two halves of the batch when it is large."""
+  n = a.shape[1]
+  return [a[:, :n // 2], a[:, n // 2:]] if n >= _SPLIT_FROM_BATCH else [a]
+
+
 def int8_forward(layers: list[dict], x: jax.Array) -> jax.Array:
   """Logits of `int8_layers` on float inputs x: int8 x int8 -> int32 matmuls;
   between layers the int32 sums are rescaled, biased, rectified and
@@ -420,10 +426,8 @@ def int8_forward(layers: list[dict], x: jax.Array) -> jax.Array:
   h = x.reshape(x.shape[0], -1).astype(jnp.float32)
   hq = _quantize_activation(h, layers[0]["in_scale"])       # [batch, in]
   acc = _int8_dot(layers[0], hq, act_dim=1)                 # [out, batch]
-  n = acc.shape[1]
-  halves = ([acc[:, :n // 2], acc[:, n // 2:]] if n >= _SPLIT_FROM_BATCH
-            else [acc])
-  return jnp.concatenate([_int8_rest(layers, a) for a in halves], axis=1).T
+  return jnp.concatenate([_int8_rest(layers, a) for a in _batch_halves(acc)],
+                         axis=1).T
 
 
 def _int8_dot(layer: dict, hq: jax.Array, act_dim: int) -> jax.Array:
@@ -462,9 +466,7 @@ def feature_major_float(params: PyTree) -> Callable:
   def forward(x):
     k, b = layers[0]
     h = dot(k, x.reshape(x.shape[0], -1).astype(jnp.float32), 1) + b[:, None]
-    n = h.shape[1]
-    halves = [h[:, :n // 2], h[:, n // 2:]] if n >= _SPLIT_FROM_BATCH else [h]
-    return jnp.concatenate([rest(a) for a in halves], axis=1).T
+    return jnp.concatenate([rest(a) for a in _batch_halves(h)], axis=1).T
 
   return forward
 
