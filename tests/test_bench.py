@@ -37,7 +37,7 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
 def test_compress_suite_figures_follow_from_their_parts():
   report = bench.run_compress_suite(dataset="digits", model_names=["mlp"],
                                     epochs=2, distill_epochs=10, seeds=2,
-                                    progress=False)
+                                    teacher_widths=(128, 128), progress=False)
   m = report["mlp"]
   d = m["distill"]
   # the labels-only baseline is the best mean over its epoch budgets
@@ -46,16 +46,26 @@ def test_compress_suite_figures_follow_from_their_parts():
                                          d["labels_only_by_epochs"].values())
   assert d["labels_only_epochs"] == max(means, key=means.get)
   assert d["student_labels_only"] == pytest.approx(max(means.values()))
-  assert d["student_distilled"] == pytest.approx(sum(d["distilled_by_seed"]) / 2)
-  gap = d["teacher_accuracy"] - d["student_labels_only"]
-  if gap > 0:
-    assert d["gap_closed"] == pytest.approx(
-        (d["student_distilled"] - d["student_labels_only"]) / gap, abs=1e-3)
-  assert d["student_distilled"] > 0.5   # digits, ten epochs: far above chance
+  # two teachers: the wide MLP (the target's, also the top-level figures)
+  # and the dense LeNet-300-100
+  assert d["teacher"] == "mlp_128_128"
+  assert set(d["by_teacher"]) == {"mlp_128_128", "mlp_300_100"}
+  assert d["by_teacher"]["mlp_300_100"]["teacher_accuracy"] == m["dense"]["accuracy"]
+  assert d["by_teacher"]["mlp_128_128"]["teacher_size_bytes"] == 4 * (
+      64 * 128 + 128 * 128 + 128 * 10 + 128 + 128 + 10)
+  for name, t in d["by_teacher"].items():
+    assert t["student_distilled"] == pytest.approx(sum(t["distilled_by_seed"]) / 2)
+    gap = t["teacher_accuracy"] - d["student_labels_only"]
+    if gap > 0:
+      assert t["gap_closed"] == pytest.approx(
+          (t["student_distilled"] - d["student_labels_only"]) / gap, abs=1e-3)
+    assert t["student_distilled"] > 0.5   # digits, ten epochs: far above chance
+  assert d["student_distilled"] == d["by_teacher"]["mlp_128_128"]["student_distilled"]
   q = m["int8"]
   assert q["speedup_batch_1024"] == pytest.approx(
       q["latency_ms_batch_1024"]["float32"] / q["latency_ms_batch_1024"]["int8"],
       rel=1e-2)
   assert 3.8 < q["ratio"] < 4.0   # int8 values plus a float32 scale per channel
   text = bench.format_compress_report(report)
-  assert "gap closed" in text and "mean of 2 seeds" in text
+  assert "mean of 2 seeds" in text and text.count("gap closed") == 2
+  assert "from mlp_128_128" in text and "from mlp_300_100" in text
