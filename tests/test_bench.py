@@ -37,7 +37,8 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
 def test_compress_suite_figures_follow_from_their_parts():
   report = bench.run_compress_suite(dataset="digits", model_names=["mlp"],
                                     epochs=2, distill_epochs=10, seeds=2,
-                                    teacher_widths=(128, 128), progress=False)
+                                    teacher_widths=(128, 128), latency_rounds=3,
+                                    progress=False)
   m = report["mlp"]
   d = m["distill"]
   # the labels-only baseline is the best mean over its epoch budgets
@@ -65,6 +66,10 @@ def test_compress_suite_figures_follow_from_their_parts():
   assert q["speedup_batch_1024"] == pytest.approx(
       q["latency_ms_batch_1024"]["float32"] / q["latency_ms_batch_1024"]["int8"],
       rel=1e-2)
+  assert len(q["speedup_batch_1024_by_round"]) == 3
+  # over an odd number of rounds, a ratio of medians lies within the rounds' ratios
+  assert (min(q["speedup_batch_1024_by_round"]) - 1e-3 <= q["speedup_batch_1024"]
+          <= max(q["speedup_batch_1024_by_round"]) + 1e-3)
   assert 3.8 < q["ratio"] < 4.0   # int8 values plus a float32 scale per channel
   text = bench.format_compress_report(report)
   assert "mean of 2 seeds" in text and text.count("gap closed") == 2
