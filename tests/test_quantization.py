@@ -134,6 +134,10 @@ def test_int8_layers_run_as_the_pure_path_and_float_layout_matches_flax(
   # jitted and eager differ only in float rounding of the rescale
   np.testing.assert_allclose(q.int8_mlp(qp, scales)(x), q.int8_mlp_apply(qp, scales, x),
                              rtol=0, atol=1e-5)
+  # composes inside a caller's jit
+  predict = q.int8_mlp(qp, scales)
+  np.testing.assert_allclose(jax.jit(lambda a: predict(a) * 2.0)(x), 2.0 * predict(x),
+                             rtol=0, atol=1e-5)
   # from batch 256 on, the layers after the first run on two halves of the
   # batch: the same logits as small, unsplit batches
   assert x.shape[0] >= 256

