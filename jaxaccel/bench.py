@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import data, models, sweep, train
+from jaxaccel import data, models, optim, sweep, train
 
 BATCH = 128
 LEARNING_RATE = 1e-3
@@ -430,7 +430,7 @@ def _interleaved_ms(sides: dict, repeats: int = 30, block: int = 10) -> dict:
 
 
 def _cosine_adam(epochs: int, steps_per_epoch: int, lr: float = 1e-3):
-  return optax.adam(optax.cosine_decay_schedule(lr, epochs * steps_per_epoch))
+  return optim.cosine_adam(lr, epochs * steps_per_epoch)
 
 
 def _mlp_name(widths) -> str:
@@ -465,8 +465,10 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   out = {"suite": "compress", "dataset": ds.name, "batch_size": BATCH,
          "epochs": epochs, "backend": jax.default_backend(),
          "cpu_count": os.cpu_count()}
-  stages = ["train", "prune", "int8", "distill: labels only", "distill: teacher",
-            "distill: from teacher", "distill: from LeNet-300-100", "lowrank"]
+  teacher_names = list(dict.fromkeys([_mlp_name(teacher_widths),
+                                      _mlp_name((300, 100))]))
+  stages = (["train", "prune", "int8", "distill: labels only", "distill: teacher"]
+            + [f"distill: from {name}" for name in teacher_names] + ["lowrank"])
   if "cnn" in model_names:
     stages += ["cnn train", "cnn prune+int8"]
   bar = tqdm(total=len(stages), desc="compress bench", disable=not progress,
@@ -511,8 +513,7 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
 
   # int8 post-training quantization, run with int8 matmuls.
   step("int8")
-  calib = [ds.x_train[i:i + 1000]
-           for i in range(0, min(5000, len(ds.x_train)), 1000)]
+  calib = quantization.calibration_batches(ds.x_train)
   scales = quantization.calibrate(params, calib)
   q8 = quantization.quantize(params, bits=8, granularity="channel")
   q8_acc = creport.accuracy(quantization.predict_int8(q8, scales, ds.x_test),
@@ -585,8 +586,8 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                        widths=tuple(teacher_widths))
   wide_state = train.fit(wide, _cosine_adam(epochs, per_epoch), ds,
                          epochs=epochs, batch_size=BATCH, progress=False).state
-  teachers = {_mlp_name(teacher_widths): (wide, train.variables_of(wide_state)),
-              _mlp_name((300, 100)): (model, train.variables_of(dense.state))}
+  teachers = dict(zip(teacher_names, [(wide, train.variables_of(wide_state)),
+                                      (model, train.variables_of(dense.state))]))
   bar.update()
   by_teacher = {}
   for name, (t_model, t_vars) in teachers.items():
@@ -607,7 +608,7 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
             student, train.variables_of(taught[0].state), t_model, t_vars,
             ds.x_test)}
     bar.update()
-  main = _mlp_name(teacher_widths)
+  main = teacher_names[0]
   out["mlp"]["distill"] = {
       "student": "-".join(str(w) for w in (int(np.prod(ds.input_shape)), 64, 64,
                                            ds.num_classes)),

@@ -37,6 +37,12 @@ PyTree = Any
 
 # ------------------------------------------------ jaxaccel's transformations
 
+def cosine_adam(learning_rate: float, steps: int) -> optax.GradientTransformation:
+  """Adam with its rate decayed to zero by a cosine over `steps` (the
+  schedule the compression recipes train with)."""
+  return optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+
+
 def param_path(path) -> str:
   """The slash-separated name of a parameter, e.g. 'Dense_0/kernel'."""
   return jax.tree_util.keystr(path, simple=True, separator="/")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,8 +72,7 @@ def test_distill_through_fit_logs_agreement_and_follows_the_teacher(
   test_agree = d.agreement(student, sv, teacher, tv, digits.x_test)
   assert test_agree > 0.9
   # alpha=1: labels are never used; training on shuffled labels changes nothing
-  shuffled = digits.__class__(**{**digits.__dict__,
-                                 "y_train": np.roll(digits.y_train, 1)})
+  shuffled = dataclasses.replace(digits, y_train=np.roll(digits.y_train, 1))
   r2 = d.distill(student, [(teacher, tv)], optax.adam(1e-2), shuffled,
                  epochs=6, batch_size=64, progress=False, temperature=4.0,
                  alpha=1.0)
@@ -140,8 +141,7 @@ def test_mixup_distillation_uses_the_teacher_alone(digits, digits_teacher):
   assert d.agreement(student, train.variables_of(r.state), teacher, tv,
                      digits.x_test) > 0.9
   # the mixed batches are labelled by the teacher: the labels change nothing
-  shuffled = digits.__class__(**{**digits.__dict__,
-                                 "y_train": np.roll(digits.y_train, 1)})
+  shuffled = dataclasses.replace(digits, y_train=np.roll(digits.y_train, 1))
   r2 = d.distill(student, [(teacher, tv)], optax.adam(1e-2), shuffled, **kw)
   jax.tree.map(np.testing.assert_array_equal, r2.state.params, r.state.params)
   # and it is not plain distillation: the inputs really were mixed

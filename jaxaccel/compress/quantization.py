@@ -333,6 +333,13 @@ def mlp_activations(params: PyTree, x: jax.Array) -> list[jax.Array]:
   return inputs
 
 
+def calibration_batches(x: np.ndarray, *, examples: int = 5000,
+                        batch_size: int = 1000) -> list[np.ndarray]:
+  """The first `examples` inputs of x in batches: what `calibrate` reads."""
+  return [x[i:i + batch_size]
+          for i in range(0, min(examples, len(x)), batch_size)]
+
+
 def calibrate(params: PyTree, batches: Iterable, *, bits: int = 8,
               percentile: float = 99.99) -> list:
   """Activation scales for the int8 path, from a few batches of inputs.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccel import data, models, train
+from jaxaccel import data, models, optim, train
 from jaxaccel.compress import distillation, pruning, quantization
 from jaxaccel.compress.quantization import QArray, is_qarray
 from jaxaccel.errors import ConfigError
@@ -336,7 +336,7 @@ def compress_run(run_dir, *, prune: float | None = None,
     steps = distill_epochs * (len(ds.x_train) // batch_size)
     result = distillation.distill(
         student, [teacher],
-        optax.adam(optax.cosine_decay_schedule(learning_rate, steps)), ds,
+        optim.cosine_adam(learning_rate, steps), ds,
         epochs=distill_epochs, temperature=temperature, alpha=alpha,
         mixup=mixup,
         batch_size=batch_size, seed=seed, progress=progress)
@@ -383,9 +383,8 @@ def compress_run(run_dir, *, prune: float | None = None,
     qparams = quantization.quantize(params, bits=bits, granularity="channel")
     desc = models.describe(model) or {}
     if bits == 8 and desc.get("name") == "mlp":
-      scales = quantization.calibrate(params, [
-          ds.x_train[i:i + 1000] for i in range(0, min(len(ds.x_train), 5000),
-                                                1000)])
+      scales = quantization.calibrate(
+          params, quantization.calibration_batches(ds.x_train))
       fn = quantization.int8_mlp(qparams, scales)
       path = "int8 matmuls"
     else:
