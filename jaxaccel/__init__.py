@@ -1,20 +1,24 @@
 """jaxaccel: faster training and smaller models in JAX, as pure functions."""
 
-from jaxaccel import compress, data, models, optim, parallel, precision, sweep
+from jaxaccel import (compress, core, data, models, optim, parallel, precision,
+                      sweep, train)
+from jaxaccel.core import (TrainState, init_state, make_eval_step,
+                           make_train_step, warm_start)
 from jaxaccel.data import Dataset, load
 from jaxaccel.errors import (CheckpointError, ConfigError, DataError,
                              JaxaccelError, SpecError)
+from jaxaccel.models import adapt, from_functions
 from jaxaccel.models import create as create_model
-from jaxaccel.train import (EarlyStopping, FitResult, TrainState, evaluate,
-                            fit, init_state, make_eval_step, make_train_step,
-                            predict, warm_start)
+from jaxaccel.train import (EarlyStopping, FitResult, evaluate, fit, load_run,
+                            predict)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
-    "FitResult", "JaxaccelError", "SpecError", "TrainState", "create_model",
-    "data", "evaluate", "fit", "init_state", "load", "make_eval_step",
+    "FitResult", "JaxaccelError", "SpecError", "TrainState", "adapt",
+    "compress", "core", "create_model", "data", "evaluate", "fit",
+    "from_functions", "init_state", "load", "load_run", "make_eval_step",
     "make_train_step", "models", "optim", "parallel", "precision", "predict",
-    "sweep", "warm_start", "compress",
+    "sweep", "train", "warm_start",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import data, models, optim, sweep, train
+from jaxaccel import core, data, models, optim, sweep, train
 
 BATCH = 128
 LEARNING_RATE = 1e-3
@@ -74,9 +74,9 @@ def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
 
 def step_flops(model, tx, input_shape) -> float:
   """FLOPs of one train step, as XLA counts them."""
-  state = train.init_state(model, tx, input_shape)
+  state = core.init_state(model, tx, input_shape)
   batch = {"x": jnp.zeros((BATCH, *input_shape)), "y": jnp.zeros(BATCH, jnp.int32)}
-  compiled = jax.jit(train.make_train_step(model, tx)).lower(state, batch).compile()
+  compiled = jax.jit(core.make_train_step(model, tx)).lower(state, batch).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -339,7 +339,7 @@ def run_sweep_suite(*, learning_rates=SWEEP_LEARNING_RATES, seeds: int = 4,
   configs = [(lr, s) for lr in learning_rates for s in range(seeds)]
   # Both sides initialize with the same eager flax init, whose op-by-op
   # compilation a process pays once: pay it before either side is timed.
-  train.init_variables(model, ds.input_shape, seed=0)
+  core.init_variables(model, ds.input_shape, seed=0)
   bar = tqdm(total=repeats * (1 + len(configs)), desc="bench sweep",
              disable=not progress, leave=False)
   best_vmapped, best_sequential = None, None
@@ -586,8 +586,8 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                        widths=tuple(teacher_widths))
   wide_state = train.fit(wide, _cosine_adam(epochs, per_epoch), ds,
                          epochs=epochs, batch_size=BATCH, progress=False).state
-  teachers = dict(zip(teacher_names, [(wide, train.variables_of(wide_state)),
-                                      (model, train.variables_of(dense.state))]))
+  teachers = dict(zip(teacher_names, [(wide, core.variables_of(wide_state)),
+                                      (model, core.variables_of(dense.state))]))
   bar.update()
   by_teacher = {}
   for name, (t_model, t_vars) in teachers.items():
@@ -605,7 +605,7 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
         "student_distilled": a_kd, "distilled_by_seed": a_taught,
         "gap_closed": round((a_kd - a_alone) / gap, 3) if gap > 0 else None,
         "agreement": distillation.agreement(
-            student, train.variables_of(taught[0].state), t_model, t_vars,
+            student, core.variables_of(taught[0].state), t_model, t_vars,
             ds.x_test)}
     bar.update()
   main = teacher_names[0]
@@ -625,7 +625,7 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   low, ranks = lowrank.factorize(params, energy=0.8)
   small = lowrank.lowrank_model(model, ranks)
   tx = _cosine_adam(2, per_epoch, 3e-4)
-  lstate = train.init_state(small, tx, ds.input_shape)._replace(
+  lstate = core.init_state(small, tx, ds.input_shape)._replace(
       params=low, opt_state=tx.init(low))
   l_before = acc(small, lstate)
   ltuned = train.fit(small, tx, ds, epochs=2, batch_size=BATCH, progress=False,
@@ -762,15 +762,14 @@ def time_one_device(model, ds: data.Dataset, steps: int, *, batch_size: int,
   from jaxaccel import parallel
   sub = _subset(ds, steps * batch_size)
   tx = optax.adam(LEARNING_RATE)
-  fresh = lambda: jax.tree.map(jnp.array, train.init_state(model, tx,
+  fresh = lambda: jax.tree.map(jnp.array, core.init_state(model, tx,
                                                           sub.input_shape))
-  run = train.make_scan_epoch(train.make_train_step(model, tx))
-  x, y = jax.device_put(sub.x_train), jax.device_put(sub.y_train)
-  engine = parallel.make_engine(model, tx, mode="sharded",
-                                devices=jax.devices()[:1])
-  epochs = {"jit": lambda state, order: run(state, x, y, order),
-            "sharded_1": lambda state, order: engine.run_epoch(
-                state, sub.x_train, sub.y_train, order, use_scan=True)}
+  engines = {"jit": parallel.make_engine(model, tx),
+             "sharded_1": parallel.make_engine(model, tx, mode="sharded",
+                                               devices=jax.devices()[:1])}
+  epochs = {side: (lambda state, order, e=e: e.run_epoch(
+      state, sub.x_train, sub.y_train, order, use_scan=True))
+      for side, e in engines.items()}
   states = {side: fresh() for side in epochs}
   times = {side: [] for side in epochs}
   for r in range(rounds + 1):

@@ -61,6 +61,9 @@ class RunDir:
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(self.path / CONFIG)
 
+  def has_config(self) -> bool:
+    return (self.path / CONFIG).is_file()
+
   def read_config(self) -> dict:
     f = self.path / CONFIG
     if not f.is_file():

@@ -97,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                  default="auto")
   p.add_argument("--out", help="run directory (default: runs/<time>-<model>)")
   p.add_argument("--resume", action="store_true",
-                 help="continue the run in --out from its last checkpoint")
+                 help="continue the run in --out from its last checkpoint; "
+                      "with none there yet, start it (safe for requeued jobs)")
+  p.add_argument("--tensorboard", action="store_true",
+                 help="also write each epoch's metrics as TensorBoard scalars "
+                      "to OUT/tensorboard")
   p.add_argument("--parallel", choices=("none", "pmap", "sharded"),
                  default="none", help="data parallelism over the devices")
   p.add_argument("--mesh", help="with --parallel sharded: DATA or DATAxMODEL "
@@ -221,7 +225,7 @@ def _json_default(v):
 
 
 def cmd_train(args) -> None:
-  from jaxaccel import data, models, optim, parallel, train
+  from jaxaccel import core, data, models, optim, parallel, train
   # Joins the other processes before anything touches a device.
   parallel.initialize(args.coordinator, num_processes=args.num_processes,
                       process_id=args.process_id,
@@ -250,14 +254,16 @@ def cmd_train(args) -> None:
             "validation": args.validation, "nan_policy": args.nan_policy,
             "augment": args.augment, "model_name": args.model}
   import jax
+  callbacks = ([core.TensorBoard(pathlib.Path(out) / "tensorboard")]
+               if args.tensorboard else [])
   state = None
   if args.init_from:
     _, source, _ = train.load_run(args.init_from)
-    variables, copied = train.warm_start(model, source, ds.input_shape,
+    variables, copied = core.warm_start(model, source, ds.input_shape,
                                          seed=args.seed)
     from jaxaccel import precision
     _, tx = precision.apply_policy(model, optim.build(calls), args.precision)
-    state = train.init_state(model, tx, ds.input_shape, seed=args.seed,
+    state = core.init_state(model, tx, ds.input_shape, seed=args.seed,
                              variables=variables)
     config["init_from"] = {"run": args.init_from, "copied": copied}
     if not args.no_progress:
@@ -268,7 +274,7 @@ def cmd_train(args) -> None:
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
                      config=config, state=state, parallel=args.parallel,
                      mesh_shape=mesh_shape, precision=args.precision,
-                     fsdp=args.fsdp)
+                     fsdp=args.fsdp, callbacks=callbacks)
   test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
   if not parallel.is_main_process():
     return

@@ -1,7 +1,9 @@
-"""Devices: meshes, pmap and sharded train steps, multi-process start-up.
+"""Devices: meshes, placing state and batches, compiling the one train step,
+multi-process start-up.
 
-This is the only module that knows about devices. `fit(..., parallel=...)`
-hands its epochs to an `Engine` built here:
+This is the only module that knows about devices. `fit` hands every epoch,
+whatever `parallel=` says, to an `Engine` built here around the one train
+step of `jaxaccel.core`:
 
 * "none": one device, `jax.jit`;
 * "pmap": `jax.pmap` over the local devices; each global batch is split
@@ -40,7 +42,6 @@ import socket
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxaccel import optim, precision as precision_lib
-from jaxaccel import train
+from jaxaccel.core import cross_entropy, make_train_step
 from jaxaccel.errors import ConfigError
+from jaxaccel.models import ModelAdapter, adapt
 
 MODES = ("none", "pmap", "sharded")
 DATA_AXIS = "data"
@@ -284,81 +286,7 @@ def describe_shardings(tree) -> list[dict]:
   return rows
 
 
-# ---------------------------------------------------------------- the step
-
-def _mean_floats(tree, axis_name: str):
-  return jax.tree.map(
-      lambda v: jax.lax.pmean(v, axis_name)
-      if jnp.issubdtype(v.dtype, jnp.floating) else v, tree)
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
-                    loss_fn: Callable = train.cross_entropy,
-                    augment: Callable | None = None,
-                    skip_nonfinite: bool = True,
-                    axis_name: str | None = None):
-  """The train step of `jaxaccel.train.make_train_step`, for many devices.
-
-  With `axis_name` (under `pmap`), gradients, the loss, the accuracy and the
-  updated batch-norm statistics are averaged over that axis before the
-  update, so every device applies the same update. Augmentation draws
-  differ per device (the key is folded with the device index), so an
-  augmented pmap run differs from a one-device run by its random draws. When the optimizer state
-  comes from `precision.loss_scaled`, the loss is multiplied by its scale and
-  the optimizer itself skips overflowing steps.
-  """
-  def train_step(state: train.TrainState, batch):
-    rng, aug_key, dropout_key = jax.random.split(state.rng, 3)
-    if axis_name is not None:   # each device draws for its own rows
-      aug_key = jax.random.fold_in(aug_key, jax.lax.axis_index(axis_name))
-    x = augment(aug_key, batch["x"]) if augment is not None else batch["x"]
-    scaled = precision_lib.is_loss_scaled(state.opt_state)
-
-    def loss_of(params):
-      logits, new_model_state = model.apply(
-          {"params": params, **state.model_state}, x, train=True,
-          mutable=list(state.model_state), rngs={"dropout": dropout_key})
-      loss = loss_fn(logits, batch["y"])
-      scaled_loss = loss * state.opt_state.scale if scaled else loss
-      return scaled_loss, (loss, logits, dict(new_model_state))
-
-    (_, (loss, logits, model_state)), grads = jax.value_and_grad(
-        loss_of, has_aux=True)(state.params)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-    if axis_name is not None:
-      grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
-      model_state = _mean_floats(model_state, axis_name)
-
-    def apply_update(_):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), opt_state, model_state
-
-    def keep(_):
-      return state.params, state.opt_state, dict(state.model_state)
-
-    if scaled:
-      # The loss-scale transformation turns an overflowing step into zero
-      # updates and a smaller scale; batch statistics are kept here.
-      finite = train.all_finite(loss, grads)
-      params, opt_state, _ = apply_update(None)
-      model_state = jax.lax.cond(finite, lambda _: model_state,
-                                 lambda _: dict(state.model_state), None)
-    elif skip_nonfinite:
-      finite = train.all_finite(loss, grads)
-      params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep,
-                                                    None)
-    else:
-      finite = jnp.array(True)
-      params, opt_state, model_state = apply_update(None)
-    new_state = train.TrainState(step=state.step + 1, params=params,
-                                 model_state=model_state, opt_state=opt_state,
-                                 rng=rng)
-    metrics = {"loss": jnp.where(finite, loss, 0.0),
-               "accuracy": jnp.where(finite, accuracy, 0.0),
-               "finite": finite.astype(jnp.float32)}
-    return new_state, metrics
-  return train_step
-
+# -------------------------------------------------------------- prefetch
 
 def prefetch(batches: Iterable, size: int = 2) -> Iterator:
   """Yields from `batches` while keeping `size` of them already issued.
@@ -375,33 +303,168 @@ def prefetch(batches: Iterable, size: int = 2) -> Iterator:
     yield queue.popleft()
 
 
-# -------------------------------------------------------------------- engine
+# ------------------------------------------------------------- placements
+
+class Placement:
+  """How one parallel mode puts state and batches on its devices and
+  compiles a function of the state. `Engine` runs every mode through these
+  methods alone; a new mode is one subclass.
+  """
+  mode = "none"
+  axis_name: str | None = None   # the step averages over it (pmap)
+  data_shards = 1                # how many pieces each batch is cut in
+  scan_supported = True          # whole-epoch scans with data on the devices
+
+  def place(self, state):
+    """The state on the devices."""
+    return state
+
+  def host(self, state):
+    """The state as `evaluate` and checkpoints take it."""
+    return state
+
+  def compile(self, fn: Callable, placed) -> Callable:
+    """`fn(state, *args) -> (state, metrics)` compiled, the state donated."""
+    del placed
+    return jax.jit(fn, donate_argnums=0)
+
+  def resident(self, x: np.ndarray):
+    """`x` on the devices for a whole-epoch scan."""
+    return jax.device_put(x)
+
+  def scan_order(self, order):
+    """An epoch's (steps, batch) indices as the compiled scan takes them."""
+    return order
+
+  def constrain(self, batch):
+    """A batch gathered inside the compiled scan, laid out for the step."""
+    return batch
+
+  def batch(self, x: np.ndarray, y: np.ndarray):
+    """One host batch, placed for the compiled step."""
+    return jax.device_put({"x": x, "y": y})
+
+  def metrics(self, metrics):
+    """Metrics as the host reads them (one value per step)."""
+    return metrics
+
+
+class Pmap(Placement):
+  """`jax.pmap` over the local devices: state replicated, batches split along
+  a leading device axis, gradients averaged over the axis "data"."""
+  mode = "pmap"
+  axis_name = DATA_AXIS
+
+  def __init__(self):
+    self.data_shards = jax.local_device_count()
+    self._sharding = NamedSharding(Mesh(np.array(jax.local_devices()),
+                                        (DATA_AXIS,)), P(DATA_AXIS))
+
+  def _replicate(self, a):
+    return jax.device_put(np.broadcast_to(a, (self.data_shards, *np.shape(a)))
+                          if isinstance(a, np.ndarray) else
+                          jnp.broadcast_to(a, (self.data_shards, *a.shape)),
+                          self._sharding)
+
+  def place(self, state):
+    return jax.tree.map(self._replicate, state)
+
+  def host(self, state):
+    first = jax.local_devices()[0]
+    return jax.tree.map(lambda a: jax.device_put(a[0], first), state)
+
+  def compile(self, fn, placed):
+    del placed
+    return jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=0)
+
+  def resident(self, x):   # one full copy per device
+    return self._replicate(x)
+
+  def scan_order(self, order):
+    steps, batch = order.shape
+    n = self.data_shards
+    return jnp.transpose(order.reshape(steps, n, batch // n), (1, 0, 2))
+
+  def batch(self, x, y):
+    n = self.data_shards
+    split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
+    return jax.device_put({"x": split(x), "y": split(y)}, self._sharding)
+
+  def metrics(self, metrics):   # every device holds the averaged values
+    return jax.tree.map(lambda m: m[0], metrics)
+
+
+class Sharded(Placement):
+  """`jax.jit` over a mesh: batches split over "data", the state replicated
+  or split by rules on its paths; many processes when JAX runs several."""
+  mode = "sharded"
+
+  def __init__(self, mesh: Mesh, rules: Sequence[tuple[str, P]] = (),
+               fsdp: bool = False):
+    self.mesh, self.rules, self.fsdp = mesh, tuple(rules), fsdp
+    self.data_shards = mesh.shape[DATA_AXIS]
+    self._batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    self._rows = {}
+
+  @property
+  def scan_supported(self):
+    # A whole-epoch scan needs the data on every device of one process.
+    return jax.process_count() == 1
+
+  def place(self, state):
+    shardings = state_shardings(state, self.mesh, rules=self.rules,
+                                fsdp=self.fsdp)
+    if jax.process_count() > 1:
+      return jax.tree.map(_global_from_host, state, shardings)
+    return jax.device_put(state, shardings)
+
+  def compile(self, fn, placed):
+    out = (jax.tree.map(lambda a: a.sharding, placed),
+           NamedSharding(self.mesh, P()))
+    return jax.jit(fn, out_shardings=out, donate_argnums=0)
+
+  def resident(self, x):   # replicated: any row can be gathered anywhere
+    return jax.device_put(x, NamedSharding(self.mesh, P()))
+
+  def scan_order(self, order):
+    return jax.device_put(order, NamedSharding(self.mesh, P(None, DATA_AXIS)))
+
+  def constrain(self, batch):
+    return jax.lax.with_sharding_constraint(batch, self._batch_sharding)
+
+  def batch(self, x, y):
+    if len(x) not in self._rows:
+      self._rows[len(x)] = _process_rows(self._batch_sharding, len(x))
+    lo, hi = self._rows[len(x)]
+    make = lambda a: jax.make_array_from_process_local_data(
+        self._batch_sharding, a[lo:hi], a.shape)
+    return {"x": make(x), "y": make(y)}
+
+
+# ------------------------------------------------------------------ engine
 
 @dataclasses.dataclass
 class Engine:
-  """Runs `fit`'s epochs on devices; built by `make_engine`.
+  """Runs `fit`'s epochs: the one train step, compiled and fed by a
+  `Placement`; built by `make_engine`.
 
-  `run_epoch` takes and returns the state in host form (one copy, usable by
+  `run_epoch` takes and returns the state in host form (usable by
   `evaluate` and checkpoints) and keeps it placed on the devices in between.
   """
-  mode: str
-  model: nn.Module                       # computing in the policy's dtype
+  model: ModelAdapter                    # computing in the policy's dtype
   tx: optax.GradientTransformation       # wrapped for loss scaling if asked
   step: Callable                         # the pure step
-  mesh: Mesh | None
-  data_shards: int                       # how many pieces each batch is cut in
-  rules: tuple = ()
-  fsdp: bool = False
+  placement: Placement
   _compiled: dict = dataclasses.field(default_factory=dict)
   _resident: dict = dataclasses.field(default_factory=dict)
 
   @property
-  def multi_process(self) -> bool:
-    return jax.process_count() > 1
+  def mode(self) -> str:
+    return self.placement.mode
 
   def check_batch(self, batch_size: int) -> None:
     """ConfigError when a global batch does not split evenly over devices."""
-    n = self.data_shards
+    n = self.placement.data_shards
     if batch_size % n:
       lower = batch_size // n * n
       raise ConfigError(
@@ -409,132 +472,42 @@ class Engine:
           f"parallel={self.mode!r}: use a multiple of {n}, e.g. "
           f"{lower or n} or {lower + n}")
 
-  # -------------------------------------------------------------- placement
-  def place(self, state):
-    """The state on the devices (replicated, or split by the rules)."""
-    if self.mode == "none":
-      return state
-    if self.mode == "pmap":
-      n = jax.local_device_count()
-      sharding = NamedSharding(self._pmap_mesh(), P(DATA_AXIS))
-      return jax.tree.map(lambda a: jax.device_put(
-          jnp.broadcast_to(a, (n, *a.shape)), sharding), state)
-    shardings = state_shardings(state, self.mesh, rules=self.rules, fsdp=self.fsdp)
-    if self.multi_process:
-      return jax.tree.map(_global_from_host, state, shardings)
-    return jax.device_put(state, shardings)
-
-  def host(self, state):
-    """One copy of a placed state, as `evaluate` and checkpoints take it."""
-    if self.mode == "pmap":
-      first = jax.local_devices()[0]
-      return jax.tree.map(lambda a: jax.device_put(a[0], first), state)
-    return state
-
-  # ---------------------------------------------------------------- compile
-  def _batch_sharding(self):
-    return NamedSharding(self.mesh, P(DATA_AXIS))
-
-  def _step_fn(self, placed):
-    if "step" not in self._compiled:
-      if self.mode == "none":
-        fn = jax.jit(self.step, donate_argnums=0)
-      elif self.mode == "pmap":
-        fn = jax.pmap(self.step, axis_name=DATA_AXIS, donate_argnums=0)
-      else:
-        out = (jax.tree.map(lambda a: a.sharding, placed),
-               NamedSharding(self.mesh, P()))
-        fn = jax.jit(self.step, out_shardings=out, donate_argnums=0)
-      self._compiled["step"] = fn
-    return self._compiled["step"]
-
-  def _epoch_fn(self, placed):
-    if "epoch" not in self._compiled:
-      batch_sharding = self._batch_sharding() if self.mode == "sharded" else None
-
-      def run_epoch(state, x, y, order):
-        def body(state, idx):
-          batch = {"x": x[idx], "y": y[idx]}
-          if batch_sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-          return self.step(state, batch)
-        return jax.lax.scan(body, state, order)
-
-      if self.mode == "none":
-        fn = jax.jit(run_epoch, donate_argnums=0)
-      elif self.mode == "pmap":
-        fn = jax.pmap(run_epoch, axis_name=DATA_AXIS, donate_argnums=0)
-      else:
-        out = (jax.tree.map(lambda a: a.sharding, placed),
-               NamedSharding(self.mesh, P()))
-        fn = jax.jit(run_epoch, out_shardings=out, donate_argnums=0)
-      self._compiled["epoch"] = fn
-    return self._compiled["epoch"]
-
   def _on_devices(self, x: np.ndarray):
-    """`x` kept on the devices across epochs (replicated when sharded)."""
+    """`x` kept on the devices across epochs."""
     if id(x) not in self._resident:
-      if self.mode == "sharded":
-        placed = jax.device_put(x, NamedSharding(self.mesh, P()))
-      elif self.mode == "pmap":   # one full copy per device
-        n = jax.local_device_count()
-        placed = jax.device_put(np.broadcast_to(x, (n, *x.shape)),
-                                NamedSharding(self._pmap_mesh(), P(DATA_AXIS)))
-      else:
-        placed = jax.device_put(x)
       # x is kept too, so that its id is not reused while the entry lives.
-      self._resident[id(x)] = (x, placed)
+      self._resident[id(x)] = (x, self.placement.resident(x))
     return self._resident[id(x)][1]
 
-  def _put_batch(self, x: np.ndarray, y: np.ndarray):
-    if self.mode == "none":
-      return jax.device_put({"x": x, "y": y})
-    if self.mode == "pmap":
-      n = jax.local_device_count()
-      split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
-      return jax.device_put({"x": split(x), "y": split(y)},
-                            NamedSharding(self._pmap_mesh(), P(DATA_AXIS)))
-    sharding = self._batch_sharding()
-    key = ("rows", len(x))
-    if key not in self._compiled:
-      self._compiled[key] = _process_rows(sharding, len(x))
-    lo, hi = self._compiled[key]
-    return {"x": jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape),
-            "y": jax.make_array_from_process_local_data(sharding, y[lo:hi], y.shape)}
+  def _compile(self, kind: str, placed) -> Callable:
+    if kind not in self._compiled:
+      p = self.placement
+      if kind == "epoch":
+        def fn(state, x, y, order):
+          def body(state, idx):
+            return self.step(state, p.constrain({"x": x[idx], "y": y[idx]}))
+          return jax.lax.scan(body, state, order)
+      else:
+        fn = self.step
+      self._compiled[kind] = p.compile(fn, placed)
+    return self._compiled[kind]
 
-  def _pmap_mesh(self) -> Mesh:
-    if "pmap_mesh" not in self._compiled:
-      self._compiled["pmap_mesh"] = Mesh(np.array(jax.local_devices()),
-                                         (DATA_AXIS,))
-    return self._compiled["pmap_mesh"]
-
-  def scan_supported(self) -> bool:
-    """Whole-epoch scans need the data on every device of one process."""
-    return not self.multi_process
-
-  # ------------------------------------------------------------------- run
   def run_epoch(self, state, x: np.ndarray, y: np.ndarray, order, *,
                 use_scan: bool, progress: bool = False, desc: str = "epoch"):
     """Trains one epoch over the batches `order` (steps, batch_size).
 
     Returns the state in host form and the metrics of every step.
     """
-    placed = self.place(state)
-    if use_scan and self.scan_supported():
-      run = self._epoch_fn(placed)
-      if self.mode == "pmap":
-        n = jax.local_device_count()
-        steps, batch = order.shape
-        order = jnp.transpose(order.reshape(steps, n, batch // n), (1, 0, 2))
-      elif self.mode == "sharded":
-        order = jax.device_put(order, NamedSharding(self.mesh, P(None, DATA_AXIS)))
-      placed, metrics = run(placed, self._on_devices(x), self._on_devices(y), order)
-      if self.mode == "pmap":
-        metrics = jax.tree.map(lambda m: m[0], metrics)
-      return self.host(placed), metrics
-    step = self._step_fn(placed)
+    p = self.placement
+    placed = p.place(state)
+    if use_scan and p.scan_supported:
+      run = self._compile("epoch", placed)
+      placed, metrics = run(placed, self._on_devices(x), self._on_devices(y),
+                            p.scan_order(order))
+      return p.host(placed), p.metrics(metrics)
+    step = self._compile("step", placed)
     order = np.asarray(order)
-    batches = (self._put_batch(x[idx], y[idx]) for idx in order)
+    batches = (p.batch(x[idx], y[idx]) for idx in order)
     collected = []
     for i, batch in enumerate(tqdm(prefetch(batches), total=len(order),
                                    desc=desc, leave=False, disable=not progress)):
@@ -542,11 +515,9 @@ class Engine:
       collected.append(m)
       if (i + 1) % SYNC_EVERY == 0:
         jax.block_until_ready(m)
-    metrics = {k: np.stack([np.asarray(m[k]) for m in collected])
+    metrics = {k: np.stack([np.asarray(p.metrics(m)[k]) for m in collected])
                for k in collected[0]}
-    if self.mode == "pmap":
-      metrics = {k: v[:, 0] for k, v in metrics.items()}
-    return self.host(placed), metrics
+    return p.host(placed), metrics
 
 
 def _process_rows(sharding: NamedSharding, rows: int) -> tuple[int, int]:
@@ -568,18 +539,20 @@ def _global_from_host(leaf, sharding: NamedSharding):
   return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
 
 
-def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
+def make_engine(model, tx: optax.GradientTransformation, *,
                 mode: str = "none", mesh_shape: Sequence[int] | None = None,
                 precision: str = "fp32",
                 rules: Sequence[tuple[str, P]] | None = None,
-                fsdp: bool = False, loss_fn: Callable = train.cross_entropy,
+                fsdp: bool = False, loss_fn: Callable = cross_entropy,
                 augment: Callable | None = None,
                 skip_nonfinite: bool = True,
+                teacher: Callable | None = None,
                 devices: Sequence[Any] | None = None) -> Engine:
   """Checks a parallel set-up and builds the engine that runs it.
 
   Args:
-    model: the flax model (computing in float32; the policy may recast it).
+    model: any model `jaxaccel.models.adapt` takes (computing in float32;
+      the policy may recast it).
     tx: the optimizer.
     mode: "none", "pmap" or "sharded".
     mesh_shape: for "sharded", `(data,)` or `(data, model)`; default every
@@ -588,19 +561,18 @@ def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
     rules: `(regex, PartitionSpec)` pairs on state paths; default
       `TENSOR_PARALLEL_RULES` when the mesh has a "model" axis.
     fsdp: also split params and optimizer state over "data".
-    loss_fn, augment, skip_nonfinite: as in `fit`.
+    loss_fn, augment, skip_nonfinite, teacher: as in `fit`.
     devices: for "sharded", the devices of the mesh (default: all).
   """
   if mode not in MODES:
     raise ConfigError(f"unknown parallel mode {mode!r}: use one of "
                       f"{', '.join(MODES)}")
   policy = precision_lib.get_policy(precision)
-  mesh, axis_name = None, None
   if mode == "none":
     if mesh_shape is not None or fsdp or rules:
       raise ConfigError("a mesh, sharding rules and fsdp need "
                         "parallel='sharded'; got parallel='none'")
-    shards = 1
+    placement = Placement()
   elif mode == "pmap":
     if fsdp or rules:
       raise ConfigError("sharding rules and fsdp need parallel='sharded'; "
@@ -615,16 +587,16 @@ def make_engine(model: nn.Module, tx: optax.GradientTransformation, *,
                           f"{tuple(mesh_shape)} has {len(tuple(mesh_shape))}: "
                           "use parallel='sharded' for a data x model mesh")
       _check_device_count(mesh_shape, n, "pmap over")
-    shards, axis_name = n, DATA_AXIS
-    if "axis_name" in getattr(model, "__dataclass_fields__", {}):
-      model = model.clone(axis_name=DATA_AXIS)
+    placement = Pmap()
+    # Batch statistics over the global batch, as one device computes them.
+    model = adapt(model).with_batch_axis(DATA_AXIS)
   else:
     mesh = make_mesh(mesh_shape, devices=devices)
-    shards = mesh.shape[DATA_AXIS]
     if rules is None:
       rules = TENSOR_PARALLEL_RULES if MODEL_AXIS in mesh.shape else ()
+    placement = Sharded(mesh, rules, fsdp)
   model, tx = precision_lib.apply_policy(model, tx, policy)
   step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
-                         skip_nonfinite=skip_nonfinite, axis_name=axis_name)
-  return Engine(mode=mode, model=model, tx=tx, step=step, mesh=mesh,
-                data_shards=shards, rules=tuple(rules or ()), fsdp=fsdp)
+                         skip_nonfinite=skip_nonfinite, teacher=teacher,
+                         axis_name=placement.axis_name)
+  return Engine(model=model, tx=tx, step=step, placement=placement)

@@ -19,7 +19,7 @@ Examples:
   >>> from jaxaccel import precision
   >>> tx = precision.loss_scaled(optax.sgd(0.1), initial_scale=2.0 ** 15)
   >>> state = tx.init({"w": jnp.zeros(3)})
-  >>> float(precision.current_loss_scale(state))
+  >>> float(state.scale)
   32768.0
 """
 
@@ -28,12 +28,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxaccel.errors import ConfigError
+from jaxaccel.models import adapt
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -55,19 +55,15 @@ def get_policy(name: str) -> Policy:
   return Policy(name=name, compute_dtype=dtype, loss_scaling=name == "fp16")
 
 
-def cast_model(model: nn.Module, policy: Policy) -> nn.Module:
-  """The model computing in the policy's dtype; its params stay float32.
+def cast_model(model, policy: Policy):
+  """The model (any kind `models.adapt` takes) computing in the policy's
+  dtype, as an adapter; its params stay float32.
 
-  The registry's models take a `dtype` field; flax layers then cast their
-  float32 params to that dtype for the computation only.
+  A linen module with a `dtype` field is cloned with that dtype, so its
+  layers cast their float32 params for the computation only; any other
+  model runs on params and inputs cast to the dtype.
   """
-  if policy.compute_dtype == jnp.float32:
-    return model
-  if "dtype" not in getattr(model, "__dataclass_fields__", {}):
-    raise ConfigError(f"precision {policy.name!r} needs a model with a `dtype` "
-                      f"field; {type(model).__name__} has none: use "
-                      "precision='fp32' or add the field")
-  return model.clone(dtype=policy.compute_dtype)
+  return adapt(model).with_compute_dtype(policy.compute_dtype)
 
 
 class LossScaleState(NamedTuple):
@@ -84,7 +80,7 @@ def loss_scaled(tx: optax.GradientTransformation, *,
   """Wraps `tx` so it takes gradients of a scaled loss.
 
   The gradients given to `update` are those of `loss * scale` (see
-  `current_loss_scale`). They are divided by the scale; when any is not
+  `LossScaleState.scale`). They are divided by the scale; when any is not
   finite the step changes nothing (zero updates, inner state kept) and the
   scale is divided by `factor`. After `growth_interval` finite steps in a row
   the scale is multiplied by `factor`.
@@ -135,16 +131,8 @@ def is_loss_scaled(opt_state) -> bool:
   return isinstance(opt_state, LossScaleState)
 
 
-def current_loss_scale(opt_state) -> jax.Array:
-  """The loss scale held in an optimizer state (1.0 when unscaled)."""
-  if is_loss_scaled(opt_state):
-    return opt_state.scale
-  return jnp.ones((), jnp.float32)
-
-
-def apply_policy(model: nn.Module, tx: optax.GradientTransformation,
-                 policy: Policy | str):
-  """The model and optimizer a policy trains with: `(model, tx)`."""
+def apply_policy(model, tx: optax.GradientTransformation, policy: Policy | str):
+  """The model (as an adapter) and optimizer a policy trains with."""
   if isinstance(policy, str):
     policy = get_policy(policy)
   model = cast_model(model, policy)

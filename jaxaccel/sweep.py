@@ -11,7 +11,7 @@ together by validation accuracy and drops the worse half every few epochs.
 Examples:
   >>> from jaxaccel import data, models, sweep
   >>> ds = data.load("digits", validation=0.1)
-  >>> model = models.create("mlp:32", num_classes=10)
+  >>> model = models.create("mlp", num_classes=10, widths=(32,))
   >>> out = sweep.sweep(model, "adam(1e-3)", ds, epochs=2, progress=False,
   ...                   grid={"learning_rate": [1e-3, 1e-2]}, seeds=(0, 1))
   >>> len(out.results)
@@ -27,13 +27,12 @@ import math
 import time
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxaccel import optim, train
+from jaxaccel import core, optim, train
 from jaxaccel.data import Dataset
 from jaxaccel.errors import ConfigError, SpecError
 
@@ -62,20 +61,20 @@ class _Family:
   index: int
   tx: object
   entries: list[dict]   # results entries of the configs still trained
-  states: train.TrainState
+  states: core.TrainState
 
 
-def _make_epoch(model: nn.Module, train_step):
+def _make_epoch(model, train_step):
   """One compiled program per epoch for all configurations: each one's
   training scan over its batch order, and its count of correct validation
   answers."""
-  eval_step = train.make_eval_step(model)
+  eval_step = core.make_eval_step(model)
 
   def run_epoch(states, orders, x, y, val_batches):
     def one(state, order):
       state, _ = jax.lax.scan(
           lambda s, idx: train_step(s, {"x": x[idx], "y": y[idx]}), state, order)
-      variables = train.variables_of(state)
+      variables = core.variables_of(state)
       correct = jax.lax.map(lambda b: eval_step(variables, b)["correct"],
                             val_batches)
       return state, jnp.sum(correct)
@@ -118,7 +117,7 @@ def _init_family(model, index, spec, configs, data) -> _Family:
 
   # Initial variables per seed exactly as `fit` makes them (eagerly: a
   # compiled random init costs more than the whole sweep of a small model).
-  per_seed = {seed: train.init_variables(model, data.input_shape, seed=seed)
+  per_seed = {seed: core.init_variables(model, data.input_shape, seed=seed)
               for seed in dict.fromkeys(seed for _, seed in configs)}
   variables = jax.tree.map(lambda *v: jnp.stack(v),
                            *[per_seed[seed][0] for _, seed in configs])
@@ -127,13 +126,11 @@ def _init_family(model, index, spec, configs, data) -> _Family:
                        jnp.float32).reshape(len(configs), len(names))
 
   def init_one(variables, rng, values):
-    variables = dict(variables)
-    params = variables.pop("params")
-    opt_state = tx.init(params)
+    state = core.state_from_variables(variables, tx, rng)
     if names:
-      opt_state = optim.set_hyperparams(opt_state, **dict(zip(names, values)))
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            model_state=variables, opt_state=opt_state, rng=rng)
+      state = state._replace(opt_state=optim.set_hyperparams(
+          state.opt_state, **dict(zip(names, values))))
+    return state
   states = jax.jit(jax.vmap(init_one))(variables, rngs, values)
   if optim.has_plateau(states.opt_state):
     raise SpecError("reduce_on_plateau needs fit's per-run validation loss; "
@@ -141,14 +138,14 @@ def _init_family(model, index, spec, configs, data) -> _Family:
   return _Family(index=index, tx=tx, entries=entries, states=states)
 
 
-def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
+def sweep(model, specs, data: Dataset, *, epochs: int,
           grid: dict | None = None, seeds: Sequence[int] = (0,),
           batch_size: int = 128, halving_every: int | None = None,
           sequential_sample: int = 0, progress: bool = True) -> SweepResult:
   """Trains every configuration at once and ranks them by validation accuracy.
 
   Args:
-    model: a flax.linen module.
+    model: any model `jaxaccel.models.adapt` takes.
     specs: one chain spec, or a list of them (optimizer families); each
       gets its own compiled program.
     data: a `Dataset` with a validation split.
@@ -177,7 +174,7 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
     raise ConfigError(f"halving_every must be positive; got {halving_every}")
   if sequential_sample < 0:
     raise ConfigError(f"sequential_sample must be >= 0; got {sequential_sample}")
-  train._check_data(model, data, batch_size)
+  train.check_data(model, data, batch_size)
   configs = configurations(grid, seeds)
 
   t_start = time.perf_counter()
@@ -186,7 +183,7 @@ def sweep(model: nn.Module, specs, data: Dataset, *, epochs: int,
   x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
   n = len(data.x_train)
   val_batches = _stacked_val_batches(data)
-  programs = {f.index: _make_epoch(model, train.make_train_step(model, f.tx))
+  programs = {f.index: _make_epoch(model, core.make_train_step(model, f.tx))
               for f in families}
   finished, epoch_seconds = [], []
   bar = tqdm(range(epochs), desc=f"sweep ({len(specs) * len(configs)} configs)",
@@ -265,7 +262,7 @@ def _sequential_estimate(model, results, data, epochs, batch_size, sample):
 
 # --------------------------------------------------------------- batch size
 
-def sweep_batch_sizes(model: nn.Module, spec, data: Dataset, *,
+def sweep_batch_sizes(model, spec, data: Dataset, *,
                       batch_sizes: Sequence[int], base_batch_size: int = 128,
                       epochs: int, seed: int = 0, target: float | None = None,
                       progress: bool = True) -> dict:

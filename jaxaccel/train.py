@@ -1,8 +1,10 @@
-"""The training core: TrainState, pure steps, fit / evaluate / predict.
+"""fit / evaluate / predict: the epoch loop over the one train step.
 
-A train step is a pure function `(state, batch) -> (state, metrics)`. `fit`
-compiles a whole epoch into one `lax.scan` when the training set fits on the
-device, and streams batches through the compiled step otherwise.
+`fit` compiles a whole epoch into one `lax.scan` when the training set fits
+on the devices, and streams batches through the compiled step otherwise;
+either way the epoch runs on an `Engine` of `jaxaccel.parallel`, which
+places the state and batches for the chosen parallelism. Models are any
+that `jaxaccel.models.adapt` takes: flax linen, flax NNX, plain functions.
 
 Examples:
   >>> import optax
@@ -18,177 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import models, optim
+from jaxaccel import models, optim, parallel as parallel_lib
 from jaxaccel.checkpoint import RunDir
+from jaxaccel.core import (Callback, TrainState, cross_entropy, init_state,
+                           make_eval_step, variables_of)
 from jaxaccel.data import Dataset, check_labels
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
-
-PyTree = Any
-Batch = dict   # {"x": float32 inputs, "y": int32 labels}
-
-
-class TrainState(NamedTuple):
-  """Everything that changes during training, as one pytree."""
-  step: jax.Array          # (), int32: steps taken, skipped ones included
-  params: PyTree
-  model_state: PyTree      # non-trainable collections, e.g. batch_stats
-  opt_state: PyTree
-  rng: jax.Array           # typed PRNG key for augmentation and dropout
-
-
-def init_variables(model: nn.Module, input_shape, *, seed: int = 0
-                   ) -> tuple[dict, jax.Array]:
-  """The model's initial variables for a seed, and the state's first key."""
-  init_key, rng = jax.random.split(jax.random.key(seed))
-  variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32),
-                         train=False)
-  return dict(variables), rng
-
-
-def init_state(model: nn.Module, tx: optax.GradientTransformation,
-               input_shape, *, seed: int = 0,
-               variables: dict | None = None) -> TrainState:
-  """Initializes params, model state and optimizer state from a seed, or
-  starts from given `variables` (see `warm_start`)."""
-  fresh, rng = init_variables(model, input_shape, seed=seed) if (
-      variables is None) else (None, jax.random.split(jax.random.key(seed))[1])
-  variables = dict(variables if variables is not None else fresh)
-  params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    model_state=variables, opt_state=tx.init(params), rng=rng)
-
-
-def warm_start(model: nn.Module, source: dict, input_shape, *,
-               seed: int = 0) -> tuple[dict, list[str]]:
-  """Fresh variables for `model` with every entry of `source` whose path and
-  shape match copied in: transfer learning keeps the body of a trained model
-  and gives a new head (say, for other classes) a fresh initialization.
-
-  Returns:
-    (variables, the paths copied from `source`).
-  """
-  fresh, _ = init_variables(model, input_shape, seed=seed)
-  flat_source = {jax.tree_util.keystr(p): v
-                 for p, v in jax.tree_util.tree_leaves_with_path(source)}
-  copied = []
-
-  def take(path, v):
-    old = flat_source.get(jax.tree_util.keystr(path))
-    if old is not None and old.shape == v.shape and old.dtype == v.dtype:
-      copied.append(optim.param_path(path))
-      return jnp.asarray(old)
-    return v
-  variables = jax.tree_util.tree_map_with_path(take, dict(fresh))
-  if not copied:
-    raise CheckpointError("warm start copied nothing: no variable of the "
-                          "source has the path and shape of one of this model")
-  return variables, copied
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross entropy against integer labels, computed in float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
-
-
-def all_finite(*trees) -> jax.Array:
-  """True when every leaf of every tree is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]
-  return jnp.all(jnp.stack(leaves))
-
-
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
-                    loss_fn: Callable = cross_entropy,
-                    augment: Callable | None = None,
-                    skip_nonfinite: bool = True,
-                    teacher: Callable | None = None):
-  """Builds the pure train step `(state, batch) -> (state, metrics)`.
-
-  A step whose loss or gradients are not finite changes nothing but the step
-  counter and the key; it reports `finite=0` so `fit` can count it. The
-  guard costs one pass over the gradients and one select over params and
-  optimizer state; `skip_nonfinite=False` drops it.
-
-  With a `teacher` (`x -> logits`, or a list of logits), the loss is
-  `loss_fn(logits, labels, teacher_logits)` with the teacher's logits under
-  `stop_gradient`, and the metrics include the student-teacher `agreement`.
-  """
-  def train_step(state: TrainState, batch: Batch):
-    rng, aug_key, dropout_key = jax.random.split(state.rng, 3)
-    x = augment(aug_key, batch["x"]) if augment is not None else batch["x"]
-    targets = (batch["y"],)
-    if teacher is not None:
-      targets += (jax.lax.stop_gradient(teacher(x)),)
-
-    def loss_of(params):
-      logits, new_model_state = model.apply(
-          {"params": params, **state.model_state}, x, train=True,
-          mutable=list(state.model_state), rngs={"dropout": dropout_key})
-      return loss_fn(logits, *targets), (logits, new_model_state)
-
-    (loss, (logits, model_state)), grads = jax.value_and_grad(
-        loss_of, has_aux=True)(state.params)
-
-    def apply_update(_):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return (optax.apply_updates(state.params, updates), opt_state,
-              dict(model_state))
-
-    if skip_nonfinite:
-      # The update runs only on finite steps: no select pass over the state.
-      finite = all_finite(loss, grads)
-      params, opt_state, model_state = jax.lax.cond(
-          finite, apply_update,
-          lambda _: (state.params, state.opt_state, dict(state.model_state)),
-          None)
-    else:
-      finite = jnp.array(True)
-      params, opt_state, model_state = apply_update(None)
-    new_state = TrainState(step=state.step + 1, params=params,
-                           model_state=model_state, opt_state=opt_state,
-                           rng=rng)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-    metrics = {"loss": jnp.where(finite, loss, 0.0),
-               "accuracy": jnp.where(finite, accuracy, 0.0),
-               "finite": finite.astype(jnp.float32)}
-    if teacher is not None:
-      t = targets[1]
-      if isinstance(t, (list, tuple)):    # several teachers: their mean vote
-        t = sum(jax.nn.softmax(ti.astype(jnp.float32)) for ti in t)
-      agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(t, -1))
-      metrics["agreement"] = jnp.where(finite, agreement, 0.0)
-    return new_state, metrics
-  return train_step
-
-
-def make_eval_step(model: nn.Module):
-  """Builds `(variables, batch) -> sums` of cross-entropy, correct answers
-  and examples, for a batch whose padding rows have `mask` 0."""
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["x"], train=False)
-    per_example = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["y"])
-    mask = batch["mask"]
-    correct = (jnp.argmax(logits, -1) == batch["y"]) * mask
-    return {"loss": jnp.sum(per_example * mask), "correct": jnp.sum(correct),
-            "count": jnp.sum(mask)}
-  return eval_step
-
-
-def variables_of(state: TrainState) -> dict:
-  """The flax variables (params and model state) held in a train state."""
-  return {"params": state.params, **state.model_state}
-
+from jaxaccel.models import adapt
 
 def _padded_batches(x: np.ndarray, batch_size: int):
   """Fixed-size batches (the last one padded) so one compile serves all."""
@@ -207,8 +55,8 @@ def _jitted_eval_step(model):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_apply(model):
-  return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+def _jitted_logits(model):
+  return jax.jit(model.logits)
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
@@ -223,7 +71,7 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
     yield {"x": xb, "y": yb, "mask": mask}
 
 
-def evaluate(model: nn.Module, state_or_variables, x: np.ndarray,
+def evaluate(model, state_or_variables, x: np.ndarray,
              y: np.ndarray, *, batch_size: int = 1024) -> dict:
   """Loss and accuracy of a model on (x, y), in eval mode (running BN stats)."""
   variables = (variables_of(state_or_variables)
@@ -231,7 +79,7 @@ def evaluate(model: nn.Module, state_or_variables, x: np.ndarray,
                else state_or_variables)
   if len(x) == 0:
     return {"loss": float("nan"), "accuracy": float("nan")}
-  step = _jitted_eval_step(model)
+  step = _jitted_eval_step(adapt(model))
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
   for batch in eval_batches(x, y, batch_size):
     out = step(variables, batch)
@@ -241,13 +89,13 @@ def evaluate(model: nn.Module, state_or_variables, x: np.ndarray,
           "accuracy": totals["correct"] / totals["count"]}
 
 
-def predict(model: nn.Module, state_or_variables, x: np.ndarray, *,
+def predict(model, state_or_variables, x: np.ndarray, *,
             batch_size: int = 1024) -> np.ndarray:
   """Logits of a model on x, in eval mode, as a numpy array."""
   variables = (variables_of(state_or_variables)
                if isinstance(state_or_variables, TrainState)
                else state_or_variables)
-  apply = _jitted_apply(model)
+  apply = _jitted_logits(adapt(model))
   batch_size = max(1, min(batch_size, len(x)))
   outs = [np.asarray(apply(variables, xb))[:n]
           for xb, n in _padded_batches(np.asarray(x, np.float32), batch_size)]
@@ -294,15 +142,6 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
   return perm[:steps * batch_size].reshape(steps, batch_size)
 
 
-def make_scan_epoch(train_step):
-  """Compiles a whole epoch: gather each batch from device-resident data."""
-  def run_epoch(state, x, y, order):
-    def body(state, idx):
-      return train_step(state, {"x": x[idx], "y": y[idx]})
-    return jax.lax.scan(body, state, order)
-  return jax.jit(run_epoch, donate_argnums=0)
-
-
 def _summarize(metrics: dict) -> dict:
   m = {k: np.asarray(v) for k, v in metrics.items()}
   n_ok = float(m["finite"].sum())
@@ -314,13 +153,14 @@ def _summarize(metrics: dict) -> dict:
              if "agreement" in m else {})}
 
 
-def _check_data(model: nn.Module, data: Dataset, batch_size: int) -> None:
+def check_data(model, data: Dataset, batch_size: int) -> None:
+  """Errors, before any work, for data that `model` cannot train on."""
   if batch_size <= 0:
     raise ConfigError(f"batch size must be positive; got {batch_size}")
   if len(data.x_train) < batch_size:
     raise ConfigError(f"batch size {batch_size} is larger than the {len(data.x_train)} "
                       "training examples; use a smaller --batch-size")
-  num_out = getattr(model, "num_classes", None)
+  num_out = models.output_classes(model, data.input_shape)
   if num_out is not None:
     check_labels(data.y_train, num_out, "training labels")
     check_labels(data.y_test, num_out, "test labels")
@@ -338,7 +178,25 @@ def _describe_tx(tx) -> str:
   return f"optax transformation built in Python ({type(tx).__name__})"
 
 
-def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
+def describe_model(model) -> str:
+  """A process-independent name of a model, recorded in config.json and
+  compared on resume (function and NNX reprs hold memory addresses)."""
+  adapter = adapt(model)
+  if isinstance(adapter, models.LinenModel):
+    return repr(adapter.module)
+  if isinstance(adapter, models.NNXModel):
+    shapes = jax.tree.map(lambda a: list(a.shape),
+                          adapter.init(jax.random.key(0), None)[0])
+    module = adapter.module
+    return f"{type(module).__module__}.{type(module).__qualname__} {shapes}"
+  if isinstance(adapter, models.FunctionModel):
+    names = [f"{f.__module__}.{getattr(f, '__qualname__', type(f).__name__)}"
+             for f in (adapter.init_fn, adapter.apply_fn)]
+    return "functions " + ", ".join(names)
+  return type(adapter).__name__
+
+
+def fit(model, tx: optax.GradientTransformation | optim.Spec,
         data: Dataset, *, epochs: int, batch_size: int = 128, seed: int = 0,
         out=None, resume: bool = False, early_stopping: EarlyStopping | None = None,
         augment: Callable | None = None, loss_fn: Callable = cross_entropy,
@@ -348,19 +206,23 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
         skip_nonfinite: bool = True,
         teacher: Callable | None = None, parallel: str = "none",
         mesh_shape=None, precision: str = "fp32", shard_rules=None,
-        fsdp: bool = False) -> FitResult:
+        fsdp: bool = False, callbacks: Sequence[Callback] = ()) -> FitResult:
   """Trains `model` with the optax transformation `tx` on `data`.
 
   Args:
-    model: a flax.linen module taking `(x, *, train)`.
+    model: a flax linen module (any common call signature), a flax NNX
+      module, or plain functions (see `jaxaccel.models.adapt`).
     tx: any optax transformation, or a chain spec (see `jaxaccel.optim`).
     data: a `Dataset` (see `jaxaccel.data.load`).
     epochs: number of passes over the training set.
     batch_size: examples per step; the last partial batch of an epoch is
       dropped, so every step has the same shape.
-    seed: seeds initialization, batch order and augmentation.
+    seed: seeds initialization (linen and plain functions; an NNX module
+      brings its own initial values), batch order, augmentation, dropout.
     out: a run directory for config.json, metrics.jsonl and checkpoints.
-    resume: continue from the last checkpoint in `out`.
+    resume: continue from the last checkpoint in `out`. With no checkpoint
+      there yet (or no directory at all) the run starts fresh and says so on
+      stderr, so a requeued job can always run the same command.
     early_stopping: stop when a validation metric stops improving.
     augment: a pure `(key, x) -> x` applied to each training batch.
     loss_fn: `(logits, labels) -> scalar`.
@@ -382,10 +244,14 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     precision: "fp32", "bf16" or "fp16" (see `jaxaccel.precision`).
     shard_rules: `(regex, PartitionSpec)` pairs on state paths ("sharded").
     fsdp: split params and optimizer state over the "data" axis too.
+    callbacks: `jaxaccel.core.Callback`s, called around every epoch (for
+      example `TensorBoard(logdir)`); one returning True from
+      `on_epoch_end` stops the run.
 
   Returns:
     A `FitResult` with the final state and per-epoch history.
   """
+  model = adapt(model)
   if isinstance(tx, (str, list, dict)):
     spec = optim.to_string(optim.parse(tx))
     tx = optim.build(tx)
@@ -396,81 +262,76 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
   if epoch_mode not in ("auto", "scan", "stream"):
     raise ConfigError(f"unknown epoch_mode {epoch_mode!r}: use auto, scan or "
                       "stream")
-  _check_data(model, data, batch_size)
+  check_data(model, data, batch_size)
   if resume and out is None:
     raise ConfigError("resume needs the run directory: pass out=... "
                       "(--out on the command line)")
 
   run = RunDir(out) if out is not None else None
-  run_config = {"model": repr(model), "model_spec": models.describe(model), "optimizer": spec or _describe_tx(tx),
+  run_config = {"model": describe_model(model),
+                "model_spec": models.describe(model),
+                "optimizer": spec or _describe_tx(tx),
                 "dataset": data.name, "epochs": epochs,
                 "batch_size": batch_size, "seed": seed,
                 "input_shape": list(data.input_shape),
                 "num_classes": data.num_classes, **(config or {})}
-
-  engine = None
-  if (parallel, precision, mesh_shape, shard_rules, fsdp) != (
-      "none", "fp32", None, None, False):
-    from jaxaccel import parallel as parallel_lib
-    if teacher is not None:
-      raise ConfigError("distillation (teacher=...) runs on one device in "
-                        "fp32: drop parallel/precision/mesh options for it")
-    engine = parallel_lib.make_engine(
-        model, tx, mode=parallel, mesh_shape=mesh_shape, precision=precision,
-        rules=shard_rules, fsdp=fsdp, loss_fn=loss_fn, augment=augment,
-        skip_nonfinite=skip_nonfinite)
-    engine.check_batch(batch_size)
-    tx = engine.tx
-    if state is not None and jax.tree.structure(state.opt_state) != (
-        jax.tree.structure(jax.eval_shape(tx.init, state.params))):
-      raise ConfigError(
-          "the given state's optimizer state does not fit the transformation "
-          f"fit runs with precision={precision!r}; build it with the "
-          "optimizer of precision.apply_policy(model, tx, precision)")
+  if (parallel, precision) != ("none", "fp32"):
     run_config.update(parallel=parallel, precision=precision)
+
+  engine = parallel_lib.make_engine(
+      model, tx, mode=parallel, mesh_shape=mesh_shape, precision=precision,
+      rules=shard_rules, fsdp=fsdp, loss_fn=loss_fn, augment=augment,
+      skip_nonfinite=skip_nonfinite, teacher=teacher)
+  engine.check_batch(batch_size)
+  tx = engine.tx
+  if state is not None and jax.tree.structure(state.opt_state) != (
+      jax.tree.structure(jax.eval_shape(tx.init, state.params))):
+    raise ConfigError(
+        "the given state's optimizer state does not fit the transformation "
+        f"fit runs with precision={precision!r}; build it with the "
+        "optimizer of precision.apply_policy(model, tx, precision)")
   # In a multi-process run only process 0 prints and writes run files.
-  primary = engine is None or parallel_lib.is_main_process()
+  primary = parallel_lib.is_main_process()
   progress = progress and primary
 
   fresh = state if state is not None else init_state(
       model, tx, data.input_shape, seed=seed)
   start_epoch, best, bad_epochs, history = 0, None, 0, []
   if resume:
-    old = run.read_config()
-    changed = [k for k in ("model", "optimizer", "dataset", "batch_size", "seed")
-               if old.get(k) != run_config.get(k)]
-    if changed:
-      raise CheckpointError(
-          f"cannot resume {run.path}: {', '.join(changed)} differ(s) from the "
-          f"saved run ({changed[0]}: saved {old.get(changed[0])!r}, now "
-          f"{run_config.get(changed[0])!r}); use the same settings or a new --out")
-    fresh, prog = run.restore(fresh)
-    start_epoch, best, bad_epochs = prog["epoch"], prog["best"], prog["bad_epochs"]
-    history = run.truncate_metrics(start_epoch)
-  elif run is not None:
-    if run.latest_epoch() is not None:
-      raise CheckpointError(f"{run.path} already holds a run; pass --resume to "
-                            "continue it or choose a new --out")
+    if run.has_config():
+      old = run.read_config()
+      changed = [k for k in ("model", "optimizer", "dataset", "batch_size", "seed")
+                 if old.get(k) != run_config.get(k)]
+      if changed:
+        raise CheckpointError(
+            f"cannot resume {run.path}: {', '.join(changed)} differ(s) from the "
+            f"saved run ({changed[0]}: saved {old.get(changed[0])!r}, now "
+            f"{run_config.get(changed[0])!r}); use the same settings or a new --out")
+    if run.latest_epoch() is None:
+      # A requeued job that was killed before its first checkpoint (or never
+      # started) runs the same command: start it fresh.
+      if primary:
+        sys.stderr.write(f"jaxaccel: no checkpoint in {run.path} yet; "
+                         "starting a fresh run\n")
+      resume = False
+    else:
+      fresh, prog = run.restore(fresh)
+      start_epoch, best, bad_epochs = prog["epoch"], prog["best"], prog["bad_epochs"]
+      history = run.truncate_metrics(start_epoch)
+  elif run is not None and run.latest_epoch() is not None:
+    raise CheckpointError(f"{run.path} already holds a run; pass --resume to "
+                          "continue it or choose a new --out")
   if run is not None and not resume and primary:
     run.write_config(run_config)
     run.write_normalization(**data.stats)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
-  state = fresh
 
   n = len(data.x_train)
   steps = n // batch_size
   use_scan = epoch_mode == "scan" or (
       epoch_mode == "auto" and data.x_train.nbytes < scan_max_bytes)
-  if engine is None:   # the engine builds its own step for the devices
-    train_step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
-                                 skip_nonfinite=skip_nonfinite, teacher=teacher)
-  if engine is None and use_scan:
-    run_epoch = make_scan_epoch(train_step)
-    x_dev, y_dev = jax.device_put(data.x_train), jax.device_put(data.y_train)
-  elif engine is None:
-    step_fn = jax.jit(train_step, donate_argnums=0)
   # A fresh copy: donation deletes the buffers of the state passed in.
-  state = jax.tree.map(jnp.array, state)
+  state = jax.tree.map(jnp.array, fresh)
   plateau = optim.has_plateau(state.opt_state)
   if plateau and not len(data.x_val):
     raise ConfigError("reduce_on_plateau watches the validation loss, which "
@@ -479,25 +340,17 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
   stopped_early = False
   t_start = time.perf_counter()
   epoch_seconds = []
+  callbacks = list(callbacks) if primary else []
+  for c in callbacks:
+    c.on_fit_start(start_epoch=start_epoch, epochs=epochs)
   bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs,
              desc="fit", unit="epoch", disable=not progress, leave=False)
   for epoch in bar:
     t0 = time.perf_counter()
     order = epoch_order(seed, epoch, n, batch_size)
-    if engine is not None:
-      state, metrics = engine.run_epoch(
-          state, data.x_train, data.y_train, order, use_scan=use_scan,
-          progress=progress, desc=f"epoch {epoch + 1}")
-    elif use_scan:
-      state, metrics = run_epoch(state, x_dev, y_dev, order)
-    else:
-      order = np.asarray(order)
-      collected = []
-      for idx in tqdm(order, desc=f"epoch {epoch + 1}", leave=False,
-                      disable=not progress):
-        state, m = step_fn(state, {"x": data.x_train[idx], "y": data.y_train[idx]})
-        collected.append(m)
-      metrics = jax.tree.map(lambda *v: jnp.stack(v), *collected)
+    state, metrics = engine.run_epoch(
+        state, data.x_train, data.y_train, order, use_scan=use_scan,
+        progress=progress, desc=f"epoch {epoch + 1}")
     record = {"epoch": epoch + 1, "step": int(state.step), **_summarize(metrics)}
     seconds = time.perf_counter() - t0
     epoch_seconds.append(seconds)
@@ -525,6 +378,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
       else:
         bad_epochs += 1
       stopped_early = bad_epochs >= early_stopping.patience
+    for c in callbacks:
+      stopped_early = bool(c.on_epoch_end(record, state)) or stopped_early
     if run is not None:
       # Metrics first: a kill between the two leaves a line that resume drops.
       if primary:
@@ -534,6 +389,8 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
     if stopped_early:
       break
   bar.close()
+  for c in callbacks:
+    c.on_fit_end(history)
   if run is not None:
     run.close()
   wall = time.perf_counter() - t_start
@@ -544,16 +401,23 @@ def fit(model: nn.Module, tx: optax.GradientTransformation | optim.Spec,
                    steps_per_second=steps * len(timed) / sum(timed) if timed else 0.0)
 
 
-def load_run(path) -> tuple[nn.Module, dict, dict]:
-  """Loads a run directory for inference: (model, variables, config)."""
+def load_run(path, *, model=None) -> tuple[Any, dict, dict]:
+  """Loads a run directory for inference: (model, variables, config).
+
+  Registry models, and linen modules whose class is importable, are rebuilt
+  from config.json. Any other model (NNX, plain functions, a class defined
+  in a notebook) is given as `model`, the object the run was trained with.
+  """
   run = RunDir(path)
   config = run.read_config()
   desc = config.get("model_spec")
-  if not desc:
-    raise CheckpointError(f"{run.path} was trained with a model outside the "
-                          "registry; load it in Python with your model and "
-                          "RunDir.restore_variables")
-  model = models.from_description(desc)
+  if model is None:
+    if not desc:
+      raise CheckpointError(
+          f"{run.path} was trained with a model that config.json cannot "
+          f"rebuild ({config.get('model', 'unknown')}); load it in Python "
+          "with the model object: jaxaccel.train.load_run(path, model=...)")
+    model = models.from_description(desc)
   variables = run.restore_variables()
   run.close()
   return model, variables, config

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import models, train
+from jaxaccel import core, models, train
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.errors import CheckpointError
 
@@ -12,12 +12,12 @@ from jaxaccel.errors import CheckpointError
 def test_save_restore_round_trip_keeps_keys_and_structure(tmp_path):
   model = models.create("mlp", num_classes=3, widths=(4,))
   tx = optax.adam(1e-2)
-  state = train.init_state(model, tx, (5,), seed=7)
+  state = core.init_state(model, tx, (5,), seed=7)
   state = state._replace(step=jnp.int32(11),
                          rng=jax.random.fold_in(state.rng, 3))
   run = RunDir(tmp_path)
   run.save(2, state, {"epoch": 2, "best": 0.5, "bad_epochs": 1})
-  like = train.init_state(model, tx, (5,), seed=0)
+  like = core.init_state(model, tx, (5,), seed=0)
   restored, progress = run.restore(like)
   assert progress == {"epoch": 2, "best": 0.5, "bad_epochs": 1}
   assert int(restored.step) == 11
@@ -58,8 +58,8 @@ def test_missing_checkpoint_and_config_errors(tmp_path):
 
 def test_restoring_into_a_different_model_is_a_clear_error(tmp_path):
   tx = optax.sgd(0.1)
-  small = train.init_state(models.create("mlp", num_classes=3, widths=(4,)), tx, (5,))
+  small = core.init_state(models.create("mlp", num_classes=3, widths=(4,)), tx, (5,))
   RunDir(tmp_path).save(1, small, {"epoch": 1, "best": None, "bad_epochs": 0})
-  bigger = train.init_state(models.create("mlp", num_classes=3, widths=(6,)), tx, (5,))
+  bigger = core.init_state(models.create("mlp", num_classes=3, widths=(6,)), tx, (5,))
   with pytest.raises(CheckpointError, match=r"from a different model or optimizer \(array \d+ is \(\(4,\)"):
     RunDir(tmp_path).restore(bigger)

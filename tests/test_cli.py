@@ -111,6 +111,10 @@ def bad_inputs(tmp_path):
   np.save(tmp_path / "wrong.npy", np.zeros((3, 5, 5)))
   (tmp_path / "empty_run").mkdir()
   (tmp_path / "empty_run" / "config.json").write_text("{not json")
+  (tmp_path / "other_run").mkdir()
+  (tmp_path / "other_run" / "config.json").write_text(json.dumps(
+      {"model": "another model", "optimizer": "sgd(0.1)", "dataset": "digits",
+       "batch_size": 128, "seed": 0}))
   t = str(tmp_path)
   return [
       (["train", "--dataset", "mnist"], "unknown data set 'mnist'"),
@@ -130,7 +134,8 @@ def bad_inputs(tmp_path):
        "model 'cnn' needs images"),
       (["train", "--dataset", "digits", "--num-classes", "5"], "must lie in [0, 5)"),
       (["train", "--resume"], "--resume needs --out"),
-      (["train", "--resume", "--out", f"{t}/none"], "config.json is missing"),
+      (["train", "--resume", "--out", f"{t}/other_run"],
+       "cannot resume " + f"{t}/other_run: model, optimizer differ(s)"),
       (["train", "--augment", "rotate"], "unknown augmentation 'rotate'"),
       (["predict", "--run", f"{t}/none", "--input", f"{t}/wrong.npy"],
        "no run found"),
@@ -184,35 +189,59 @@ def test_errors_reach_the_shell_without_traceback(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_kill_9_mid_run_then_resume_gives_identical_parameters(tmp_path):
-  args = ["train", "--model", "mlp:64", "--epochs", "30", "--batch-size", "16",
-          "--optimizer", "sgd(0.05, momentum=0.9)", "--seed", "3",
-          "--no-progress", "--json"]
-  ref = subprocess.run(jaxaccel_cmd(*args, "--out", str(tmp_path / "ref")),
-                       capture_output=True, text=True, timeout=300)
-  assert ref.returncode == 0, ref.stderr
-
-  victim = subprocess.Popen(jaxaccel_cmd(*args, "--out", str(tmp_path / "run")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  ckpt = tmp_path / "run" / "checkpoint"
+def _run_until(cmd, ready, *, settle: float = 0.0):
+  """Starts `cmd`, SIGKILLs it once `ready()` holds (plus `settle` seconds);
+  fails if it ended by itself first."""
+  victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and not (ckpt / "3").exists():
-    time.sleep(0.01)
-  time.sleep(0.137)                        # land somewhere inside a later epoch
+  while time.monotonic() < deadline and not ready() and victim.poll() is None:
+    time.sleep(0.005)
+  time.sleep(settle)
   victim.send_signal(signal.SIGKILL)
-  victim.wait(timeout=60)
-  assert victim.returncode == -signal.SIGKILL, "the run finished before the kill"
-  done = RunDir(tmp_path / "run").latest_epoch()
-  assert done is not None and 3 <= done < 30
+  _, err = victim.communicate(timeout=60)
+  assert victim.returncode == -signal.SIGKILL, f"ended before the kill: {err}"
+  return err
 
-  resumed = subprocess.run(
-      jaxaccel_cmd(*args, "--out", str(tmp_path / "run"), "--resume"),
-      capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr
-  assert json.loads(resumed.stdout.strip().splitlines()[-1])["epochs"] == 30
 
+def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
+    tmp_path, capsys):
+  # A preemptible job re-runs the very same command, --resume included,
+  # from its very first start.
+  args = ["train", "--model", "mlp:64", "--epochs", "12", "--batch-size", "16",
+          "--optimizer", "sgd(0.05, momentum=0.9)", "--seed", "3",
+          "--no-progress", "--json", "--out", str(tmp_path / "run"), "--resume"]
+  run = RunDir(tmp_path / "run")
+  ckpt = tmp_path / "run" / "checkpoint"
+  # 1. before the first checkpoint: the run's config is written, no epoch is.
+  err = _run_until(jaxaccel_cmd(*args),
+                   lambda: (tmp_path / "run" / "config.json").exists())
+  assert "no checkpoint in" in err and "starting a fresh run" in err
+  assert run.latest_epoch() is None
+  # 2. somewhere inside an epoch after the third checkpoint.
+  _run_until(jaxaccel_cmd(*args), lambda: (ckpt / "3").exists(), settle=0.137)
+  # 3. right as the eighth checkpoint lands.
+  _run_until(jaxaccel_cmd(*args), lambda: (ckpt / "8").exists())
+  done = run.latest_epoch()
+  assert done is not None and 8 <= done < 12
+
+  code, out, err = run_cli(capsys, *args)
+  assert code == 0, err
+  assert last_json(out)["epochs"] == 12
+  assert "fresh run" not in err
+  ref_args = [a for a in args if a != "--resume"]
+  ref_args[ref_args.index(str(tmp_path / "run"))] = str(tmp_path / "ref")
+  assert run_cli(capsys, *ref_args)[0] == 0
   a = RunDir(tmp_path / "ref").restore_variables()
-  b = RunDir(tmp_path / "run").restore_variables()
+  b = run.restore_variables()
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  lines = RunDir(tmp_path / "run").read_metrics()
-  assert [m["epoch"] for m in lines] == list(range(1, 31))
+  assert [m["epoch"] for m in run.read_metrics()] == list(range(1, 13))
+
+
+def test_resume_with_no_directory_starts_fresh(tmp_path, capsys):
+  code, out, err = run_cli(capsys, "train", "--model", "mlp:8", "--epochs", "1",
+                           "--out", str(tmp_path / "new"), "--resume",
+                           "--no-progress", "--json")
+  assert code == 0
+  assert f"no checkpoint in {tmp_path / 'new'} yet; starting a fresh run" in err
+  assert RunDir(tmp_path / "new").latest_epoch() == 1

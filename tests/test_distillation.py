@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import models, train
+from jaxaccel import core, data, models, train
 from jaxaccel.compress import distillation as d
 from jaxaccel.errors import ConfigError
 
@@ -57,7 +57,7 @@ def digits_teacher(digits):
   teacher = models.create("mlp", num_classes=10, widths=(64,))
   t = train.fit(teacher, optax.adam(3e-3), digits, epochs=4, batch_size=64,
                 progress=False)
-  return teacher, train.variables_of(t.state)
+  return teacher, core.variables_of(t.state)
 
 
 def test_distill_through_fit_logs_agreement_and_follows_the_teacher(
@@ -68,7 +68,7 @@ def test_distill_through_fit_logs_agreement_and_follows_the_teacher(
                 batch_size=64, progress=False, temperature=4.0, alpha=1.0)
   agree = [h["train_agreement"] for h in r.history]
   assert agree[-1] > agree[0] + 0.3 and agree[-1] > 0.9
-  sv = train.variables_of(r.state)
+  sv = core.variables_of(r.state)
   test_agree = d.agreement(student, sv, teacher, tv, digits.x_test)
   assert test_agree > 0.9
   # alpha=1: labels are never used; training on shuffled labels changes nothing
@@ -85,7 +85,8 @@ def test_distill_through_fit_logs_agreement_and_follows_the_teacher(
      "temperature must be positive; got 0.0"),
     (lambda: d.make_distillation_loss(alpha=1.5), r"must lie in \[0, 1\]; got 1.5"),
     (lambda: d.distill(models.create("mlp", num_classes=5), [(models.create(
-        "mlp", num_classes=10), {})], optax.sgd(0.1), None, epochs=1),
+        "mlp", num_classes=10), {})], optax.sgd(0.1), data.load("digits"),
+        epochs=1),
      "student has 5 output classes but the teacher has 10"),
     (lambda: d.distill(models.create("mlp", num_classes=5), [], optax.sgd(0.1),
                        None, epochs=1), "at least one"),
@@ -105,7 +106,7 @@ def test_several_teachers_through_fit(digits):
     m = models.create("mlp", num_classes=10, widths=(32,))
     r = train.fit(m, optax.adam(3e-3), digits, epochs=3, batch_size=64,
                   seed=seed, progress=False)
-    teachers.append((m, train.variables_of(r.state)))
+    teachers.append((m, core.variables_of(r.state)))
   student = models.create("mlp", num_classes=10, widths=(16,))
   r = d.distill(student, teachers, optax.adam(1e-2), digits, epochs=4,
                 batch_size=64, progress=False)
@@ -113,7 +114,7 @@ def test_several_teachers_through_fit(digits):
   # agreement is with the teachers' mean vote
   x = jnp.asarray(digits.x_test)
   vote = sum(jax.nn.softmax(m.apply(v, x)) for m, v in teachers).argmax(-1)
-  s = student.apply(train.variables_of(r.state), x).argmax(-1)
+  s = student.apply(core.variables_of(r.state), x).argmax(-1)
   assert float(jnp.mean(s == vote)) > 0.8
 
 
@@ -138,7 +139,7 @@ def test_mixup_distillation_uses_the_teacher_alone(digits, digits_teacher):
   kw = dict(epochs=6, batch_size=64, progress=False, temperature=1.0,
             alpha=1.0, mixup=1.0)
   r = d.distill(student, [(teacher, tv)], optax.adam(1e-2), digits, **kw)
-  assert d.agreement(student, train.variables_of(r.state), teacher, tv,
+  assert d.agreement(student, core.variables_of(r.state), teacher, tv,
                      digits.x_test) > 0.9
   # the mixed batches are labelled by the teacher: the labels change nothing
   shuffled = dataclasses.replace(digits, y_train=np.roll(digits.y_train, 1))

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import models, train
+from jaxaccel import core, models, train
 from jaxaccel.compress import lowrank
 from jaxaccel.errors import ConfigError
 
@@ -52,7 +52,7 @@ def test_factorized_model_fine_tunes_in_fit(digits):
   small = lowrank.lowrank_model(model, ranks)
   assert models.count_params(low) < models.count_params(result.state.params)
   tx = optax.adam(3e-3)
-  state = train.init_state(small, tx, digits.input_shape)._replace(
+  state = core.init_state(small, tx, digits.input_shape)._replace(
       params=low, opt_state=tx.init(low))
   before = train.evaluate(small, state, digits.x_test, digits.y_test)["accuracy"]
   tuned = train.fit(small, tx, digits, epochs=3, batch_size=64, progress=False,

@@ -121,8 +121,8 @@ def test_partition_spec_rules_by_path():
      "need parallel='sharded'"),
     (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="sharded",
                                   precision="fp8"), "unknown precision 'fp8'"),
-    (lambda: parallel.make_engine(None, optax.sgd(0.1), mode="sharded"
-                                  ).check_batch(100),
+    (lambda: parallel.make_engine(models.MLP(num_classes=10), optax.sgd(0.1),
+                                  mode="sharded").check_batch(100),
      "batch size 100 does not split over the 8 devices.*e.g. 96 or 104"),
     (lambda: parallel.initialize("127.0.0.1:1234", num_processes=2, process_id=2),
      r"process id 2 is outside 0..1 for 2 processes"),

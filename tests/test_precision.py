@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import data, models, parallel, precision, train
+from jaxaccel import core, data, models, parallel, precision, train
 from jaxaccel.errors import ConfigError
 
 from conftest import requires_fashion_mnist
@@ -41,11 +41,11 @@ def test_scale_never_drops_below_its_floor():
 def test_fp16_step_skips_an_overflow_and_keeps_the_params(digits):
   model, tx = precision.apply_policy(
       models.create("mlp", num_classes=10, widths=(16,)), optax.adam(1e-3), "fp16")
-  assert model.dtype == jnp.float16
+  assert model.module.dtype == jnp.float16
   # A scale this large overflows float16 in the backward pass.
   tx = precision.loss_scaled(optax.adam(1e-3), initial_scale=2.0 ** 30)
-  state = train.init_state(model, tx, digits.input_shape)
-  step = jax.jit(parallel.make_train_step(model, tx))
+  state = core.init_state(model, tx, digits.input_shape)
+  step = jax.jit(core.make_train_step(model, tx))
   batch = {"x": jnp.asarray(digits.x_train[:32]), "y": jnp.asarray(digits.y_train[:32])}
   new, metrics = step(state, batch)
   assert float(metrics["finite"]) == 0.0
@@ -103,12 +103,12 @@ def test_fashion_mnist_bf16_matches_fp32():
 def test_fit_refuses_a_state_built_without_loss_scaling(digits):
   from jaxaccel import optim
   model = models.create("mlp", num_classes=10, widths=(8,))
-  state = train.init_state(model, optim.build("sgd(0.1)"), digits.input_shape)
+  state = core.init_state(model, optim.build("sgd(0.1)"), digits.input_shape)
   with pytest.raises(ConfigError, match="precision='fp16'.*apply_policy"):
     train.fit(model, "sgd(0.1)", digits, epochs=1, precision="fp16",
               state=state, progress=False)
   _, tx = precision.apply_policy(model, optim.build("sgd(0.1)"), "fp16")
-  state = train.init_state(model, tx, digits.input_shape)
+  state = core.init_state(model, tx, digits.input_shape)
   result = train.fit(model, "sgd(0.1)", digits, epochs=1, precision="fp16",
                      state=state, progress=False)
   assert result.history[0]["steps"] == len(digits.x_train) // 128

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxaccel import data, models, optim, train
+from jaxaccel import core, data, models, optim, train
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
 
@@ -100,11 +100,11 @@ def test_transfer_keeps_a_frozen_body_and_trains_a_new_head(digits):
   trained = train.fit(source, "adam(1e-2)", first_half, epochs=10, progress=False)
 
   target = models.create("mlp", num_classes=10, widths=(64,))
-  variables, copied = train.warm_start(target, train.variables_of(trained.state),
+  variables, copied = core.warm_start(target, core.variables_of(trained.state),
                                        digits.input_shape, seed=1)
   assert copied == ["params/Dense_0/bias", "params/Dense_0/kernel"]
   tx = "adam(1e-2) | freeze('Dense_0')"
-  state = train.init_state(target, optim.build(tx), digits.input_shape,
+  state = core.init_state(target, optim.build(tx), digits.input_shape,
                            variables=variables)
   result = train.fit(target, tx, digits, epochs=10, progress=False, state=state)
   jax.tree.map(np.testing.assert_array_equal, result.state.params["Dense_0"],
@@ -114,15 +114,15 @@ def test_transfer_keeps_a_frozen_body_and_trains_a_new_head(digits):
   accuracy = train.evaluate(target, result.state, digits.x_test, digits.y_test)
   assert accuracy["accuracy"] > 0.85
   with pytest.raises(CheckpointError, match="copied nothing"):
-    train.warm_start(target, {"params": {"Other": {"w": jnp.zeros(3)}}},
+    core.warm_start(target, {"params": {"Other": {"w": jnp.zeros(3)}}},
                      digits.input_shape)
 
 
 def test_non_finite_step_is_skipped_and_counted(digits, key):
   model = small_mlp()
   tx = optax.adam(1e-2)
-  state = train.init_state(model, tx, digits.input_shape)
-  step = jax.jit(train.make_train_step(model, tx))
+  state = core.init_state(model, tx, digits.input_shape)
+  step = jax.jit(core.make_train_step(model, tx))
   x = jnp.asarray(digits.x_train[:8])
   y = jnp.asarray(digits.y_train[:8])
   bad_x = x.at[0, 0, 0, 0].set(jnp.nan)
@@ -139,7 +139,7 @@ def test_non_finite_step_is_skipped_and_counted(digits, key):
 
 def test_fit_counts_skipped_steps(digits):
   def exploding_loss(logits, labels):   # infinite on every other step's batch
-    loss = train.cross_entropy(logits, labels)
+    loss = core.cross_entropy(logits, labels)
     return jnp.where(labels[0] % 2 == 0, jnp.inf, loss)
   result = train.fit(small_mlp(), optax.sgd(0.1), digits, epochs=1,
                      batch_size=32, loss_fn=exploding_loss, progress=False)
@@ -157,7 +157,7 @@ def test_batch_norm_statistics_live_in_model_state(digits):
   assert "batch_stats" in state.model_state
   assert not any("batch_stats" in str(p) for p in
                  jax.tree_util.tree_flatten_with_path(state.params)[0])
-  fresh = train.init_state(model, optax.adam(1e-2), digits.input_shape)
+  fresh = core.init_state(model, optax.adam(1e-2), digits.input_shape)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
                        state.model_state, fresh.model_state)
   assert max(jax.tree.leaves(moved)) > 1e-3
@@ -165,7 +165,7 @@ def test_batch_norm_statistics_live_in_model_state(digits):
 
 def test_evaluate_pads_the_last_batch_exactly(digits):
   model = small_mlp()
-  state = train.init_state(model, optax.sgd(0.1), digits.input_shape)
+  state = core.init_state(model, optax.sgd(0.1), digits.input_shape)
   full = train.evaluate(model, state, digits.x_test, digits.y_test, batch_size=297)
   padded = train.evaluate(model, state, digits.x_test, digits.y_test, batch_size=64)
   assert full["accuracy"] == padded["accuracy"]
@@ -290,3 +290,32 @@ def test_a_python_built_chain_resumes_in_a_new_process(digits, tmp_path):
   with pytest.raises(CheckpointError):
     train.fit(small_mlp(), optax.sgd(0.1), digits, epochs=4, progress=False,
               out=tmp_path / "b", resume=True)
+
+
+def test_tensorboard_scalars_read_back_and_callbacks_can_stop(digits, tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import (
+      EventAccumulator)
+
+  class StopAfterTwo(core.Callback):
+    def __init__(self):
+      self.seen = []
+
+    def on_epoch_end(self, record, state):
+      self.seen.append((record["epoch"], int(state.step)))
+      return record["epoch"] == 2
+
+  stop = StopAfterTwo()
+  model = small_mlp()
+  result = train.fit(model, "adam(1e-3)", digits, epochs=5, batch_size=64,
+                     progress=False,
+                     callbacks=[core.TensorBoard(tmp_path / "tb"), stop])
+  assert result.stopped_early and len(result.history) == 2
+  steps = len(digits.x_train) // 64
+  assert stop.seen == [(1, steps), (2, 2 * steps)]
+  events = EventAccumulator(str(tmp_path / "tb"))
+  events.Reload()
+  for name in ("train_loss", "val_accuracy", "learning_rate"):
+    scalars = events.Scalars(name)
+    assert [s.step for s in scalars] == [1, 2]
+    np.testing.assert_allclose([s.value for s in scalars],
+                               [r[name] for r in result.history], rtol=1e-6)

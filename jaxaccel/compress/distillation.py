@@ -27,6 +27,7 @@ import optax
 from jaxaccel import train
 from jaxaccel.data import Dataset
 from jaxaccel.errors import ConfigError
+from jaxaccel.models import adapt, output_classes
 
 PyTree = Any
 
@@ -102,12 +103,13 @@ def teacher_fn(teachers: Sequence[tuple[Any, PyTree]]) -> Callable:
   """`x -> logits` of one teacher, or a list of logits for several.
 
   Args:
-    teachers: (model, variables) pairs, run in eval mode.
+    teachers: (model, variables) pairs, run in eval mode; each model is any
+      kind `jaxaccel.models.adapt` takes.
   """
-  pairs = list(teachers)
+  pairs = [(adapt(m), v) for m, v in teachers]
 
   def run(x):
-    out = [m.apply(v, x, train=False) for m, v in pairs]
+    out = [m.logits(v, x) for m, v in pairs]
     return out[0] if len(out) == 1 else out
   return run
 
@@ -120,15 +122,16 @@ def agreement(student, student_variables, teacher, teacher_variables,
   return float(np.mean(s == t))
 
 
-def check_classes(student, teachers: Sequence[tuple[Any, PyTree]]) -> None:
+def check_classes(student, teachers: Sequence[tuple[Any, PyTree]],
+                  input_shape) -> None:
   """Raises ConfigError when student and teachers have different outputs."""
-  want = getattr(student, "num_classes", None)
+  want = output_classes(student, input_shape)
   for model, _ in teachers:
-    got = getattr(model, "num_classes", None)
+    got = output_classes(model, input_shape)
     if want is not None and got is not None and want != got:
       raise ConfigError(f"the student has {want} output classes but the "
                         f"teacher has {got}: build the student with "
-                        f"num_classes={got}")
+                        f"{got} outputs")
 
 
 def mix_inputs(key: jax.Array, x: jax.Array, concentration: float = 1.0
@@ -152,7 +155,8 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
   """Trains `student` on `data` from one or more trained teachers.
 
   Args:
-    student: a flax model with the teachers' number of classes.
+    student: a model with the teachers' number of classes; student and
+      teachers may be of different kinds (linen, NNX, plain functions).
     teachers: (model, variables) pairs.
     tx: the student's optimizer (or chain spec).
     data: the training data (teachers see the same, augmented, batches).
@@ -172,12 +176,12 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
 
   Examples:
     >>> import optax
-    >>> from jaxaccel import data, models, train
+    >>> from jaxaccel import core, data, models, train
     >>> ds = data.load("digits")
     >>> big = models.create("mlp", num_classes=10, widths=(64,))
     >>> t = train.fit(big, optax.adam(3e-3), ds, epochs=2, progress=False)
     >>> small = models.create("mlp", num_classes=10, widths=(16,))
-    >>> r = distill(small, [(big, train.variables_of(t.state))], optax.adam(3e-3),
+    >>> r = distill(small, [(big, core.variables_of(t.state))], optax.adam(3e-3),
     ...             ds, epochs=2, progress=False)
     >>> 0.0 <= r.history[-1]["train_agreement"] <= 1.0
     True
@@ -185,7 +189,7 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
   teachers = list(teachers)
   if not teachers:
     raise ConfigError("distill needs at least one (model, variables) teacher")
-  check_classes(student, teachers)
+  check_classes(student, teachers, data.input_shape)
   check_options(temperature, alpha, mixup)
   if mixup is not None:
     fit_kwargs["augment"] = _then_mix(fit_kwargs.get("augment"), mixup)

@@ -309,10 +309,19 @@ def prune(params: PyTree, sparsity: float | None, *, method: str = "magnitude",
     sparsity = check_sparsity(sparsity)
   check_scope(scope, pattern)
   flags = _prunable_flags(params, include)
-  scores = compute_scores(params, method, grads=grads, key=key)
-  masks = select_masks(scores, sparsity, prunable=flags,
-                       names=leaf_names(params), scope=scope, pattern=pattern)
-  return apply_masks(params, masks), masks
+  names = leaf_names(params)
+  if method not in METHODS:
+    raise ConfigError(f"unknown pruning method {method!r}: use one of "
+                      f"{', '.join(METHODS)}")
+
+  # One compiled program: leaf by leaf, a model with many layers would spend
+  # seconds dispatching small operations.
+  def run(params, grads, key):
+    scores = compute_scores(params, method, grads=grads, key=key)
+    masks = select_masks(scores, sparsity, prunable=flags, names=names,
+                         scope=scope, pattern=pattern)
+    return apply_masks(params, masks), masks
+  return jax.jit(run)(params, grads, key)
 
 
 # ------------------------------------------------------------------ gradual

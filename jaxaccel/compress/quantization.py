@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxaccel.compress.pruning import leaf_names
 from jaxaccel.errors import ConfigError
+from jaxaccel.models import ModelAdapter, adapt
 
 PyTree = Any
 BITS = (4, 8)
@@ -169,18 +170,23 @@ def quantize(params: PyTree, *, bits: int = 8, granularity: str = "channel",
   include = include or _default_include
   names = leaf_names(params)
   leaves, treedef = jax.tree.flatten(params)
-  out = []
+  flags = []
   for name, x in zip(names, leaves):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
       raise ConfigError(f"cannot quantize leaf {name}: it holds {x.dtype} "
                         "values, not floats; pass floating params only")
-    out.append(quantize_array(x, bits=bits, granularity=granularity,
-                              scheme=scheme, name=name)
-               if include(name, x) else x)
-  return jax.tree.unflatten(treedef, out)
+    flags.append(bool(include(name, x)))
+
+  # One compiled program for all leaves: leaf by leaf, a model with many
+  # layers would spend seconds dispatching small operations.
+  def run(leaves):
+    return [quantize_array(x, bits=bits, granularity=granularity,
+                           scheme=scheme, name=name) if keep else x
+            for name, x, keep in zip(names, leaves, flags)]
+  return jax.tree.unflatten(treedef, jax.jit(run)(leaves))
 
 
+@jax.jit
 def dequantize(tree: PyTree) -> PyTree:
   """Replaces every `QArray` leaf by its float32 value."""
   return jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, tree,
@@ -261,20 +267,20 @@ def fake_quantize_params(params: PyTree, *, bits: int = 8,
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantAwareModel:
+class QuantAwareModel(ModelAdapter):
   """Wraps a model so every forward pass uses fake-quantized params.
 
-  It has the `init` / `apply` surface `fit` uses, so quantization-aware
-  training is `fit(QuantAwareModel(model), tx, data, ...)`. After training,
-  `quantize(params, ...)` with the same options gives exactly the weights
-  the model was trained with.
+  It is a model like any other, so quantization-aware training is
+  `fit(QuantAwareModel(model), tx, data, ...)` for any model kind. After
+  training, `quantize(params, ...)` with the same options gives exactly the
+  weights the model was trained with.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from jaxaccel import models
     >>> qat = QuantAwareModel(models.create("mlp", num_classes=3, widths=(4,)))
-    >>> v = qat.init(jax.random.key(0), jnp.ones((1, 5)))
-    >>> qat.apply(v, jnp.ones((2, 5))).shape
+    >>> params, state = qat.init(jax.random.key(0), jnp.ones((1, 5)))
+    >>> qat.apply(params, state, jnp.ones((2, 5)), train=False)[0].shape
     (2, 3)
   """
   model: Any
@@ -286,18 +292,21 @@ class QuantAwareModel:
     _check_options(self.bits, self.granularity, self.scheme)
 
   @property
-  def num_classes(self):
-    return getattr(self.model, "num_classes", None)
+  def module(self):
+    return adapt(self.model).module
 
-  def init(self, *args, **kwargs):
-    return self.model.init(*args, **kwargs)
+  def init(self, key, sample):
+    return adapt(self.model).init(key, sample)
 
-  def apply(self, variables, *args, **kwargs):
-    variables = dict(variables)
-    variables["params"] = fake_quantize_params(
-        variables["params"], bits=self.bits, granularity=self.granularity,
-        scheme=self.scheme)
-    return self.model.apply(variables, *args, **kwargs)
+  def apply(self, params, model_state, x, *, train, rng=None):
+    params = fake_quantize_params(params, bits=self.bits,
+                                  granularity=self.granularity,
+                                  scheme=self.scheme)
+    return adapt(self.model).apply(params, model_state, x, train=train, rng=rng)
+
+  def with_batch_axis(self, axis_name):
+    return dataclasses.replace(
+        self, model=adapt(self.model).with_batch_axis(axis_name))
 
 
 # ------------------------------------------------------ int8 inference path

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccel import data, models, optim, train
+from jaxaccel import core, data, models, optim, train
 from jaxaccel.compress import distillation, pruning, quantization
 from jaxaccel.compress.quantization import QArray, is_qarray
 from jaxaccel.errors import ConfigError
+from jaxaccel.models import adapt
 
 PyTree = Any
 
@@ -325,7 +326,7 @@ def compress_run(run_dir, *, prune: float | None = None,
   rest = {k: v for k, v in variables.items() if k != "params"}
   kw = dict(latency=latency, repeats=10)
   stages = [measure("original", params,
-                    lambda xb: model.apply(variables, xb, train=False), x, y,
+                    lambda xb: adapt(model).logits(variables, xb), x, y,
                     dense=True, **kw)]
 
   if student_spec is not None:
@@ -340,11 +341,11 @@ def compress_run(run_dir, *, prune: float | None = None,
         epochs=distill_epochs, temperature=temperature, alpha=alpha,
         mixup=mixup,
         batch_size=batch_size, seed=seed, progress=progress)
-    model, variables = student, train.variables_of(result.state)
+    model, variables = student, core.variables_of(result.state)
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
     record = measure(f"student {distill_student}", params,
-                     lambda xb: model.apply(variables, xb, train=False), x, y,
+                     lambda xb: adapt(model).logits(variables, xb), x, y,
                      **kw)
     record["agreement"] = distillation.agreement(model, variables, *teacher, x)
     stages.append(record)
@@ -352,8 +353,8 @@ def compress_run(run_dir, *, prune: float | None = None,
   if do_prune:
     grads = None
     if prune_method in ("saliency", "taylor"):
-      loss = lambda p, b: train.cross_entropy(
-          model.apply({"params": p, **rest}, b[0], train=False), b[1])
+      loss = lambda p, b: core.cross_entropy(
+          adapt(model).logits({"params": p, **rest}, b[0]), b[1])
       grads = pruning.gradient_statistics(loss, params, [
           (ds.x_train[i:i + batch_size], ds.y_train[i:i + batch_size])
           for i in range(0, min(len(ds.x_train), 8 * batch_size), batch_size)])
@@ -364,9 +365,8 @@ def compress_run(run_dir, *, prune: float | None = None,
     label = f"pruned {prune_pattern if pattern_kind == 'n:m' else prune}"
     if finetune_epochs:
       tx = optax.chain(optax.adam(learning_rate), pruning.keep_masks(masks))
-      state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               model_state=rest, opt_state=tx.init(params),
-                               rng=jax.random.key(seed))
+      state = core.state_from_variables({"params": params, **rest}, tx,
+                                        jax.random.key(seed))
       result = train.fit(model, tx, ds, epochs=finetune_epochs,
                          batch_size=batch_size, seed=seed, progress=progress,
                          state=state)
@@ -375,7 +375,7 @@ def compress_run(run_dir, *, prune: float | None = None,
       label += f" +{finetune_epochs} ep"
     pv = {"params": params, **rest}
     stages.append(measure(label, params,
-                          lambda xb: model.apply(pv, xb, train=False), x, y,
+                          lambda xb: adapt(model).logits(pv, xb), x, y,
                           **kw))
 
   if quantize is not None:
@@ -389,7 +389,7 @@ def compress_run(run_dir, *, prune: float | None = None,
       path = "int8 matmuls"
     else:
       qv = {"params": quantization.dequantize(qparams), **rest}
-      fn = lambda xb: model.apply(qv, xb, train=False)
+      fn = lambda xb: adapt(model).logits(qv, xb)
       path = "dequantized float"
     record = measure(f"{quantize} ({path})", qparams, fn, x, y, **kw)
     record["inference"] = path

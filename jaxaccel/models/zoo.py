@@ -1,13 +1,12 @@
-"""flax.linen models and the name -> model registry the command line uses.
+"""jaxaccel's own flax.linen models: MLP, CNN and ResNet-18 for small images.
 
-Models are used only through `model.init(rng, x)` and
-`model.apply(variables, x, train=..., mutable=...)`. Every model takes
-`train` so batch norm can switch between batch and running statistics.
+They are ordinary linen modules taking `(x, *, train)`; the core sees them,
+like any user's model, only through `jaxaccel.models.adapt`.
 
 Examples:
   >>> import jax, jax.numpy as jnp
-  >>> from jaxaccel.models import create
-  >>> model = create("mlp", num_classes=10, widths=(64, 64))
+  >>> from jaxaccel.models import MLP
+  >>> model = MLP(num_classes=10, widths=(64, 64))
   >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   >>> model.apply(variables, jnp.zeros((2, 8, 8, 1))).shape
   (2, 10)
@@ -15,14 +14,11 @@ Examples:
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from jaxaccel.errors import ConfigError, DataError
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -156,95 +152,3 @@ class ResNet(nn.Module):
                        self.axis_name)(x, train=train)
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "resnet18": ResNet,
-}
-# Models that need (height, width, channels) rows; the MLP takes any shape.
-IMAGE_MODELS = ("cnn", "resnet18")
-
-
-def create(name: str, *, num_classes: int, **kwargs) -> nn.Module:
-  """Builds a registered model by name.
-
-  Args:
-    name: "mlp", "cnn" or "resnet18".
-    num_classes: size of the output layer.
-    **kwargs: fields of the model class, e.g. `widths=(64, 64)` for the MLP.
-  """
-  if name not in MODELS:
-    raise ConfigError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
-  cls = MODELS[name]
-  fields = set(cls.__dataclass_fields__) - {"parent", "name"}
-  unknown = set(kwargs) - fields
-  if unknown:
-    raise ConfigError(f"model {name!r} has no option {sorted(unknown)[0]!r}; "
-                      f"its options are {', '.join(sorted(fields))}")
-  if num_classes < 2:
-    raise ConfigError(f"num_classes must be at least 2; got {num_classes}")
-  return cls(num_classes=num_classes, **kwargs)
-
-
-def parse_model_spec(spec: str) -> tuple[str, dict]:
-  """Reads the command line's model spelling: `mlp`, `mlp:300,100`, `cnn:32,64`.
-
-  The numbers after the colon are the hidden widths (MLP) or conv features
-  (CNN) or the base width (ResNet).
-  """
-  name, _, rest = spec.partition(":")
-  if name not in MODELS:
-    raise ConfigError(f"unknown model {name!r}: use one of {', '.join(MODELS)}, "
-                      "optionally with widths, e.g. mlp:300,100")
-  if not rest:
-    return name, {}
-  try:
-    numbers = tuple(int(v) for v in rest.split(","))
-  except ValueError:
-    raise ConfigError(f"model spec {spec!r}: the part after ':' must be "
-                      "comma-separated integers, e.g. mlp:300,100")
-  if any(v <= 0 for v in numbers):
-    raise ConfigError(f"model spec {spec!r}: widths must be positive")
-  key = {"mlp": "widths", "cnn": "features", "resnet18": "width"}[name]
-  if name == "resnet18":
-    if len(numbers) != 1:
-      raise ConfigError(f"model spec {spec!r}: resnet18 takes one base width")
-    return name, {key: numbers[0]}
-  return name, {key: numbers}
-
-
-def check_input(name: str, input_shape: Sequence[int]) -> None:
-  """Raises DataError when a model cannot take inputs of this shape."""
-  if name in IMAGE_MODELS and len(input_shape) != 3:
-    raise DataError(f"model {name!r} needs images of shape (height, width, "
-                    f"channels); the data has rows of shape {tuple(input_shape)}"
-                    ": reshape the data or use --model mlp")
-  if name == "cnn" and min(input_shape[:2]) < 4:
-    raise DataError(f"model 'cnn' pools twice and needs images of at least "
-                    f"4x4; got {tuple(input_shape[:2])}")
-
-
-def describe(model: nn.Module) -> dict | None:
-  """The registry name and options of a model, or None if not registered."""
-  for name, cls in MODELS.items():
-    if type(model) is cls:
-      fields = set(cls.__dataclass_fields__) - {"parent", "name", "num_classes"}
-      kwargs = {f: getattr(model, f) for f in sorted(fields)}
-      kwargs = {k: list(v) if isinstance(v, (tuple, list)) else v
-                for k, v in kwargs.items() if k not in ("dtype", "axis_name")}
-      return {"name": name, "num_classes": model.num_classes, "kwargs": kwargs}
-  return None
-
-
-def from_description(desc: dict) -> nn.Module:
-  """Rebuilds a model from `describe`'s output."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v
-            for k, v in desc["kwargs"].items()}
-  return create(desc["name"], num_classes=desc["num_classes"], **kwargs)
-
-
-def count_params(params) -> int:
-  """Number of scalars in a params pytree."""
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
