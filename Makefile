@@ -34,7 +34,8 @@ fashion-mnist:
 	fi
 
 test: $(VENV)/.installed-test fashion-mnist
-	$(BIN)/python -m pytest -q -rs --timeout=900 --nbmake tests notebooks
+	$(BIN)/python -m pytest -q -rs --timeout=900 --durations=25 --doctest-modules \
+	  --nbmake jaxaccel tests notebooks
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[bench]"

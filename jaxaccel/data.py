@@ -213,12 +213,6 @@ def clean(x: np.ndarray, y: np.ndarray, *, policy: str = "drop"
                   "raise")
 
 
-def one_hot(y: np.ndarray, num_classes: int) -> np.ndarray:
-  """Integer labels (n,) -> float32 one-hot rows (n, num_classes)."""
-  check_labels(y, num_classes, "labels")
-  return np.eye(num_classes, dtype=np.float32)[np.asarray(y)]
-
-
 def check_labels(y: np.ndarray, num_classes: int, what: str) -> None:
   """Raises DataError unless every label lies in [0, num_classes)."""
   y = np.asarray(y)
@@ -305,19 +299,6 @@ def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
               "scale": scale, "normalize": normalize},
       stats=stats)
 
-
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None,
-            drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (x, y) batches, shuffled by `seed` (in order when seed is None)."""
-  order = (np.arange(len(x)) if seed is None
-           else np.random.default_rng(seed).permutation(len(x)))
-  stop = len(x) - len(x) % batch_size if drop_remainder else len(x)
-  for i in range(0, stop, batch_size):
-    idx = order[i:i + batch_size]
-    yield x[idx], y[idx]
-
-
-# --------------------------------------------- augmentation (pure, jit-able)
 
 def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
   """Flips each image of a NHWC batch left-right with probability 1/2."""

@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from jaxaccel import models, train
-from jaxaccel.compress import pruning, quantization as q
+from jaxaccel.compress import pruning, quantization as q, report
 from jaxaccel.errors import ConfigError
 
 from conftest import requires_fashion_mnist
@@ -63,16 +63,31 @@ def test_pruned_zeros_stay_zero(scheme):
     assert bool(jnp.all(jnp.where(m, True, b == 0)))
 
 
+def stored_bytes(tree):
+  return report.size_bytes(tree, sparse=False)
+
+
 def test_sizes_count_the_real_storage():
   params = make_params()
-  dense = q.size_bytes(params)
+  dense = stored_bytes(params)
   assert dense == (12 * 8 + 8 + 8 * 3 + 3) * 4
   q8 = q.quantize(params, bits=8, granularity="tensor")
-  assert q.size_bytes(q8) == (12 * 8 + 8 + 8 * 3 + 3) + 4 * 4
+  assert stored_bytes(q8) == (12 * 8 + 8 + 8 * 3 + 3) + 4 * 4
   q4 = q.quantize(params, bits=4, granularity="channel")
-  assert q.size_bytes(q4) == (48 + 4 + 12 + 2) + (8 + 1 + 3 + 1) * 4
+  assert stored_bytes(q4) == (48 + 4 + 12 + 2) + (8 + 1 + 3 + 1) * 4
   qa = q.quantize(params, bits=8, scheme="asymmetric", granularity="tensor")
-  assert q.size_bytes(qa) == (12 * 8 + 8 + 8 * 3 + 3) + 4 * 4 + 4
+  assert stored_bytes(qa) == (12 * 8 + 8 + 8 * 3 + 3) + 4 * 4 + 4
+
+
+def test_int4_is_stored_two_values_to_a_byte(tmp_path):
+  q4 = q.quantize(make_params(), bits=4, granularity="channel")
+  report.save_compressed(tmp_path, q4)
+  with np.load(tmp_path / "params.npz") as z:
+    values = z["Dense_0/kernel/values"]
+  kernel = q4["Dense_0"]["kernel"]
+  assert values.dtype == np.uint8 and values.size == kernel.values.size // 2
+  np.testing.assert_array_equal(q.unpack_int4(values, kernel.shape),
+                                kernel.values)
 
 
 def test_int4_packing_round_trips():
@@ -97,6 +112,20 @@ def trained_digits_mlp(digits):
   return model, result.state.params
 
 
+def int8_rounded_float_mlp(params, act_scales, x):
+  """The int8 path's arithmetic in float: the same rounding of weights and
+  activations, float matmuls; equal to it up to summation order."""
+  names = sorted(params, key=lambda k: int(k.split("_")[1]))
+  h = x.reshape(x.shape[0], -1)
+  for i, name in enumerate(names):
+    s = act_scales[i]
+    h = jnp.clip(jnp.round(h * (1.0 / s)), -127, 127) * s
+    h = h @ params[name]["kernel"] + params[name]["bias"]
+    if i < len(names) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
 def test_int8_path_matches_float_inference(digits, trained_digits_mlp):
   model, params = trained_digits_mlp
   x = jnp.asarray(digits.x_test)
@@ -104,7 +133,7 @@ def test_int8_path_matches_float_inference(digits, trained_digits_mlp):
   qp = q.quantize(params, bits=8, granularity="channel")
   logits = q.int8_mlp_apply(qp, scales, x)
   # same roundings in float: equal up to summation order
-  ref = q.fake_int8_mlp_apply(q.dequantize(qp), scales, x)
+  ref = int8_rounded_float_mlp(q.dequantize(qp), scales, x)
   np.testing.assert_allclose(logits, ref, atol=1e-4 * float(jnp.abs(ref).max()))
   # against the float model: within the quantization error, same answers
   float_logits = model.apply({"params": params}, x)
@@ -217,4 +246,4 @@ def test_fashion_mnist_int8_ptq_within_a_third_of_a_point(fashion_lenet):
   after = float(np.mean(logits.argmax(-1) == ds.y_test))
   assert after >= before - 0.003, (before, after)
   # one float32 scale per output channel: 3.98x rather than 4x
-  assert q.size_bytes(params) / q.size_bytes(qp) > 3.95
+  assert stored_bytes(params) / stored_bytes(qp) > 3.95

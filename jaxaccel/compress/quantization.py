@@ -12,7 +12,7 @@ Examples:
   >>> qp = q.quantize(params, bits=8, granularity="tensor")
   >>> qp["w"].values.tolist()
   [[64, -127], [0, 32]]
-  >>> q.size_bytes(qp), q.size_bytes(params)
+  >>> qp["w"].nbytes, params["w"].nbytes
   (8, 16)
 """
 
@@ -191,11 +191,6 @@ def dequantize(tree: PyTree) -> PyTree:
   """Replaces every `QArray` leaf by its float32 value."""
   return jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, tree,
                       is_leaf=is_qarray)
-
-
-def size_bytes(tree: PyTree) -> int:
-  """Stored bytes of a params tree: QArrays by their encoding, arrays dense."""
-  return sum(int(x.nbytes) for x in jax.tree.leaves(tree, is_leaf=is_qarray))
 
 
 def pack_int4(values: jax.Array) -> jax.Array:
@@ -508,19 +503,6 @@ def int8_mlp_apply(qparams: PyTree, act_scales: list, x: jax.Array) -> jax.Array
     x: float inputs.
   """
   return int8_forward(int8_layers(qparams, act_scales), x)
-
-
-def fake_int8_mlp_apply(params: PyTree, act_scales: list, x: jax.Array) -> jax.Array:
-  """The float reference of `int8_mlp_apply`: same rounding of weights and
-  activations, float matmuls. Equal to it up to float summation order."""
-  names = _dense_layers(params)
-  h = x.reshape(x.shape[0], -1).astype(jnp.float32)
-  for i, name in enumerate(names):
-    hq = _quantize_activation(h, act_scales[i]).astype(jnp.float32) * act_scales[i]
-    h = hq @ params[name]["kernel"] + params[name]["bias"]
-    if i < len(names) - 1:
-      h = jax.nn.relu(h)
-  return h
 
 
 def predict_int8(qparams: PyTree, act_scales: list, x: np.ndarray, *,

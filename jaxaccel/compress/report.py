@@ -85,11 +85,6 @@ def dense_bytes(params: PyTree) -> int:
              for x in jax.tree.leaves(params, is_leaf=is_qarray))
 
 
-def count_params(tree: PyTree) -> int:
-  return sum(int(np.prod(np.shape(x))) for x in
-             jax.tree.leaves(tree, is_leaf=is_qarray))
-
-
 def sparsity(tree: PyTree) -> float:
   """Fraction of zeros among the kernels (ndim >= 2) of float params."""
   floats = jax.tree.map(lambda x: x.dequantize() if is_qarray(x) else x, tree,
@@ -159,7 +154,7 @@ def measure(name: str, params: PyTree, logits_fn: Callable, x: np.ndarray,
                            for i in range(0, len(x), batch_size)])
   record = {"name": name, "accuracy": accuracy(logits, y),
             "size_bytes": dense_bytes(params) if dense else size_bytes(params),
-            "parameters": count_params(params),
+            "parameters": models.count_params(params),
             "sparsity": round(sparsity(params), 6)}
   record["latency_ms"] = (latencies(logits_fn, x, repeats=repeats)
                           if latency else None)
@@ -236,7 +231,9 @@ def save_compressed(path, tree: PyTree, report: dict | None = None) -> None:
   names = pruning.leaf_names(jax.tree.map(lambda x: 0, tree, is_leaf=is_qarray))
   for name, leaf in zip(names, leaves):
     if isinstance(leaf, QArray):
-      arrays[f"{name}/values"] = np.asarray(leaf.values)
+      # int4 values are stored two to a byte, as `QArray.nbytes` counts them.
+      arrays[f"{name}/values"] = np.asarray(
+          quantization.pack_int4(leaf.values) if leaf.bits == 4 else leaf.values)
       arrays[f"{name}/scale"] = np.asarray(leaf.scale)
       arrays[f"{name}/bits"] = np.asarray(leaf.bits)
       if leaf.zero_point is not None:

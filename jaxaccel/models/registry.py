@@ -149,5 +149,7 @@ def from_description(desc: dict) -> nn.Module:
 
 
 def count_params(params) -> int:
-  """Number of scalars in a params pytree."""
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  """Number of scalars in a params pytree; a leaf object with a shape (a
+  quantized array, say) counts as that many."""
+  shaped = lambda x: not isinstance(x, (dict, list, tuple)) and hasattr(x, "shape")
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params, is_leaf=shaped))
