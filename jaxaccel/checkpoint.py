@@ -112,6 +112,8 @@ class RunDir:
   def latest_epoch(self) -> int | None:
     if not (self.path / "checkpoint").is_dir():
       return None
+    # Another process (a requeued run) may have written since we looked.
+    self.manager.reload()
     return self.manager.latest_step()
 
   def save(self, epoch: int, state, progress: dict) -> None:

@@ -63,3 +63,20 @@ def test_restoring_into_a_different_model_is_a_clear_error(tmp_path):
   bigger = core.init_state(models.create("mlp", num_classes=3, widths=(6,)), tx, (5,))
   with pytest.raises(CheckpointError, match=r"from a different model or optimizer \(array \d+ is \(\(4,\)"):
     RunDir(tmp_path).restore(bigger)
+
+
+def test_a_reader_sees_checkpoints_written_after_it_looked(tmp_path):
+  tx = optax.sgd(0.1)
+  state = core.init_state(models.create("mlp", num_classes=3, widths=(4,)), tx, (5,))
+  writer = RunDir(tmp_path, max_to_keep=2)
+  writer.save(1, state, {"epoch": 1, "best": None, "bad_epochs": 0})
+  reader = RunDir(tmp_path)
+  assert reader.latest_epoch() == 1
+  for epoch in (2, 3):   # epoch 1 is deleted: two are kept
+    writer.save(epoch, state._replace(step=jnp.int32(epoch)),
+                {"epoch": epoch, "best": None, "bad_epochs": 0})
+  assert reader.latest_epoch() == 3
+  restored, progress = reader.restore(state)
+  assert progress["epoch"] == 3 and int(restored.step) == 3
+  writer.close()
+  reader.close()

@@ -211,20 +211,18 @@ def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
   args = ["train", "--model", "mlp:64", "--epochs", "12", "--batch-size", "16",
           "--optimizer", "sgd(0.05, momentum=0.9)", "--seed", "3",
           "--no-progress", "--json", "--out", str(tmp_path / "run"), "--resume"]
-  # A fresh RunDir for every look: a reader's checkpoint manager keeps the
-  # list of checkpoints it saw when it was made.
-  run = lambda: RunDir(tmp_path / "run")
+  run = RunDir(tmp_path / "run")   # one reader, while other processes write
   ckpt = tmp_path / "run" / "checkpoint"
   # 1. before the first checkpoint: the run's config is written, no epoch is.
   err = _run_until(jaxaccel_cmd(*args),
                    lambda: (tmp_path / "run" / "config.json").exists())
   assert "no checkpoint in" in err and "starting a fresh run" in err
-  assert run().latest_epoch() is None
+  assert run.latest_epoch() is None
   # 2. somewhere inside an epoch after the third checkpoint.
   _run_until(jaxaccel_cmd(*args), lambda: (ckpt / "3").exists(), settle=0.137)
   # 3. right as the eighth checkpoint lands.
   _run_until(jaxaccel_cmd(*args), lambda: (ckpt / "8").exists())
-  done = run().latest_epoch()
+  done = run.latest_epoch()
   assert done is not None and 8 <= done < 12
 
   code, out, err = run_cli(capsys, *args)
@@ -235,9 +233,9 @@ def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
   ref_args[ref_args.index(str(tmp_path / "run"))] = str(tmp_path / "ref")
   assert run_cli(capsys, *ref_args)[0] == 0
   a = RunDir(tmp_path / "ref").restore_variables()
-  b = run().restore_variables()
+  b = run.restore_variables()
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert [m["epoch"] for m in run().read_metrics()] == list(range(1, 13))
+  assert [m["epoch"] for m in run.read_metrics()] == list(range(1, 13))
 
 
 def test_resume_with_no_directory_starts_fresh(tmp_path, capsys):
