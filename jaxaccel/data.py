@@ -18,8 +18,6 @@ import gzip
 import os
 import pathlib
 import struct
-from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 import numpy as np

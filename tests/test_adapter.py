@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import model_zoo as zoo
-from jaxaccel import core, data, models, train
+from jaxaccel import core, models, train
 from jaxaccel.compress import pruning, quantization
 from jaxaccel.errors import CheckpointError, ConfigError
 

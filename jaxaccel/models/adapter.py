@@ -242,7 +242,10 @@ class NNXModel(ModelAdapter):
     module = nnx.merge(self.graphdef, self._rng_streams(rng),
                        self._filled(self._params, params),
                        self._filled(self._rest, model_state))
-    module.train() if train else module.eval()
+    if train:
+      module.train()
+    else:
+      module.eval()
     if self.batch_axis is not None:
       for _, sub in nnx.iter_graph(module):
         if isinstance(sub, nnx.BatchNorm) and sub.axis_name is None:
