@@ -9,16 +9,16 @@ from jaxaccel.errors import (CheckpointError, ConfigError, DataError,
                              JaxaccelError, SpecError)
 from jaxaccel.models import adapt, from_functions
 from jaxaccel.models import create as create_model
-from jaxaccel.train import (EarlyStopping, FitResult, evaluate, fit, load_run,
-                            predict)
+from jaxaccel.core import Callback, EarlyStopping, TensorBoard
+from jaxaccel.train import FitConfig, FitResult, evaluate, fit, load_run, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
-    "FitResult", "JaxaccelError", "SpecError", "TrainState", "adapt",
+    "Callback", "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
+    "FitConfig", "FitResult", "JaxaccelError", "SpecError", "TrainState", "adapt",
     "compress", "core", "create_model", "data", "evaluate", "fit",
     "from_functions", "init_state", "load", "load_run", "make_eval_step",
     "make_train_step", "models", "optim", "parallel", "precision", "predict",
-    "sweep", "train", "warm_start",
+    "sweep", "TensorBoard", "train", "warm_start",
 ]

@@ -247,9 +247,9 @@ def cmd_train(args) -> None:
   out = args.out or os.path.join(
       "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}-"
       f"{pathlib.Path(args.dataset).stem}")
-  early = (train.EarlyStopping(patience=args.early_stopping)
+  early = (core.EarlyStopping(patience=args.early_stopping)
            if args.early_stopping else None)
-  config = {"command": "train", "data": args.dataset,
+  run_config = {"command": "train", "data": args.dataset,
             "data_dir": args.data_dir, "normalize": args.normalize,
             "validation": args.validation, "nan_policy": args.nan_policy,
             "augment": args.augment, "model_name": args.model}
@@ -265,14 +265,14 @@ def cmd_train(args) -> None:
     _, tx = precision.apply_policy(model, optim.build(calls), args.precision)
     state = core.init_state(model, tx, ds.input_shape, seed=args.seed,
                              variables=variables)
-    config["init_from"] = {"run": args.init_from, "copied": copied}
+    run_config["init_from"] = {"run": args.init_from, "copied": copied}
     if not args.no_progress:
       print(f"warm start from {args.init_from}: copied {', '.join(copied)}")
   result = train.fit(model, calls, ds, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed, out=out,
                      resume=args.resume, early_stopping=early, augment=augment,
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
-                     config=config, state=state, parallel=args.parallel,
+                     run_config=run_config, state=state, parallel=args.parallel,
                      mesh_shape=mesh_shape, precision=args.precision,
                      fsdp=args.fsdp, callbacks=callbacks)
   test = train.evaluate(model, result.state, ds.x_test, ds.y_test)

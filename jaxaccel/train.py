@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -32,7 +31,8 @@ from tqdm.auto import tqdm
 
 from jaxaccel import models, optim, parallel as parallel_lib
 from jaxaccel.checkpoint import RunDir
-from jaxaccel.core import (Callback, TrainState, cross_entropy, init_state,
+from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
+                           RunDirectory, TrainState, cross_entropy, init_state,
                            make_eval_step, variables_of)
 from jaxaccel.data import Dataset, check_labels
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
@@ -105,18 +105,44 @@ def predict(model, state_or_variables, x: np.ndarray, *,
 # ----------------------------------------------------------------------- fit
 
 @dataclasses.dataclass(frozen=True)
-class EarlyStopping:
-  """Stop when a validation metric has not improved for `patience` epochs."""
-  metric: str = "val_accuracy"    # or "val_loss"
-  patience: int = 3
-  min_delta: float = 0.0
+class FitConfig:
+  """What a `fit` run computes: the loop, the step, the placement.
 
-  def improved(self, value: float, best: float | None) -> bool:
-    if best is None:
-      return True
-    if self.metric.endswith("loss"):
-      return value < best - self.min_delta
-    return value > best + self.min_delta
+  `fit(model, tx, data, FitConfig(epochs=5, parallel="pmap"))` and
+  `fit(model, tx, data, epochs=5, parallel="pmap")` are the same run.
+  """
+  # The loop.
+  epochs: int                   # passes over the training set
+  batch_size: int = 128         # examples per step; an epoch's last partial
+                                # batch is dropped so every step has one shape
+  seed: int = 0                 # initialization (linen, plain functions; an
+                                # NNX module brings its own), batch order,
+                                # augmentation, dropout
+  epoch_mode: str = "auto"      # "scan": the whole epoch compiled, data on
+                                # the devices; "stream": batches fed from the
+                                # host; "auto": scan below scan_max_bytes
+  scan_max_bytes: int = 2 ** 30
+  # The step (see `jaxaccel.core.make_train_step`).
+  loss_fn: Callable = cross_entropy   # (logits, labels[, teacher_logits])
+  augment: Callable | None = None     # pure (key, x) -> x on each batch
+  skip_nonfinite: bool = True   # skip and count non-finite steps
+  teacher: Callable | None = None     # x -> logits, for distillation; each
+                                      # epoch then logs train_agreement
+  precision: str = "fp32"       # "fp32", "bf16" or "fp16"
+  # The placement (see `jaxaccel.parallel`).
+  parallel: str = "none"        # "none", "pmap" or "sharded"; the batch
+                                # must split evenly over the devices
+  mesh_shape: tuple | None = None   # "sharded": (data,) or (data, model)
+  shard_rules: tuple | None = None  # "sharded": (regex, PartitionSpec) pairs
+  fsdp: bool = False            # "sharded": split params and optimizer
+                                # state over "data" too
+
+  def check(self) -> None:
+    if self.epochs <= 0:
+      raise ConfigError(f"epochs must be positive; got {self.epochs}")
+    if self.epoch_mode not in ("auto", "scan", "stream"):
+      raise ConfigError(f"unknown epoch_mode {self.epoch_mode!r}: use auto, "
+                        "scan or stream")
 
 
 @dataclasses.dataclass
@@ -196,17 +222,12 @@ def describe_model(model) -> str:
   return type(adapter).__name__
 
 
-def fit(model, tx: optax.GradientTransformation | optim.Spec,
-        data: Dataset, *, epochs: int, batch_size: int = 128, seed: int = 0,
-        out=None, resume: bool = False, early_stopping: EarlyStopping | None = None,
-        augment: Callable | None = None, loss_fn: Callable = cross_entropy,
-        epoch_mode: str = "auto", scan_max_bytes: int = 2 ** 30,
-        progress: bool = True, config: dict | None = None,
-        state: TrainState | None = None,
-        skip_nonfinite: bool = True,
-        teacher: Callable | None = None, parallel: str = "none",
-        mesh_shape=None, precision: str = "fp32", shard_rules=None,
-        fsdp: bool = False, callbacks: Sequence[Callback] = ()) -> FitResult:
+def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
+        config: FitConfig | None = None, *, state: TrainState | None = None,
+        out=None, resume: bool = False, run_config: dict | None = None,
+        early_stopping: EarlyStopping | None = None,
+        callbacks: Sequence[Callback] = (), progress: bool = True,
+        **options) -> FitResult:
   """Trains `model` with the optax transformation `tx` on `data`.
 
   Args:
@@ -214,191 +235,131 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
       module, or plain functions (see `jaxaccel.models.adapt`).
     tx: any optax transformation, or a chain spec (see `jaxaccel.optim`).
     data: a `Dataset` (see `jaxaccel.data.load`).
-    epochs: number of passes over the training set.
-    batch_size: examples per step; the last partial batch of an epoch is
-      dropped, so every step has the same shape.
-    seed: seeds initialization (linen and plain functions; an NNX module
-      brings its own initial values), batch order, augmentation, dropout.
-    out: a run directory for config.json, metrics.jsonl and checkpoints.
+    config: a `FitConfig`; or give its fields as keywords (`epochs=5`), which
+      also override the ones of `config`.
+    state: a state to start from instead of a fresh one (fine-tuning).
+    out: a run directory for config.json, metrics.jsonl and checkpoints
+      (the `RunDirectory` callback).
     resume: continue from the last checkpoint in `out`. With no checkpoint
       there yet (or no directory at all) the run starts fresh and says so on
       stderr, so a requeued job can always run the same command.
-    early_stopping: stop when a validation metric stops improving.
-    augment: a pure `(key, x) -> x` applied to each training batch.
-    loss_fn: `(logits, labels) -> scalar`.
-    epoch_mode: "scan" (whole epoch compiled, data on device), "stream"
-      (batches fed from the host), or "auto" (scan when the training set is
-      smaller than `scan_max_bytes`).
-    progress: show a progress bar.
-    config: extra entries for config.json (the command line records itself).
-    state: a state to start from instead of a fresh one (fine-tuning).
-    skip_nonfinite: skip (and count) steps whose loss or gradients are not
-      finite; turn off only when speed matters more than that guard.
-    teacher: for distillation, `x -> teacher logits` (see
-      `jaxaccel.compress.distillation`); `loss_fn` then takes
-      `(logits, labels, teacher_logits)` and each epoch logs
-      `train_agreement`.
-    parallel: "none" (one device), "pmap" or "sharded" (see
-      `jaxaccel.parallel`); the batch must split evenly over the devices.
-    mesh_shape: for "sharded", `(data,)` or `(data, model)`.
-    precision: "fp32", "bf16" or "fp16" (see `jaxaccel.precision`).
-    shard_rules: `(regex, PartitionSpec)` pairs on state paths ("sharded").
-    fsdp: split params and optimizer state over the "data" axis too.
+    run_config: extra entries for config.json (the command line records
+      itself there).
+    early_stopping: an `EarlyStopping` callback, run before `callbacks`.
     callbacks: `jaxaccel.core.Callback`s, called around every epoch (for
-      example `TensorBoard(logdir)`); one returning True from
-      `on_epoch_end` stops the run.
+      example `TensorBoard(logdir)`); one setting `loop.stop` ends the run.
+    progress: show progress bars.
 
   Returns:
     A `FitResult` with the final state and per-epoch history.
   """
+  config = (dataclasses.replace(config, **options) if config is not None
+            else FitConfig(**options))
+  config.check()
   model = adapt(model)
   if isinstance(tx, (str, list, dict)):
     spec = optim.to_string(optim.parse(tx))
     tx = optim.build(tx)
   else:
     spec = None
-  if epochs <= 0:
-    raise ConfigError(f"epochs must be positive; got {epochs}")
-  if epoch_mode not in ("auto", "scan", "stream"):
-    raise ConfigError(f"unknown epoch_mode {epoch_mode!r}: use auto, scan or "
-                      "stream")
-  check_data(model, data, batch_size)
+  check_data(model, data, config.batch_size)
   if resume and out is None:
     raise ConfigError("resume needs the run directory: pass out=... "
                       "(--out on the command line)")
 
-  run = RunDir(out) if out is not None else None
-  run_config = {"model": describe_model(model),
-                "model_spec": models.describe(model),
-                "optimizer": spec or _describe_tx(tx),
-                "dataset": data.name, "epochs": epochs,
-                "batch_size": batch_size, "seed": seed,
-                "input_shape": list(data.input_shape),
-                "num_classes": data.num_classes, **(config or {})}
-  if (parallel, precision) != ("none", "fp32"):
-    run_config.update(parallel=parallel, precision=precision)
-
   engine = parallel_lib.make_engine(
-      model, tx, mode=parallel, mesh_shape=mesh_shape, precision=precision,
-      rules=shard_rules, fsdp=fsdp, loss_fn=loss_fn, augment=augment,
-      skip_nonfinite=skip_nonfinite, teacher=teacher)
-  engine.check_batch(batch_size)
-  tx = engine.tx
+      model, tx, mode=config.parallel, mesh_shape=config.mesh_shape,
+      precision=config.precision, rules=config.shard_rules, fsdp=config.fsdp,
+      loss_fn=config.loss_fn, augment=config.augment,
+      skip_nonfinite=config.skip_nonfinite, teacher=config.teacher)
+  engine.check_batch(config.batch_size)
   if state is not None and jax.tree.structure(state.opt_state) != (
-      jax.tree.structure(jax.eval_shape(tx.init, state.params))):
+      jax.tree.structure(jax.eval_shape(engine.tx.init, state.params))):
     raise ConfigError(
         "the given state's optimizer state does not fit the transformation "
-        f"fit runs with precision={precision!r}; build it with the "
+        f"fit runs with precision={config.precision!r}; build it with the "
         "optimizer of precision.apply_policy(model, tx, precision)")
-  # In a multi-process run only process 0 prints and writes run files.
-  primary = parallel_lib.is_main_process()
-  progress = progress and primary
+  if state is None:
+    state = init_state(model, engine.tx, data.input_shape, seed=config.seed)
 
-  fresh = state if state is not None else init_state(
-      model, tx, data.input_shape, seed=seed)
-  start_epoch, best, bad_epochs, history = 0, None, 0, []
-  if resume:
-    if run.has_config():
-      old = run.read_config()
-      changed = [k for k in ("model", "optimizer", "dataset", "batch_size", "seed")
-                 if old.get(k) != run_config.get(k)]
-      if changed:
-        raise CheckpointError(
-            f"cannot resume {run.path}: {', '.join(changed)} differ(s) from the "
-            f"saved run ({changed[0]}: saved {old.get(changed[0])!r}, now "
-            f"{run_config.get(changed[0])!r}); use the same settings or a new --out")
-    if run.latest_epoch() is None:
-      # A requeued job that was killed before its first checkpoint (or never
-      # started) runs the same command: start it fresh.
-      if primary:
-        sys.stderr.write(f"jaxaccel: no checkpoint in {run.path} yet; "
-                         "starting a fresh run\n")
-      resume = False
-    else:
-      fresh, prog = run.restore(fresh)
-      start_epoch, best, bad_epochs = prog["epoch"], prog["best"], prog["bad_epochs"]
-      history = run.truncate_metrics(start_epoch)
-  elif run is not None and run.latest_epoch() is not None:
-    raise CheckpointError(f"{run.path} already holds a run; pass --resume to "
-                          "continue it or choose a new --out")
-  if run is not None and not resume and primary:
-    run.write_config(run_config)
-    run.write_normalization(**data.stats)
-    (run.path / "metrics.jsonl").unlink(missing_ok=True)
+  # Callbacks: the built-in ones that change the state or the stop decision
+  # first, the user's next, the run directory last (it checkpoints them all).
+  hooks = []
+  if optim.has_plateau(state.opt_state):
+    if not len(data.x_val):
+      raise ConfigError("reduce_on_plateau watches the validation loss, which "
+                        "needs a validation split (validation > 0)")
+    hooks.append(PlateauSignal())
+  hooks += [early_stopping] if early_stopping is not None else []
+  hooks += list(callbacks)
+  if out is not None:
+    hooks.append(RunDirectory(
+        out, _run_config(model, spec or _describe_tx(tx), data, config,
+                         run_config), normalization=data.stats, resume=resume))
 
-  n = len(data.x_train)
-  steps = n // batch_size
-  use_scan = epoch_mode == "scan" or (
-      epoch_mode == "auto" and data.x_train.nbytes < scan_max_bytes)
+  # In a multi-process run only process 0 shows progress.
+  progress = progress and parallel_lib.is_main_process()
   # A fresh copy: donation deletes the buffers of the state passed in.
-  state = jax.tree.map(jnp.array, fresh)
-  plateau = optim.has_plateau(state.opt_state)
-  if plateau and not len(data.x_val):
-    raise ConfigError("reduce_on_plateau watches the validation loss, which "
-                      "needs a validation split (validation > 0)")
-
-  stopped_early = False
+  loop = FitLoop(state=jax.tree.map(jnp.array, state), epochs=config.epochs,
+                 callbacks=hooks)
+  for c in hooks:
+    c.on_fit_start(loop)
+  n = len(data.x_train)
+  use_scan = config.epoch_mode == "scan" or (
+      config.epoch_mode == "auto" and data.x_train.nbytes < config.scan_max_bytes)
   t_start = time.perf_counter()
   epoch_seconds = []
-  callbacks = list(callbacks) if primary else []
-  for c in callbacks:
-    c.on_fit_start(start_epoch=start_epoch, epochs=epochs)
-  bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs,
-             desc="fit", unit="epoch", disable=not progress, leave=False)
+  bar = tqdm(range(loop.epoch, config.epochs), initial=loop.epoch,
+             total=config.epochs, desc="fit", unit="epoch",
+             disable=not progress, leave=False)
   for epoch in bar:
     t0 = time.perf_counter()
-    order = epoch_order(seed, epoch, n, batch_size)
-    state, metrics = engine.run_epoch(
-        state, data.x_train, data.y_train, order, use_scan=use_scan,
+    order = epoch_order(config.seed, epoch, n, config.batch_size)
+    loop.state, metrics = engine.run_epoch(
+        loop.state, data.x_train, data.y_train, order, use_scan=use_scan,
         progress=progress, desc=f"epoch {epoch + 1}")
-    record = {"epoch": epoch + 1, "step": int(state.step), **_summarize(metrics)}
-    seconds = time.perf_counter() - t0
-    epoch_seconds.append(seconds)
+    loop.epoch = epoch + 1
+    record = {"epoch": loop.epoch, "step": int(loop.state.step),
+              **_summarize(metrics)}
+    epoch_seconds.append(time.perf_counter() - t0)
     if len(data.x_val):
-      val = evaluate(model, state, data.x_val, data.y_val)
+      val = evaluate(model, loop.state, data.x_val, data.y_val)
       record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-    if plateau:
-      state = state._replace(opt_state=optim.observe_plateau(
-          state.opt_state, record["val_loss"]))
     # Hyperparameters held in the optimizer state: the learning rate first.
     record.update({k: float(v) for k, v in
-                   optim.hyperparams(state.opt_state).items()})
-    record["epoch_seconds"] = round(seconds, 4)
-    history.append(record)
+                   optim.hyperparams(loop.state.opt_state).items()})
+    record["epoch_seconds"] = round(epoch_seconds[-1], 4)
+    loop.history.append(record)
+    for c in hooks:
+      c.on_epoch_end(loop, record)
     bar.set_postfix(loss=f"{record['train_loss']:.4f}",
                     val_acc=f"{record.get('val_accuracy', float('nan')):.4f}")
-
-    if early_stopping is not None:
-      if early_stopping.metric not in record:
-        raise ConfigError(f"early stopping watches {early_stopping.metric!r}, "
-                          "which needs a validation split (validation > 0)")
-      value = record[early_stopping.metric]
-      if early_stopping.improved(value, best):
-        best, bad_epochs = value, 0
-      else:
-        bad_epochs += 1
-      stopped_early = bad_epochs >= early_stopping.patience
-    for c in callbacks:
-      stopped_early = bool(c.on_epoch_end(record, state)) or stopped_early
-    if run is not None:
-      # Metrics first: a kill between the two leaves a line that resume drops.
-      if primary:
-        run.append_metrics(record)
-      run.save(epoch + 1, state, {"epoch": epoch + 1, "best": best,
-                                  "bad_epochs": bad_epochs})
-    if stopped_early:
+    if loop.stop:
       break
   bar.close()
-  for c in callbacks:
-    c.on_fit_end(history)
-  if run is not None:
-    run.close()
+  for c in hooks:
+    c.on_fit_end(loop)
   wall = time.perf_counter() - t_start
   # The first epoch also compiles: time the others when there are any.
   timed = epoch_seconds[1:] or epoch_seconds
-  return FitResult(state=state, history=history, stopped_early=stopped_early,
-                   wall_seconds=wall,
+  steps = n // config.batch_size
+  return FitResult(state=loop.state, history=loop.history,
+                   stopped_early=loop.stop, wall_seconds=wall,
                    steps_per_second=steps * len(timed) / sum(timed) if timed else 0.0)
+
+
+def _run_config(model, optimizer: str, data: Dataset, config: FitConfig,
+                extra: dict | None) -> dict:
+  """config.json of a run: what resume checks and `load_run` rebuilds from."""
+  run_config = {"model": describe_model(model),
+                "model_spec": models.describe(model), "optimizer": optimizer,
+                "dataset": data.name, "epochs": config.epochs,
+                "batch_size": config.batch_size, "seed": config.seed,
+                "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes, **(extra or {})}
+  if (config.parallel, config.precision) != ("none", "fp32"):
+    run_config.update(parallel=config.parallel, precision=config.precision)
+  return run_config
 
 
 def load_run(path, *, model=None) -> tuple[Any, dict, dict]:

@@ -176,10 +176,44 @@ def test_evaluate_pads_the_last_batch_exactly(digits):
 
 
 def test_early_stopping_stops_and_records(digits):
-  stop = train.EarlyStopping(metric="val_loss", patience=1, min_delta=10.0)
+  stop = core.EarlyStopping(metric="val_loss", patience=1, min_delta=10.0)
   result = train.fit(small_mlp(), optax.adam(1e-3), digits, epochs=10,
                      early_stopping=stop, progress=False)
   assert result.stopped_early and len(result.history) == 2
+  with pytest.raises(ConfigError, match="watches val_accuracy or val_loss; got 'loss'"):
+    core.EarlyStopping(metric="loss")
+
+
+def test_early_stopping_resumes_with_its_checkpointed_progress(digits, tmp_path):
+  # With min_delta 10 only the first epoch improves: an uninterrupted run
+  # stops after epoch 1 + patience 3 = 4. A run cut after 2 epochs must
+  # resume with 1 bad epoch already counted and stop at 4 too, not at 6.
+  stop = lambda: core.EarlyStopping(metric="val_loss", patience=3, min_delta=10.0)
+  full = train.fit(small_mlp(), "adam(1e-3)", digits, epochs=10, batch_size=64,
+                   early_stopping=stop(), progress=False)
+  assert len(full.history) == 4 and full.stopped_early
+  train.fit(small_mlp(), "adam(1e-3)", digits, epochs=2, batch_size=64,
+            early_stopping=stop(), out=tmp_path, progress=False)
+  resumed = train.fit(small_mlp(), "adam(1e-3)", digits, epochs=10, batch_size=64,
+                      early_stopping=stop(), out=tmp_path, resume=True,
+                      progress=False)
+  assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+  assert resumed.stopped_early
+  jax.tree.map(np.testing.assert_array_equal, full.state.params,
+               resumed.state.params)
+
+
+def test_fit_config_object_and_keywords_are_the_same_run(digits):
+  config = train.FitConfig(epochs=2, batch_size=64, seed=3)
+  a = train.fit(small_mlp(), "sgd(0.1)", digits, config, progress=False)
+  b = train.fit(small_mlp(), "sgd(0.1)", digits, epochs=2, batch_size=64, seed=3,
+                progress=False)
+  c = train.fit(small_mlp(), "sgd(0.1)", digits, config, seed=4, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, a.state.params, b.state.params)
+  assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
+  assert c.history[-1]["train_loss"] != a.history[-1]["train_loss"]
+  with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+    train.fit(small_mlp(), "sgd(0.1)", digits, epoch=2)
 
 
 def test_resume_in_process_gives_identical_parameters(digits, tmp_path):
@@ -300,9 +334,9 @@ def test_tensorboard_scalars_read_back_and_callbacks_can_stop(digits, tmp_path):
     def __init__(self):
       self.seen = []
 
-    def on_epoch_end(self, record, state):
-      self.seen.append((record["epoch"], int(state.step)))
-      return record["epoch"] == 2
+    def on_epoch_end(self, loop, record):
+      self.seen.append((record["epoch"], int(loop.state.step)))
+      loop.stop = record["epoch"] == 2
 
   stop = StopAfterTwo()
   model = small_mlp()
