@@ -163,8 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("compress", help="prune, quantize or distill a trained run")
   common(p)
-  p.add_argument("--from", dest="from_dir", required=True,
+  p.add_argument("--from", dest="from_dir",
                  help="run directory of `jaxaccel train`")
+  p.add_argument("--recipe", metavar="NAME|PATH.toml",
+                 help="a shipped recipe (see --list-recipes) or a TOML file "
+                      "of [[stages]]; the flags below are a shorthand for one")
+  p.add_argument("--list-recipes", action="store_true",
+                 help="print the shipped recipes and stop")
   p.add_argument("--prune", type=float, metavar="SPARSITY",
                  help="fraction of weights set to zero, in [0, 1)")
   p.add_argument("--prune-method", default="magnitude",
@@ -478,19 +483,39 @@ def _demo_compression_rows(model, state, ds, *, progress: bool) -> list[dict]:
 
 
 def cmd_compress(args) -> None:
-  from jaxaccel.compress import report
-  if (args.prune is None and ":" not in args.prune_pattern
-      and not args.quantize and not args.distill_student):
-    raise ConfigError("nothing to do: give --prune SPARSITY, --quantize "
-                      "int8|int4 and/or --distill-student MODEL")
-  result = report.compress_run(
-      args.from_dir, prune=args.prune, prune_method=args.prune_method,
-      prune_scope=args.prune_scope, prune_pattern=args.prune_pattern,
-      quantize=args.quantize, distill_student=args.distill_student,
-      distill_epochs=args.distill_epochs, temperature=args.temperature,
-      alpha=args.alpha, mixup=args.mixup, finetune_epochs=args.finetune_epochs,
-      learning_rate=args.learning_rate, seed=args.seed,
-      progress=not args.no_progress)
+  from jaxaccel.compress import report, stages
+  if args.list_recipes:
+    recipes = stages.list_recipes()
+    human = "\n".join(f"{name:14s} {text}" for name, text in recipes.items())
+    _emit(args, human, {"recipes": recipes})
+    return
+  if not args.from_dir:
+    raise ConfigError("give the run to compress: --from DIR (the --out of "
+                      "`jaxaccel train`)")
+  flags = dict(prune=args.prune, prune_method=args.prune_method,
+               prune_scope=args.prune_scope, prune_pattern=args.prune_pattern,
+               quantize=args.quantize, distill_student=args.distill_student,
+               distill_epochs=args.distill_epochs,
+               temperature=args.temperature, alpha=args.alpha,
+               mixup=args.mixup, finetune_epochs=args.finetune_epochs,
+               learning_rate=args.learning_rate)
+  if args.recipe:
+    given = [f"--{k.replace('_', '-')}" for k in ("prune", "quantize", "mixup")
+             if flags[k] is not None] + (
+                 ["--finetune-epochs"] if args.finetune_epochs else [])
+    if given:
+      raise ConfigError(f"--recipe {args.recipe} and {', '.join(given)}: give "
+                        "a recipe or the shorthand flags, not both")
+    recipe = stages.load_recipe(args.recipe)["stages"]
+    if args.distill_student:     # the distill recipe takes the student
+      recipe = [dict(s, student=args.distill_student)
+                if s["stage"] == "distill" else s for s in recipe]
+  else:
+    recipe = stages.recipe_from_flags(**flags)
+  result = stages.compress_run(
+      args.from_dir, recipe, settings=stages.Settings(
+          seed=args.seed, progress=not args.no_progress))
+  result["recipe"] = args.recipe or recipe
   params = result.pop("compressed_params")
   if args.out:
     report.save_compressed(args.out, params, result)

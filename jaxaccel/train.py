@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import models, optim, parallel as parallel_lib
+from jaxaccel import data as data_lib, models, optim, parallel as parallel_lib
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
                            RunDirectory, TrainState, cross_entropy, init_state,
@@ -382,3 +382,16 @@ def load_run(path, *, model=None) -> tuple[Any, dict, dict]:
   variables = run.restore_variables()
   run.close()
   return model, variables, config
+
+
+def load_run_data(config: dict) -> Dataset:
+  """The data set a run was trained on, split and scaled as it was, from its
+  config.json (the command line records how it named the data: a path for
+  .npz files)."""
+  return data_lib.load(config.get("data", config["dataset"]),
+                   data_dir=config.get("data_dir"),
+                   validation=config.get("validation", 0.1),
+                   seed=config.get("seed", 0),
+                   normalize=config.get("normalize", "unit"),
+                   nan_policy=config.get("nan_policy", "drop"),
+                   num_classes=config["num_classes"])

@@ -1,9 +1,20 @@
-"""Test set-up: 8 forced CPU devices before jax loads, and shared fixtures."""
+"""Test set-up: 8 forced CPU devices before jax loads, one compilation cache
+for the session, and shared fixtures."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
+# Many tests build the same programs (the same small model, optimizer and
+# batch shape) in fresh closures, and subprocesses and notebook kernels build
+# them again: a compilation cache shared by all of them, new for each
+# session, compiles each program once. Set in the environment, so the
+# command-line subprocesses and notebook kernels use it too.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxaccel-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import numpy as np  # noqa: E402

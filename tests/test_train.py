@@ -298,15 +298,18 @@ def test_fashion_mnist_mlp_reaches_the_bar(fashion_lenet):
 
 @pytest.mark.slow
 @requires_fashion_mnist
-def test_fashion_mnist_cnn_reaches_the_bar():
-  """The 2-conv CNN on Fashion-MNIST: >= 0.916 test accuracy in 5 epochs."""
+def test_fashion_mnist_cnn_learns_real_images():
+  """The 2-conv CNN on a 12,000-image slice of Fashion-MNIST, 2 epochs:
+  >= 0.86 on the full test set (0.8721 measured; a linear model gets about
+  0.84). The README's 5-epoch figure (0.9190) comes from its command."""
   ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
+  ds = dataclasses.replace(ds, x_train=ds.x_train[:12000], y_train=ds.y_train[:12000])
   model = models.create("cnn", num_classes=10)
-  steps = 5 * (60000 // 128)
-  result = train.fit(model, f"adam(cosine_decay_schedule(1e-3, {steps}))", ds,
-                     epochs=5, batch_size=128, progress=False)
+  steps = 2 * (12000 // 128)
+  result = train.fit(model, f"adam(cosine_decay_schedule(2e-3, {steps}))", ds,
+                     epochs=2, batch_size=128, progress=False)
   acc = train.evaluate(model, result.state, ds.x_test, ds.y_test)["accuracy"]
-  assert acc >= 0.916, acc
+  assert acc >= 0.86, acc
 
 
 def test_a_python_built_chain_resumes_in_a_new_process(digits, tmp_path):

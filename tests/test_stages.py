@@ -1,0 +1,94 @@
+"""Compression stages and recipes (jaxaccel/compress/stages.py)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import model_zoo as zoo
+from jaxaccel import core, models, train
+from jaxaccel.compress import pruning, quantization, stages
+from jaxaccel.errors import ConfigError
+
+NO_LATENCY = stages.Settings(latency=False)
+
+
+@pytest.fixture(scope="module")
+def mlp(digits):
+  model = models.create("mlp", num_classes=10, widths=(32,))
+  result = train.fit(model, "adam(3e-3)", digits, epochs=8, batch_size=32,
+                     progress=False)
+  return model, core.variables_of(result.state)
+
+
+def test_every_shipped_recipe_loads_and_checks():
+  for name in stages.list_recipes():
+    recipe = stages.load_recipe(name)
+    assert recipe["description"] and recipe["stages"]
+    assert stages.check_recipe(recipe["stages"])[0][0] in stages.STAGES
+
+
+def test_one_shot_stage_equals_the_pruning_function(mlp, digits):
+  model, variables = mlp
+  _, out, records = stages.run(
+      model, variables, digits,
+      [{"stage": "prune", "sparsity": 0.7, "scope": "global"}],
+      settings=NO_LATENCY)
+  want, _ = pruning.prune(variables["params"], 0.7, scope="global",
+                          key=jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, out["params"], want)
+  assert [r["name"] for r in records] == ["original", "pruned 0.7"]
+  assert records[1]["stage"] == "prune" and records[1]["seconds"] > 0
+  kernels = 64 * 32 + 32 * 10
+  assert records[1]["sparsity"] == pytest.approx(
+      round(0.7 * kernels) / kernels, abs=1e-6)   # of the kernels
+  logits = train.predict(model, out, digits.x_test)
+  assert records[1]["accuracy"] == pytest.approx(
+      float(np.mean(logits.argmax(-1) == digits.y_test)))
+
+
+def test_finetune_keeps_zeros_and_quantize_stores_int8(mlp, digits):
+  model, variables = mlp
+  _, out, records = stages.run(
+      model, variables, digits,
+      [{"stage": "prune", "sparsity": 0.5},
+       {"stage": "finetune", "epochs": 2},
+       {"stage": "quantize", "bits": "int8"}], settings=NO_LATENCY)
+  kernel = out["params"]["Dense_0"]["kernel"]
+  assert quantization.is_qarray(kernel) and kernel.values.dtype == np.int8
+  assert records[2]["sparsity"] == records[1]["sparsity"]   # zeros held
+  assert records[3]["inference"] == "int8 matmuls"
+  assert records[3]["accuracy"] > records[0]["accuracy"] - 0.05
+
+
+def test_stages_run_on_an_nnx_model(digits):
+  model = zoo.NNXMLP(64, (64,), 10, rngs=nnx.Rngs(0))
+  result = train.fit(model, "adam(3e-3)", digits, epochs=5, batch_size=32,
+                     progress=False)
+  variables = core.variables_of(result.state)
+  _, out, records = stages.run(
+      model, variables, digits,
+      [{"stage": "prune", "sparsity": 0.5, "epochs": 2},
+       {"stage": "quantize", "bits": "int8"}], settings=NO_LATENCY)
+  assert records[1]["sparsity"] > 0.45
+  assert records[2]["inference"] == "dequantized float"
+  assert records[2]["accuracy"] > records[0]["accuracy"] - 0.05
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ([], "a recipe needs at least one stage"),
+    ([{"sparsity": 0.5}], "each stage is a table with a 'stage' key"),
+    ([{"stage": "prune", "sparsity": 1.5}], r"sparsity must lie in \[0, 1\).*got 1.5"),
+    ([{"stage": "prune", "sparsity": "0.5"}], "sparsity = '0.5' is not a number"),
+    ([{"stage": "prune", "sparsity": 0.5, "schedule": "gradual"}],
+     "epochs must be a positive integer; got 0"),
+    ([{"stage": "prune", "sparsity": 0.5, "epochs": True}], "epochs = True is not a int"),
+    ([{"stage": "distill"}], "needs a student model spec"),
+    ([{"stage": "factorize"}], "needs exactly one of energy or rank"),
+    ([{"stage": "quantize", "bits": "int3"}], "unsupported quantization 'int3'"),
+    ([{"stage": "finetune", "epochs": 1, "min_steps": -5}],
+     "min_steps must be a non-negative integer; got -5"),
+])
+def test_bad_recipes_name_the_stage_and_value(recipe, message):
+  with pytest.raises(ConfigError, match=message):
+    stages.check_recipe(recipe)
