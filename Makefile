@@ -33,9 +33,11 @@ fashion-mnist:
 	  fi; \
 	fi
 
+# Two workers: many tests are bound by single-threaded XLA compiles, and the
+# multi-process tests mostly wait; both overlap with the other worker's work.
 test: $(VENV)/.installed-test fashion-mnist
-	$(BIN)/python -m pytest -q -rs --timeout=900 --durations=25 --doctest-modules \
-	  --nbmake jaxaccel tests notebooks
+	$(BIN)/python -m pytest -q -rs -n 2 --dist worksteal --timeout=900 --durations=25 \
+	  --doctest-modules --nbmake jaxaccel tests notebooks
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[bench]"

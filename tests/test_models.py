@@ -31,15 +31,16 @@ def test_resnet18_layout_and_batch_stats(key):
 def test_tiny_resnet_train_vs_eval_mode(key):
   model = models.create("resnet18", num_classes=3, stage_sizes=(1, 1), width=4)
   x = jax.random.normal(key, (6, 8, 8, 1))
-  v = model.init(key, x)
-  out, new_state = model.apply(v, x, train=True, mutable=["batch_stats"])
+  v = jax.jit(model.init)(key, x)
+  apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
+  out, new_state = apply(v, x, train=True, mutable=("batch_stats",))
   assert out.shape == (6, 3)
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), v["batch_stats"],
                          new_state["batch_stats"])
   assert any(jax.tree.leaves(changed))
   # Eval mode uses running statistics: a row's output ignores its batch mates.
-  alone = model.apply(v, x[:1], train=False)
-  together = model.apply(v, x, train=False)[:1]
+  alone = apply(v, x[:1], train=False)
+  together = apply(v, x, train=False)[:1]
   np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
 
 
