@@ -82,7 +82,7 @@ def last_json(out: str) -> dict:
 def fashion_lenet():
   """LeNet-300-100 trained 10 epochs on standardized Fashion-MNIST (Adam,
   cosine decay from 1e-3, batch 128): (model, data, train state), shared by
-  the slow real-data tests."""
+  the slow real-data tests (in one xdist group, so one worker trains it)."""
   if not fashion_mnist_available():
     pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
   from jaxaccel import models, train

@@ -253,6 +253,7 @@ def test_prune_then_fine_tune_with_masks_in_fit(digits):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fashion_lenet")   # one worker trains it once
 @requires_fashion_mnist
 def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point(fashion_lenet):
   """LeNet-300-100: 90% of the weights pruned, <= 0.5 pt loss after fine-tuning."""

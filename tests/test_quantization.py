@@ -233,6 +233,7 @@ def test_bad_quantization_arguments(call, message):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fashion_lenet")   # one worker trains it once
 @requires_fashion_mnist
 def test_fashion_mnist_int8_ptq_within_a_third_of_a_point(fashion_lenet):
   """LeNet-300-100: int8 post-training quantization loses <= 0.3 points and

@@ -287,6 +287,7 @@ def test_fit_rejects_labels_beyond_the_model(digits):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fashion_lenet")   # one worker trains it once
 @requires_fashion_mnist
 def test_fashion_mnist_mlp_reaches_the_bar(fashion_lenet):
   """LeNet-300-100 on Fashion-MNIST: >= 0.885 test accuracy in 10 epochs."""

@@ -116,11 +116,17 @@ def _check_epochs(epochs, *, positive: bool = False) -> None:
                       f" integer; got {epochs!r}")
 
 
-def _check_number(name: str, value, *, optional: bool = True) -> None:
-  if (value is None and optional) or (isinstance(value, (int, float))
-                                      and not isinstance(value, bool)):
+def _check_number(name: str, value) -> None:
+  """None (not given) or a number; TOML gives ints, floats, strings, bools."""
+  if value is None or (isinstance(value, (int, float))
+                       and not isinstance(value, bool)):
     return
   raise ConfigError(f"{name} = {value!r} is not a number")
+
+
+def _check_rate(learning_rate) -> None:
+  if learning_rate <= 0:
+    raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
 
 
 def _check_min_steps(min_steps) -> None:
@@ -156,8 +162,7 @@ def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
   if schedule == "gradual" and (method != "magnitude" or kind == "n:m"):
     raise ConfigError("gradual pruning scores by magnitude, unstructured or by "
                       f"channel; got method {method!r}, pattern {pattern!r}")
-  if learning_rate <= 0:
-    raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
+  _check_rate(learning_rate)
 
 
 @stage("prune", check=_check_prune)
@@ -207,8 +212,7 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
 def _check_finetune(*, epochs, min_steps, learning_rate):
   _check_epochs(epochs, positive=True)
   _check_min_steps(min_steps)
-  if learning_rate <= 0:
-    raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
+  _check_rate(learning_rate)
 
 
 @stage("finetune", check=_check_finetune)
@@ -266,8 +270,7 @@ def _check_distill(*, student, epochs, temperature, alpha, mixup,
   _check_number("mixup", mixup)
   _check_epochs(epochs, positive=True)
   distillation.check_options(temperature, alpha, mixup)
-  if learning_rate <= 0:
-    raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
+  _check_rate(learning_rate)
 
 
 @stage("distill", check=_check_distill)
@@ -302,8 +305,7 @@ def _check_factorize(*, energy, rank, epochs, min_steps, learning_rate):
     raise ConfigError(f"energy must lie in (0, 1]; got {energy}")
   _check_epochs(epochs)
   _check_min_steps(min_steps)
-  if learning_rate <= 0:
-    raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
+  _check_rate(learning_rate)
 
 
 @stage("factorize", check=_check_factorize)
