@@ -33,18 +33,12 @@ fashion-mnist:
 	  fi; \
 	fi
 
-# Two passes on two xdist workers (many tests are bound by single-threaded
-# XLA compiles, and the multi-process tests mostly wait). Most tests compile
-# many small programs and run them briefly: their pass compiles at XLA
-# backend optimization level 0, which halves compile time and changes no
-# result a test compares. The real-data runs (marked slow) compute for
-# minutes and run at the default level, as users' programs do.
-PYTEST := $(BIN)/python -m pytest -q -rs -n 2 --timeout=900 --durations=15
-
+# Two xdist workers: many tests are bound by single-threaded XLA compiles,
+# and the multi-process tests mostly wait; both overlap with the other
+# worker's work. Tests that share a trained model are one xdist group.
 test: $(VENV)/.installed-test fashion-mnist
-	XLA_FLAGS="$(XLA_FLAGS) --xla_backend_optimization_level=0" $(PYTEST) \
-	  --dist worksteal -m "not slow" --doctest-modules --nbmake jaxaccel tests notebooks
-	$(PYTEST) --dist loadgroup -m slow tests
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --timeout=900 --durations=25 \
+	  --doctest-modules --nbmake jaxaccel tests notebooks
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[bench]"

@@ -186,9 +186,11 @@ def test_parallel_bench_suite_reports_consistent_ratios():
   entry = report["models"]["mlp"]
   sps = entry["steps_per_second"]
   assert set(sps) == {"none", "pmap", "sharded", "none_bf16", "jit", "sharded_1"}
-  assert entry["bf16_vs_fp32"] == round(sps["none_bf16"] / sps["none"], 3)
+  # steps/s are reported rounded, the ratios from the unrounded values
+  assert entry["bf16_vs_fp32"] == pytest.approx(sps["none_bf16"] / sps["none"], abs=2e-3)
   assert all(v > 0 for v in sps.values())
-  assert entry["ratio_vs_none"]["sharded"] == round(sps["sharded"] / sps["none"], 3)
+  assert entry["ratio_vs_none"]["sharded"] == pytest.approx(sps["sharded"] / sps["none"],
+                                                           abs=2e-3)
   ratios = entry["one_device_ratios"]
   assert len(ratios) == 1 and ratios[0] > 0
   assert entry["sharded_overhead_one_device"] == pytest.approx(1 - ratios[0],
