@@ -468,12 +468,11 @@ def recipe_from_flags(*, prune: float | None = None,
   elif mixup is not None:
     raise ConfigError(f"mixup {mixup} mixes the inputs a student is distilled "
                       "on: give a student (--distill-student) or drop it")
+  pruning.check_scope(prune_scope, prune_pattern)
   if prune is not None or pruning.parse_pattern(prune_pattern)[0] != "unstructured":
     stages.append({"stage": "prune", "sparsity": prune, "method": prune_method,
                    "scope": prune_scope, "pattern": prune_pattern,
                    "epochs": finetune_epochs, "learning_rate": learning_rate})
-  elif prune_scope != "layer" or prune_method != "magnitude":
-    pruning.check_scope(prune_scope, prune_pattern)
   if quantize is not None:
     stages.append({"stage": "quantize", "bits": quantize})
   if not stages:

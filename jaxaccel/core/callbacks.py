@@ -127,13 +127,11 @@ class EarlyStopping(Callback):
 
 class PlateauSignal(Callback):
   """Feeds each epoch's validation loss to `reduce_on_plateau` in the
-  optimizer state; `fit` adds it whenever the chain has one. The record
-  then shows the scale set for the next epoch."""
+  optimizer state; `fit` adds it whenever the chain has one (and refuses a
+  run without a validation split first). The record then shows the scale
+  set for the next epoch."""
 
   def on_epoch_end(self, loop, record):
-    if "val_loss" not in record:
-      raise ConfigError("reduce_on_plateau watches the validation loss, which "
-                        "needs a validation split (validation > 0)")
     loop.state = loop.state._replace(opt_state=optim.observe_plateau(
         loop.state.opt_state, record["val_loss"]))
     record.update({k: float(v) for k, v in
