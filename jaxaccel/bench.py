@@ -437,234 +437,171 @@ def _mlp_name(widths) -> str:
   return "mlp_" + "_".join(str(w) for w in widths)
 
 
-def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
-                       epochs: int = 10, cnn_epochs: int = 3,
-                       distill_epochs: int = 100, seeds: int = 3,
-                       teacher_widths=(1200, 1200), latency_rounds: int = 7,
-                       progress: bool = True) -> dict:
-  """Measures the compression targets on LeNet-300-100 (and the CNN).
+# The default run's share of each recipe's fine-tuning (epochs and
+# min_steps), so the suite ends within 10 minutes on a 2-core CPU; --full
+# runs the recipes as shipped.
+REDUCED = 0.25
+MLP_RECIPES = ("prune-90", "int8", "prune-90-int8", "lowrank", "shrink-50")
 
-  Every figure is measured in this run: the dense model is trained first
-  (Adam, cosine decay, standardized inputs), then pruned, quantized and
-  factorized against it. Distillation trains a 784-64-64-10 student from a
-  wide MLP teacher (`teacher_widths`, trained like the dense model; its
-  figures are the target's) and, beside it, from the dense model.
+
+def _scaled(stages: list[dict], share: float) -> list[dict]:
+  """A recipe's stages with `share` of their training (epochs, min_steps)."""
+  out = []
+  for st in stages:
+    st = dict(st)
+    for key in ("epochs", "min_steps"):
+      if st.get(key):
+        st[key] = max(1 if key == "epochs" else 0, int(round(st[key] * share)))
+    out.append(st)
+  return out
+
+
+def _recipe_figures(records: list[dict], base: dict) -> dict:
+  """One recipe's figures from `compress.run`'s records: the last stage's
+  against the dense model's."""
+  last = records[-1]
+  return {"accuracy": last["accuracy"],
+          "loss_points": round(100 * (base["accuracy"] - last["accuracy"]), 3),
+          "size_bytes": last["size_bytes"],
+          "ratio": round(base["size_bytes"] / last["size_bytes"], 2),
+          "parameters": last["parameters"], "sparsity": last["sparsity"],
+          "latency_ms": last["latency_ms"],
+          "seconds": round(sum(r.get("seconds", 0) for r in records), 1),
+          "stages": records[1:]}
+
+
+def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
+                       full: bool = False, epochs: int | None = None,
+                       seeds: int | None = None, share: float | None = None,
+                       teacher_widths=(1200, 1200), latency_rounds: int = 5,
+                       progress: bool = True) -> dict:
+  """Measures the compression targets with the shipped recipes.
+
+  Every figure comes from `compress.run` with a recipe file, as `jaxaccel
+  compress --from RUN --recipe NAME` runs it, against a dense model trained
+  in this run (Adam, cosine decay, standardized inputs): LeNet-300-100
+  through prune-90, int8, prune-90-int8, lowrank, shrink-50; a wide MLP
+  (`teacher_widths`) through distill, against the same student trained on
+  labels alone; the CNN through int8, its integer convolutions timed against
+  float32.
 
   Args:
-    epochs: the dense model's and the wide teacher's training epochs; the
-      labels-only student tries epochs, 2x and 4x that.
-    distill_epochs: the distilled student's epochs.
-    seeds: students trained per setting; figures are their means.
-    latency_rounds: rounds of the batch-1024 latency measurement; the
-      latencies are medians over rounds.
+    full: the recipes as shipped, 10 dense epochs, 3 seeds (the README's
+      figures). By default the recipes' fine-tuning is cut to a quarter, the
+      dense models train 5 epochs (the CNN 2) and students use one seed.
+    epochs, seeds, share: override the dense epochs, the student seeds and
+      the share of the recipes' fine-tuning.
+    latency_rounds: interleaved rounds of the CNN's int8/float32 timing.
   """
-  from jaxaccel.compress import (distillation, lowrank, pruning, quantization,
-                                 report as creport)
+  from jaxaccel.compress import stages as cstages
+  share = share or (1.0 if full else REDUCED)
+  epochs = epochs or (10 if full else 5)
+  seeds = seeds or (3 if full else 1)
   ds = bench_data(dataset, normalize="standardize")
   per_epoch = len(ds.x_train) // BATCH
+  settings = cstages.Settings(batch_size=BATCH, progress=False)
   out = {"suite": "compress", "dataset": ds.name, "batch_size": BATCH,
-         "epochs": epochs, "backend": jax.default_backend(),
+         "epochs": epochs, "seeds": seeds, "full": full,
+         "recipe_share": share, "backend": jax.default_backend(),
          "cpu_count": os.cpu_count()}
-  teacher_names = list(dict.fromkeys([_mlp_name(teacher_widths),
-                                      _mlp_name((300, 100))]))
-  stages = (["train", "prune", "int8", "distill: labels only", "distill: teacher"]
-            + [f"distill: from {name}" for name in teacher_names] + ["lowrank"])
-  if "cnn" in model_names:
-    stages += ["cnn train", "cnn prune+int8"]
-  bar = tqdm(total=len(stages), desc="compress bench", disable=not progress,
+  todo = (["dense"] + list(MLP_RECIPES) + ["labels only", "teacher", "distill"]
+          + (["cnn", "cnn int8"] if "cnn" in model_names else []))
+  bar = tqdm(total=len(todo), desc="compress bench", disable=not progress,
              leave=False)
-  acc = lambda m, v: train.evaluate(m, v, ds.x_test, ds.y_test)["accuracy"]
 
-  def step(name):
+  def trained(model, n_epochs, seed=0):
+    result = train.fit(model, _cosine_adam(n_epochs, per_epoch), ds,
+                       epochs=n_epochs, batch_size=BATCH, seed=seed,
+                       progress=False)
+    return core.variables_of(result.state)
+
+  def recipe(name, model, variables, seed=0, **options):
     bar.set_postfix(stage=name)
+    stages = _scaled(cstages.load_recipe(name)["stages"], share)
+    stages = [{**st, **options} for st in stages]
+    _, _, records = cstages.run(model, variables, ds, stages,
+                                settings=dataclasses.replace(settings, seed=seed))
+    return records
 
-  # The dense reference: LeNet-300-100.
-  step("train")
-  model = models.create("mlp", num_classes=ds.num_classes, widths=(300, 100))
-  dense = train.fit(model, _cosine_adam(epochs, per_epoch), ds, epochs=epochs,
-                    batch_size=BATCH, progress=False)
-  params = dense.state.params
-  base_acc = acc(model, dense.state)
-  base_bytes = creport.dense_bytes(params)
-  out["mlp"] = {"dense": {"accuracy": base_acc, "size_bytes": base_bytes}}
+  bar.set_postfix(stage="dense")
+  lenet = models.create("mlp", num_classes=ds.num_classes, widths=(300, 100))
+  dense = trained(lenet, epochs)
   bar.update()
+  base = None
+  out["mlp"] = {}
+  for name in MLP_RECIPES:
+    records = recipe(name, lenet, dense)
+    bar.update()
+    base = base or records[0]
+    out["mlp"][name] = _recipe_figures(records, base)
+  out["mlp"]["dense"] = {k: base[k] for k in ("accuracy", "size_bytes",
+                                              "parameters", "latency_ms")}
 
-  # 90% sparsity: gradual global magnitude pruning while fine-tuning.
-  step("prune")
-  total = epochs * per_epoch
-  tx = optax.chain(_cosine_adam(epochs, per_epoch),
-                   pruning.prune_gradually(0.9, begin_step=0,
-                                           end_step=total // 2,
-                                           every=max(1, min(100, total // 20)),
-                                           scope="global"))
-  tuned = train.fit(model, tx, ds, epochs=epochs, batch_size=BATCH,
-                    progress=False,
-                    state=dense.state._replace(opt_state=tx.init(params)))
-  pruned = tuned.state.params
-  rep = pruning.sparsity_report(pruned)
-  pruned_acc = acc(model, tuned.state)
-  out["mlp"]["pruned_90"] = {
-      "accuracy": pruned_acc, "loss_points": round(100 * (base_acc - pruned_acc), 3),
-      "sparsity": rep["sparsity"],
-      "layer_sparsity": {l["name"]: round(l["sparsity"], 4) for l in rep["layers"]},
-      "size_bytes": creport.size_bytes(pruned),
-      "ratio": round(base_bytes / creport.size_bytes(pruned), 2)}
-  bar.update()
-
-  # int8 post-training quantization, run with int8 matmuls.
-  step("int8")
-  calib = quantization.calibration_batches(ds.x_train)
-  scales = quantization.calibrate(params, calib)
-  q8 = quantization.quantize(params, bits=8, granularity="channel")
-  q8_acc = creport.accuracy(quantization.predict_int8(q8, scales, ds.x_test),
-                            ds.y_test)
-  xb = np.resize(ds.x_test, (1024, *ds.input_shape))
-  x1 = ds.x_test[:1]
-  f32 = lambda x: model.apply({"params": params}, x)
-  i8 = quantization.int8_mlp(q8, scales)
-  # float32 as flax runs it, and float32 in the int8 path's layout (weights
-  # on the left), so that the share of the layout in the speed-up shows.
-  f32_fm = quantization.feature_major_float(params)
-  # Rounds in one process: on the shared machine single rounds of 100 calls
-  # a side move the ratio by up to 10%, so the figures are medians of rounds.
-  by_round = [_interleaved_ms({"float32": (f32, xb),
-                               "float32_feature_major": (f32_fm, xb),
-                               "int8": (i8, xb)}, repeats=100)
-              for _ in range(latency_rounds)]
-  ms = {k: statistics.median(r[k] for r in by_round) for k in by_round[0]}
-  ms1 = _interleaved_ms({"float32": (f32, x1), "int8": (i8, x1)}, repeats=200)
-  # The bare matmul, for scale: what int8 can gain on this CPU at best.
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(1024, 1024)), jnp.float32)
-  a8 = jnp.clip(jnp.round(a * 30), -127, 127).astype(jnp.int8)
-  mm = _interleaved_ms({
-      "float32": (lambda x: x @ x, a),
-      "int8": (lambda x: jax.lax.dot_general(
-          x, x, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32), a8)},
-      repeats=20)
-  out["mlp"]["int8"] = {
-      "accuracy": q8_acc, "loss_points": round(100 * (base_acc - q8_acc), 3),
-      "size_bytes": creport.size_bytes(q8),
-      "ratio": round(base_bytes / creport.size_bytes(q8), 3),
-      "latency_ms_batch_1024": {k: round(v, 4) for k, v in ms.items()},
-      "speedup_batch_1024": round(ms["float32"] / ms["int8"], 3),
-      "speedup_batch_1024_by_round": [round(r["float32"] / r["int8"], 3)
-                                      for r in by_round],
-      "speedup_vs_feature_major_float32": round(
-          ms["float32_feature_major"] / ms["int8"], 3),
-      "latency_ms_batch_1": {k: round(v, 4) for k, v in ms1.items()},
-      "speedup_batch_1": round(ms1["float32"] / ms1["int8"], 3),
-      "matmul_1024_speedup": round(mm["float32"] / mm["int8"], 3)}
-  # 90% pruned + int8.
-  pscales = quantization.calibrate(pruned, calib)
-  pq8 = quantization.quantize(pruned, bits=8, granularity="channel")
-  pq_acc = creport.accuracy(quantization.predict_int8(pq8, pscales, ds.x_test),
-                            ds.y_test)
-  out["mlp"]["pruned_90_int8"] = {
-      "accuracy": pq_acc, "loss_points": round(100 * (base_acc - pq_acc), 3),
-      "size_bytes": creport.size_bytes(pq8),
-      "ratio": round(base_bytes / creport.size_bytes(pq8), 2)}
-  bar.update()
-
-  # Distillation: a 784-64-64-10 student. The labels-only baseline gets its
-  # best epoch budget (mean over seeds, chosen on the test set, which favours
-  # it); the distilled student follows the recipe that pays here: T=1,
-  # alpha=1, inputs mixed (Beta(1, 1)), a long cosine schedule. The target's
-  # teacher is a wide MLP (1200-1200, the MNIST teacher of Hinton et al.
-  # 2015); the dense LeNet-300-100 above teaches the same student beside it.
+  # Distillation: a 784-64-64-10 student taught by a wide MLP against the
+  # same student trained on labels alone (its best mean over 1x, 2x and 4x
+  # the dense epochs, chosen on the test set, which favours it).
+  student_spec = "mlp:64,64"
+  bar.set_postfix(stage="labels only")
   student = models.create("mlp", num_classes=ds.num_classes, widths=(64, 64))
-  step("distill: labels only")
   labels_only = {}
-  for e in sorted({max(1, epochs), 2 * epochs, 4 * epochs}):
-    labels_only[e] = [acc(student, train.fit(
-        student, _cosine_adam(e, per_epoch), ds, epochs=e, batch_size=BATCH,
-        seed=s, progress=False).state) for s in range(seeds)]
+  for e in (epochs, 2 * epochs, 4 * epochs):
+    labels_only[e] = [train.evaluate(student, trained(student, e, s), ds.x_test,
+                                     ds.y_test)["accuracy"]
+                      for s in range(seeds)]
   best_e = max(labels_only, key=lambda e: np.mean(labels_only[e]))
   a_alone = float(np.mean(labels_only[best_e]))
   bar.update()
-  step("distill: teacher")
+  bar.set_postfix(stage="teacher")
   wide = models.create("mlp", num_classes=ds.num_classes,
                        widths=tuple(teacher_widths))
-  wide_state = train.fit(wide, _cosine_adam(epochs, per_epoch), ds,
-                         epochs=epochs, batch_size=BATCH, progress=False).state
-  teachers = dict(zip(teacher_names, [(wide, core.variables_of(wide_state)),
-                                      (model, core.variables_of(dense.state))]))
+  wide_vars = trained(wide, epochs)
   bar.update()
-  by_teacher = {}
-  for name, (t_model, t_vars) in teachers.items():
-    step(f"distill: from {name}")
-    taught = [distillation.distill(
-        student, [(t_model, t_vars)], _cosine_adam(distill_epochs, per_epoch),
-        ds, epochs=distill_epochs, batch_size=BATCH, temperature=1.0,
-        alpha=1.0, mixup=1.0, seed=s, progress=False) for s in range(seeds)]
-    a_taught = [acc(student, t.state) for t in taught]
-    a_kd, t_acc = float(np.mean(a_taught)), acc(t_model, t_vars)
-    gap = t_acc - a_alone
-    by_teacher[name] = {
-        "teacher_accuracy": t_acc,
-        "teacher_size_bytes": creport.dense_bytes(t_vars["params"]),
-        "student_distilled": a_kd, "distilled_by_seed": a_taught,
-        "gap_closed": round((a_kd - a_alone) / gap, 3) if gap > 0 else None,
-        "agreement": distillation.agreement(
-            student, core.variables_of(taught[0].state), t_model, t_vars,
-            ds.x_test)}
-    bar.update()
-  main = teacher_names[0]
+  runs = [recipe("distill", wide, wide_vars, seed=s, student=student_spec)
+          for s in range(seeds)]
+  bar.update()
+  taught = [records[-1]["accuracy"] for records in runs]
+  t_acc = runs[0][0]["accuracy"]
+  gap = t_acc - a_alone
+  a_kd = float(np.mean(taught))
   out["mlp"]["distill"] = {
-      "student": "-".join(str(w) for w in (int(np.prod(ds.input_shape)), 64, 64,
-                                           ds.num_classes)),
-      "teacher": main, **by_teacher[main], "by_teacher": by_teacher,
-      "seeds": seeds, "student_labels_only": a_alone,
-      "labels_only_epochs": best_e,
+      "student": student_spec, "teacher": _mlp_name(teacher_widths),
+      "teacher_accuracy": t_acc, "student_distilled": a_kd,
+      "student_labels_only": a_alone, "labels_only_epochs": best_e,
       "labels_only_by_epochs": {str(e): v for e, v in labels_only.items()},
-      "distill_recipe": {"epochs": distill_epochs, "temperature": 1.0,
-                         "alpha": 1.0, "mixup": 1.0},
-      "student_size_bytes": creport.dense_bytes(taught[0].state.params)}
-
-  # Low rank: SVD keeping 80% of each kernel's energy, then 2 epochs.
-  step("lowrank")
-  low, ranks = lowrank.factorize(params, energy=0.8)
-  small = lowrank.lowrank_model(model, ranks)
-  tx = _cosine_adam(2, per_epoch, 3e-4)
-  lstate = core.init_state(small, tx, ds.input_shape)._replace(
-      params=low, opt_state=tx.init(low))
-  l_before = acc(small, lstate)
-  ltuned = train.fit(small, tx, ds, epochs=2, batch_size=BATCH, progress=False,
-                     state=lstate)
-  out["mlp"]["lowrank"] = {
-      "ranks": list(ranks), "accuracy_svd": l_before,
-      "accuracy_finetuned": acc(small, ltuned.state),
-      "size_bytes": creport.dense_bytes(low),
-      "ratio": round(base_bytes / creport.dense_bytes(low), 2)}
-  bar.update()
+      "distilled_by_seed": taught,
+      "gap_closed": round((a_kd - a_alone) / gap, 3) if gap > 0 else None,
+      "agreement": runs[0][-1]["agreement"],
+      "seconds": round(sum(r.get("seconds", 0) for r in runs[0]), 1),
+      "stages": runs[0][1:]}
 
   if "cnn" in model_names:
-    step("cnn train")
+    bar.set_postfix(stage="cnn")
     cnn = models.create("cnn", num_classes=ds.num_classes)
-    c = train.fit(cnn, _cosine_adam(cnn_epochs, per_epoch), ds, epochs=cnn_epochs,
-                  batch_size=BATCH, progress=False)
-    c_acc = acc(cnn, c.state)
+    cnn_vars = trained(cnn, 3 if full else 2)
     bar.update()
-    step("cnn prune+int8")
-    ft = 2
-    tx = optax.chain(_cosine_adam(ft, per_epoch, 3e-4),
-                     pruning.prune_gradually(0.8, begin_step=0,
-                                             end_step=ft * per_epoch // 2,
-                                             every=max(1, min(50, per_epoch // 10)),
-                                             scope="global"))
-    ct = train.fit(cnn, tx, ds, epochs=ft, batch_size=BATCH, progress=False,
-                   state=c.state._replace(opt_state=tx.init(c.state.params)))
-    cp = ct.state.params
-    cq = quantization.quantize(cp, bits=8, granularity="channel")
-    cq_acc = acc(cnn, {"params": quantization.dequantize(cq)})
-    out["cnn"] = {
-        "dense": {"accuracy": c_acc, "size_bytes": creport.dense_bytes(cp)},
-        "pruned_80": {"accuracy": acc(cnn, ct.state),
-                      "sparsity": pruning.sparsity_report(cp)["sparsity"]},
-        "pruned_80_int8": {
-            "accuracy": cq_acc, "loss_points": round(100 * (c_acc - cq_acc), 3),
-            "size_bytes": creport.size_bytes(cq),
-            "ratio": round(creport.dense_bytes(cp) / creport.size_bytes(cq), 2)}}
+    records = recipe("int8", cnn, cnn_vars)
     bar.update()
+    figures = _recipe_figures(records, records[0])
+    # int8 against float32 at batch 1024, interleaved rounds in this process.
+    from jaxaccel.compress import int8, quantization
+    q = records[-1]
+    program = int8.convert(cnn, cnn_vars, quantization.calibration_batches(
+        ds.x_train), percentile=99.99)
+    f32 = jax.jit(lambda x: models.adapt(cnn).logits(cnn_vars, x))
+    xb = np.resize(ds.x_test, (1024, *ds.input_shape))
+    by_round = [_interleaved_ms({"float32": (f32, xb),
+                                 "int8": (program.forward, xb)}, repeats=20)
+                for _ in range(latency_rounds)]
+    ms = {k: statistics.median(r[k] for r in by_round) for k in by_round[0]}
+    figures.update(
+        int8_layers=q["int8_layers"], float_layers=q["float_layers"],
+        latency_ms_batch_1024={k: round(v, 3) for k, v in ms.items()},
+        speedup_batch_1024=round(ms["float32"] / ms["int8"], 3),
+        speedup_batch_1024_by_round=[round(r["float32"] / r["int8"], 3)
+                                     for r in by_round])
+    out["cnn"] = {"dense": {k: records[0][k] for k in ("accuracy", "size_bytes",
+                                                      "latency_ms")},
+                  "int8": figures}
   bar.close()
   return out
 
@@ -673,62 +610,53 @@ def format_compress_report(r: dict) -> str:
   """The compress suite: each figure beside its target."""
   m = r["mlp"]
   yes = lambda ok: "met" if ok else "NOT met"
-  lines = [f"compression of LeNet-300-100 on {r['dataset']} "
-           f"(dense: {m['dense']['accuracy']:.4f}, "
-           f"{m['dense']['size_bytes']:,} bytes float32)"]
-  p, q, pq, d, lr = (m["pruned_90"], m["int8"], m["pruned_90_int8"],
-                     m["distill"], m["lowrank"])
-  lines.append(f"  90% pruned + fine-tuned: {p['accuracy']:.4f} "
-               f"({p['loss_points']:+.2f} pt loss; target <= 0.5: "
-               f"{yes(p['loss_points'] <= 0.5)}), {p['ratio']:.1f}x smaller")
-  lines.append(f"  int8 PTQ: {q['accuracy']:.4f} ({q['loss_points']:+.2f} pt; "
-               f"target <= 0.3: {yes(q['loss_points'] <= 0.3)}), "
-               f"{q['ratio']:.2f}x smaller")
-  lines.append(f"  int8 latency at batch 1024: "
-               f"{q['latency_ms_batch_1024']['int8']:.3f} ms vs float32 "
-               f"{q['latency_ms_batch_1024']['float32']:.3f} ms = "
-               f"{q['speedup_batch_1024']:.2f}x (median of "
-               f"{len(q['speedup_batch_1024_by_round'])} rounds, single rounds "
-               f"{min(q['speedup_batch_1024_by_round']):.2f}-"
-               f"{max(q['speedup_batch_1024_by_round']):.2f}x; target >= 1.4: "
-               f"{yes(q['speedup_batch_1024'] >= 1.4)}); against float32 "
-               f"in the same layout "
-               f"({q['latency_ms_batch_1024']['float32_feature_major']:.3f} ms): "
-               f"{q['speedup_vs_feature_major_float32']:.2f}x; batch 1: "
-               f"{q['speedup_batch_1']:.2f}x; bare 1024^3 int8 matmul: "
-               f"{q['matmul_1024_speedup']:.2f}x")
-  lines.append(f"  90% pruned + int8: {pq['accuracy']:.4f} "
-               f"({pq['loss_points']:+.2f} pt), {pq['size_bytes']:,} bytes = "
-               f"{pq['ratio']:.1f}x smaller (target >= 20: "
-               f"{yes(pq['ratio'] >= 20)})")
-  r_ = d["distill_recipe"]
-  lines.append(f"  distillation {d['student']} (mean of {d['seeds']} seeds; "
-               f"T={r_['temperature']:g}, alpha={r_['alpha']:g}, mixup "
-               f"{r_['mixup']:g}, {r_['epochs']} epochs): labels only "
-               f"{d['student_labels_only']:.4f} (best of "
-               f"{'/'.join(d['labels_only_by_epochs'])} epochs: "
-               f"{d['labels_only_epochs']})")
-  for name, t in d["by_teacher"].items():
-    gap = t["gap_closed"]
-    target = (f" (target >= 40%: {yes(gap is not None and gap >= 0.4)})"
-              if name == d["teacher"] else "")
-    lines.append(f"    from {name} ({t['teacher_accuracy']:.4f}): distilled "
-                 f"{t['student_distilled']:.4f}, gap closed "
-                 + (f"{100 * gap:.0f}%" if gap is not None
-                    else "n/a (student not below teacher)")
-                 + f"{target}, agreement {t['agreement']:.3f}")
-  lines.append(f"  low rank (80% energy, ranks {lr['ranks']}): "
-               f"{lr['accuracy_svd']:.4f} after SVD, "
-               f"{lr['accuracy_finetuned']:.4f} after 2 epochs, "
-               f"{lr['ratio']:.1f}x smaller")
+  mode = ("recipes as shipped" if r["full"] else
+          f"reduced: {r['recipe_share']:g} of each recipe's fine-tuning, "
+          f"{r['epochs']} dense epochs, {r['seeds']} seed(s); --full for "
+          "the README figures")
+  lines = [f"compression of LeNet-300-100 on {r['dataset']} ({mode})",
+           f"  dense: {m['dense']['accuracy']:.4f}, "
+           f"{m['dense']['size_bytes']:,} bytes float32"]
+  targets = {"prune-90": ("loss", 0.5), "int8": ("loss", 0.3),
+             "prune-90-int8": ("ratio", 20.0), "shrink-50": ("loss", 1.0)}
+  for name in MLP_RECIPES:
+    f = m[name]
+    kind, bar_ = targets.get(name, (None, None))
+    target = ""
+    if kind == "loss":
+      target = f"; target <= {bar_:g} pt: {yes(f['loss_points'] <= bar_)}"
+    elif kind == "ratio":
+      target = f"; target >= {bar_:g}x: {yes(f['ratio'] >= bar_)}"
+    lat = f["latency_ms"] or {}
+    speed = (f", batch-1024 {m['dense']['latency_ms']['batch_1024'] / lat['batch_1024']:.2f}x"
+             " the dense latency" if lat and m["dense"]["latency_ms"] else "")
+    lines.append(f"  --recipe {name}: {f['accuracy']:.4f} "
+                 f"({f['loss_points']:+.2f} pt), {f['size_bytes']:,} bytes = "
+                 f"{f['ratio']:.1f}x smaller, {f['parameters']:,} parameters"
+                 f"{speed}{target} [{f['seconds']:.0f} s]")
+  d = m["distill"]
+  gap = d["gap_closed"]
+  lines.append(
+      f"  --recipe distill ({d['student']} from {d['teacher']}, "
+      f"{d['teacher_accuracy']:.4f}): {d['student_distilled']:.4f} against "
+      f"{d['student_labels_only']:.4f} on labels alone (best of "
+      f"{'/'.join(d['labels_only_by_epochs'])} epochs: "
+      f"{d['labels_only_epochs']}); gap closed "
+      + (f"{100 * gap:.0f}% (target >= 40%: {yes(gap >= 0.4)})"
+         if gap is not None else "n/a (student not below teacher)")
+      + f", agreement {d['agreement']:.3f}")
   if "cnn" in r:
-    c = r["cnn"]
-    lines.append(f"  CNN: dense {c['dense']['accuracy']:.4f}; 80% pruned "
-                 f"{c['pruned_80']['accuracy']:.4f}; + int8 "
-                 f"{c['pruned_80_int8']['accuracy']:.4f} "
-                 f"({c['pruned_80_int8']['loss_points']:+.2f} pt; target <= 1: "
-                 f"{yes(c['pruned_80_int8']['loss_points'] <= 1.0)}), "
-                 f"{c['pruned_80_int8']['ratio']:.1f}x smaller")
+    c = r["cnn"]["int8"]
+    lines.append(
+        f"  CNN --recipe int8: {c['accuracy']:.4f} against "
+        f"{r['cnn']['dense']['accuracy']:.4f} ({c['loss_points']:+.2f} pt; "
+        f"target <= 1: {yes(c['loss_points'] <= 1.0)}); integer layers "
+        f"{', '.join(c['int8_layers'])}"
+        + (f"; float: {', '.join(c['float_layers'])}" if c["float_layers"] else "")
+        + f"; batch 1024 {c['latency_ms_batch_1024']['int8']:.2f} ms vs "
+        f"float32 {c['latency_ms_batch_1024']['float32']:.2f} ms = "
+        f"{c['speedup_batch_1024']:.2f}x (target > 1: "
+        f"{yes(c['speedup_batch_1024'] > 1.0)})")
   return "\n".join(lines)
 
 

@@ -36,43 +36,39 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
   assert "compile excluded" in bench.format_sweep_report(report)
 
 
-def test_compress_suite_figures_follow_from_their_parts():
-  report = bench.run_compress_suite(dataset="digits", model_names=["mlp"],
-                                    epochs=2, distill_epochs=10, seeds=2,
-                                    teacher_widths=(128, 128), latency_rounds=3,
-                                    progress=False)
+def test_compress_suite_runs_the_shipped_recipes():
+  report = bench.run_compress_suite(dataset="digits", epochs=2, seeds=2,
+                                    share=0.1, teacher_widths=(64, 64),
+                                    latency_rounds=1, progress=False)
   m = report["mlp"]
+  assert not report["full"] and report["recipe_share"] == 0.1
+  # each recipe's figures are its last stage's against the dense model's
+  for name in bench.MLP_RECIPES:
+    f = m[name]
+    assert f["loss_points"] == pytest.approx(
+        100 * (m["dense"]["accuracy"] - f["accuracy"]), abs=1e-3)
+    assert f["ratio"] == pytest.approx(m["dense"]["size_bytes"] / f["size_bytes"],
+                                       abs=0.01)
+    assert f["stages"][-1]["accuracy"] == f["accuracy"]
+  # the recipe files, a tenth of their fine-tuning: prune-90's 2,000 steps
+  assert m["prune-90"]["stages"][0]["options"]["min_steps"] == 200
+  assert m["prune-90"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+  assert 3.8 < m["int8"]["ratio"] < 4.0   # int8 values, a float32 scale a channel
+  assert m["shrink-50"]["parameters"] < 0.55 * m["dense"]["parameters"]
   d = m["distill"]
-  # the labels-only baseline is the best mean over its epoch budgets
   means = {int(e): sum(v) / len(v) for e, v in d["labels_only_by_epochs"].items()}
-  assert set(means) == {2, 4, 8} and all(len(v) == 2 for v in
-                                         d["labels_only_by_epochs"].values())
-  assert d["labels_only_epochs"] == max(means, key=means.get)
-  assert d["student_labels_only"] == pytest.approx(max(means.values()))
-  # two teachers: the wide MLP (the target's, also the top-level figures)
-  # and the dense LeNet-300-100
-  assert d["teacher"] == "mlp_128_128"
-  assert set(d["by_teacher"]) == {"mlp_128_128", "mlp_300_100"}
-  assert d["by_teacher"]["mlp_300_100"]["teacher_accuracy"] == m["dense"]["accuracy"]
-  assert d["by_teacher"]["mlp_128_128"]["teacher_size_bytes"] == 4 * (
-      64 * 128 + 128 * 128 + 128 * 10 + 128 + 128 + 10)
-  for name, t in d["by_teacher"].items():
-    assert t["student_distilled"] == pytest.approx(sum(t["distilled_by_seed"]) / 2)
-    gap = t["teacher_accuracy"] - d["student_labels_only"]
-    if gap > 0:
-      assert t["gap_closed"] == pytest.approx(
-          (t["student_distilled"] - d["student_labels_only"]) / gap, abs=1e-3)
-    assert t["student_distilled"] > 0.5   # digits, ten epochs: far above chance
-  assert d["student_distilled"] == d["by_teacher"]["mlp_128_128"]["student_distilled"]
-  q = m["int8"]
-  assert q["speedup_batch_1024"] == pytest.approx(
-      q["latency_ms_batch_1024"]["float32"] / q["latency_ms_batch_1024"]["int8"],
+  assert set(means) == {2, 4, 8} and d["labels_only_epochs"] == max(means, key=means.get)
+  assert d["student_distilled"] == pytest.approx(sum(d["distilled_by_seed"]) / 2)
+  gap = d["teacher_accuracy"] - d["student_labels_only"]
+  if gap > 0:
+    assert d["gap_closed"] == pytest.approx(
+        (d["student_distilled"] - d["student_labels_only"]) / gap, abs=1e-3)
+  c = report["cnn"]["int8"]
+  assert c["int8_layers"] == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
+                              "Dense_1/kernel"]
+  assert c["speedup_batch_1024"] == pytest.approx(
+      c["latency_ms_batch_1024"]["float32"] / c["latency_ms_batch_1024"]["int8"],
       rel=1e-2)
-  assert len(q["speedup_batch_1024_by_round"]) == 3
-  # over an odd number of rounds, a ratio of medians lies within the rounds' ratios
-  assert (min(q["speedup_batch_1024_by_round"]) - 1e-3 <= q["speedup_batch_1024"]
-          <= max(q["speedup_batch_1024_by_round"]) + 1e-3)
-  assert 3.8 < q["ratio"] < 4.0   # int8 values plus a float32 scale per channel
   text = bench.format_compress_report(report)
-  assert "mean of 2 seeds" in text and text.count("gap closed") == 2
-  assert "from mlp_128_128" in text and "from mlp_300_100" in text
+  assert "--recipe shrink-50" in text and "CNN --recipe int8" in text
+  assert "0.1 of each recipe's fine-tuning" in text

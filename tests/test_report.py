@@ -91,7 +91,7 @@ def test_compress_prune_and_int8_json(capsys, trained_run, tmp_path):
   assert result["test_accuracy_after"] > result["test_accuracy_before"] - 0.05
   assert set(result["latency_ms_after"]) == {"batch_1", "batch_1024"}
   assert [s["name"] for s in result["stages"]] == [
-      "original", "pruned 0.5 +2 ep", "int8 (int8 matmuls)"]
+      "original", "pruned 0.5 +2 ep", "int8 (int8 products)"]
   saved = np.load(tmp_path / "c" / "params.npz")
   assert saved["Dense_0/kernel/values"].dtype == np.int8
   assert (saved["Dense_0/kernel/values"] == 0).mean() == pytest.approx(0.5, abs=1e-3)
@@ -139,7 +139,7 @@ def test_compress_distills_a_student(capsys, trained_run):
      r"stage 1 \(prune\): sparsity = '0.9' is not a number"),
     (["--recipe", "RECIPE:after_quantize"],
      r"stage 2 \(finetune\) follows quantize, which must come last"),
-    (["--recipe", "RECIPE:unknown_stage"], "stage 1: unknown stage 'shrink'"),
+    (["--recipe", "RECIPE:unknown_stage"], "stage 1: unknown stage 'grow'"),
 ])
 def test_compress_bad_inputs(capsys, trained_run, tmp_path, args, message):
   if args and args[-1].startswith("RECIPE:"):
@@ -162,7 +162,7 @@ BAD_RECIPES = {
     "bad_type": '[[stages]]\nstage = "prune"\nsparsity = "0.9"\n',
     "after_quantize": ('[[stages]]\nstage = "quantize"\n'
                        '[[stages]]\nstage = "finetune"\n'),
-    "unknown_stage": '[[stages]]\nstage = "shrink"\nfraction = 0.5\n',
+    "unknown_stage": '[[stages]]\nstage = "grow"\nfraction = 0.5\n',
 }
 
 
@@ -170,7 +170,8 @@ def test_list_recipes(capsys):
   code, out, _ = run_cli(capsys, "compress", "--list-recipes", "--json")
   assert code == 0
   recipes = json.loads(out.strip().splitlines()[-1])["recipes"]
-  assert set(recipes) == {"distill", "int8", "lowrank", "prune-90", "prune-90-int8"}
+  assert set(recipes) == {"distill", "int8", "lowrank", "prune-90", "prune-90-int8",
+                          "shrink-50"}
   assert "gradual global magnitude pruning" in recipes["prune-90"]
 
 

@@ -57,7 +57,7 @@ def test_finetune_keeps_zeros_and_quantize_stores_int8(mlp, digits):
   kernel = out["params"]["Dense_0"]["kernel"]
   assert quantization.is_qarray(kernel) and kernel.values.dtype == np.int8
   assert records[2]["sparsity"] == records[1]["sparsity"]   # zeros held
-  assert records[3]["inference"] == "int8 matmuls"
+  assert records[3]["inference"] == "int8 products"
   assert records[3]["accuracy"] > records[0]["accuracy"] - 0.05
 
 
@@ -71,7 +71,8 @@ def test_stages_run_on_an_nnx_model(digits):
       [{"stage": "prune", "sparsity": 0.5, "epochs": 2},
        {"stage": "quantize", "bits": "int8"}], settings=NO_LATENCY)
   assert records[1]["sparsity"] > 0.45
-  assert records[2]["inference"] == "dequantized float"
+  assert records[2]["inference"] == "int8 products"
+  assert records[2]["int8_layers"] == ["hidden/0/kernel", "out/kernel"]
   assert records[2]["accuracy"] > records[0]["accuracy"] - 0.05
 
 

@@ -1,5 +1,6 @@
 """Compression as pure pytree transformations: pruning, quantization,
-distillation, low rank, the before/after report, and stages that chain
+distillation, low rank, integer inference for any model (`int8`),
+removing units (`shrink`), the before/after report, and stages that chain
 them into recipes (`compress.run`, `compress.load_recipe`).
 
 Examples:
@@ -12,8 +13,8 @@ Examples:
   (0.0, 11)
 """
 
-from jaxaccel.compress import (distillation, lowrank, pruning, quantization,
-                               report, stages)
+from jaxaccel.compress import (distillation, int8, lowrank, pruning,
+                               quantization, report, shrink, stages)
 from jaxaccel.compress.distillation import (distill, distillation_loss,
                                             make_distillation_loss)
 from jaxaccel.compress.lowrank import LowRankMLP, factorize, lowrank_model
@@ -25,16 +26,17 @@ from jaxaccel.compress.quantization import (QArray, QuantAwareModel, calibrate,
                                             dequantize, fake_quantize,
                                             int8_mlp, int8_mlp_apply, quantize)
 from jaxaccel.compress.report import size_bytes
-from jaxaccel.compress.stages import (compress_run, list_recipes, load_recipe,
-                                      run)
+from jaxaccel.compress.stages import (Settings, compress_run, list_recipes,
+                                      load_recipe, run)
 
 __all__ = [
     "GradientStats", "LowRankMLP", "MaskState", "PruneState", "QArray",
-    "QuantAwareModel", "apply_masks", "calibrate", "compress_run",
+    "QuantAwareModel", "Settings", "apply_masks", "calibrate", "compress_run",
     "dequantize", "distill", "distillation", "distillation_loss", "factorize",
-    "fake_quantize", "gradient_statistics", "int8_mlp", "int8_mlp_apply",
+    "fake_quantize", "gradient_statistics", "int8", "int8_mlp",
+    "int8_mlp_apply",
     "keep_masks", "list_recipes", "load_recipe",
     "lowrank", "lowrank_model", "make_distillation_loss", "prune",
     "prune_gradually", "pruning", "quantization", "quantize", "report", "run",
-    "size_bytes", "sparsity_report", "stages",
+    "shrink", "size_bytes", "sparsity_report", "stages",
 ]

@@ -41,7 +41,8 @@ import jax
 import optax
 
 from jaxaccel import core, models, optim, train
-from jaxaccel.compress import distillation, lowrank, pruning, quantization
+from jaxaccel.compress import distillation, int8, lowrank, pruning, quantization
+from jaxaccel.compress import shrink as shrinking
 from jaxaccel.compress import report as creport
 from jaxaccel.data import Dataset
 from jaxaccel.errors import ConfigError
@@ -66,15 +67,19 @@ class Stage:
   run: Callable               # (model, variables, data, settings, **options)
   check: Callable             # (**options) -> None, raises ConfigError
   terminal: bool = False      # nothing may follow it (its output is stored)
+  check_model: Callable | None = None   # (model) -> None, raises ConfigError
+  replaces_model: bool = False  # the model after it is of another kind
 
 
 STAGES: dict[str, Stage] = {}
 
 
-def stage(name: str, *, check: Callable | None = None, terminal: bool = False):
+def stage(name: str, *, check: Callable | None = None, terminal: bool = False,
+          check_model: Callable | None = None, replaces_model: bool = False):
   """Registers a stage function under `name`."""
   def register(fn):
-    STAGES[name] = Stage(name, fn, check or (lambda **_: None), terminal)
+    STAGES[name] = Stage(name, fn, check or (lambda **_: None), terminal,
+                         check_model, replaces_model)
     return fn
   return register
 
@@ -230,35 +235,82 @@ def finetune_stage(model, variables, data, settings, *, epochs=1, min_steps=0,
                                     variables, data, settings)
 
 
-def _check_quantize(*, bits, calibration_examples):
+def _check_quantize(*, bits, calibration_examples, percentile):
   if bits not in QUANTIZE_BITS:
     raise ConfigError(f"unsupported quantization {bits!r}: use int8 or int4")
   if not isinstance(calibration_examples, int) or calibration_examples < 1:
     raise ConfigError("calibration_examples must be a positive integer; got "
                       f"{calibration_examples!r}")
+  _check_number("percentile", percentile)
+  if not 0.0 < percentile <= 100.0:
+    raise ConfigError(f"percentile must lie in (0, 100]; got {percentile}")
 
 
 @stage("quantize", check=_check_quantize, terminal=True)
 def quantize_stage(model, variables, data, settings, *, bits="int8",
-                   calibration_examples=5000):
-  """Post-training quantization, per output channel. int8 MLPs run int8
-  matmuls with activation scales calibrated on training inputs; other
-  models run the dequantized weights in float."""
+                   calibration_examples=5000, percentile=99.99):
+  """Post-training quantization, per output channel. With int8, every
+  matmul and convolution on a parameter runs int8 x int8 -> int32
+  (`compress.int8`), activation scales calibrated on `calibration_examples`
+  training inputs at `percentile`; int4 runs the dequantized weights."""
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
   q = quantization.quantize(params, bits=QUANTIZE_BITS[bits],
                             granularity="channel")
-  if bits == "int8" and (models.describe(model) or {}).get("name") == "mlp":
-    scales = quantization.calibrate(params, quantization.calibration_batches(
-        data.x_train, examples=calibration_examples))
-    fn, path = quantization.int8_mlp(q, scales), "int8 matmuls"
+  floats = {"params": quantization.dequantize(q), **rest}
+  extra = {}
+  if bits == "int8":
+    program = int8.convert(model, floats, quantization.calibration_batches(
+        data.x_train, examples=calibration_examples), percentile=percentile)
+    fn, path = program, "int8 products"
+    extra = {"int8_layers": program.summary()["int8"],
+             "float_layers": program.summary()["float"]}
   else:
-    fn = _logits_fn(model, {"params": quantization.dequantize(q), **rest})
-    path = "dequantized float"
+    fn, path = _logits_fn(model, floats), "dequantized float"
   variables = {"params": q, **rest}
   record = _measure(f"{bits} ({path})", model, variables, data, settings, fn=fn)
-  record["inference"] = path
+  record.update(inference=path, **extra)
   return model, variables, record
+
+
+def _check_shrink(*, fraction, epochs, min_steps, learning_rate):
+  _check_number("fraction", fraction)
+  if not 0.0 < fraction < 1.0:
+    raise ConfigError(f"fraction must lie in (0, 1) (the share of units "
+                      f"removed); got {fraction}")
+  _check_epochs(epochs)
+  _check_min_steps(min_steps)
+  _check_rate(learning_rate)
+
+
+@stage("shrink", check=_check_shrink, check_model=shrinking.check_model,
+       replaces_model=True)
+def shrink_stage(model, variables, data, settings, *, fraction=0.5, epochs=10,
+                 min_steps=0, learning_rate=1e-3):
+  """Removes `fraction` of the units of every hidden layer (MLP) or of the
+  filters of every convolution and the hidden layer (CNN), then fine-tunes
+  `epochs` (at least `min_steps` steps)."""
+  sample = data.x_test[:1]
+  before = {"parameters_before": models.count_params(variables["params"]),
+            "flops_before": shrinking.flops(model, variables, sample)}
+  model, variables = shrinking.shrink(model, variables, fraction)
+  if epochs:
+    epochs = _epochs(epochs, min_steps, data, settings)
+    n_steps = epochs * (len(data.x_train) // settings.batch_size)
+    variables = _fine_tune(model, variables, data,
+                           optim.cosine_adam(learning_rate, n_steps), epochs,
+                           settings)
+  spec = ",".join(map(str, _widths(model)))
+  label = f"shrunk to {spec}" + (f" +{epochs} ep" if epochs else "")
+  record = _measure(label, model, variables, data, settings)
+  record.update(before, flops=shrinking.flops(model, variables, sample),
+                model=models.describe(model))
+  return model, variables, record
+
+
+def _widths(model) -> list[int]:
+  kwargs = models.describe(model)["kwargs"]
+  return list(kwargs.get("widths") or [*kwargs["features"], kwargs["hidden"]])
 
 
 def _check_distill(*, student, epochs, temperature, alpha, mixup,
@@ -273,7 +325,7 @@ def _check_distill(*, student, epochs, temperature, alpha, mixup,
   _check_rate(learning_rate)
 
 
-@stage("distill", check=_check_distill)
+@stage("distill", check=_check_distill, replaces_model=True)
 def distill_stage(model, variables, data, settings, *, student=None, epochs=10,
                   temperature=4.0, alpha=0.9, mixup=None, learning_rate=1e-3):
   """Trains the `student` model spec from the model so far (Adam, cosine
@@ -308,7 +360,7 @@ def _check_factorize(*, energy, rank, epochs, min_steps, learning_rate):
   _check_rate(learning_rate)
 
 
-@stage("factorize", check=_check_factorize)
+@stage("factorize", check=_check_factorize, replaces_model=True)
 def factorize_stage(model, variables, data, settings, *, energy=None,
                     rank=None, epochs=0, min_steps=0, learning_rate=1e-3):
   """Low rank: every dense kernel of an MLP as two thinner ones (truncated
@@ -434,6 +486,7 @@ def run(model, variables: dict, data: Dataset, stages: list, *,
     model's first), each record with the stage's `seconds`.
   """
   plan = check_recipe(stages)
+  check_model(model, plan)
   records = [_measure("original", model, variables, data, settings, dense=True)]
   for name, options in plan:
     t0 = time.perf_counter()
@@ -443,6 +496,20 @@ def run(model, variables: dict, data: Dataset, stages: list, *,
                   seconds=round(time.perf_counter() - t0, 3))
     records.append(record)
   return model, variables, records
+
+
+def check_model(model, plan: list[tuple[str, dict]]) -> None:
+  """Each stage's model check, for the stages that see the given model
+  (those up to the first that replaces it): before any work."""
+  for i, (name, _) in enumerate(plan, 1):
+    spec = STAGES[name]
+    if spec.check_model is not None:
+      try:
+        spec.check_model(model)
+      except ConfigError as e:
+        raise ConfigError(f"stage {i} ({name}): {e}") from None
+    if spec.replaces_model:
+      return
 
 
 # ------------------------------------------------------- a run directory

@@ -7,7 +7,8 @@ flax linen modules of any common call signature, flax NNX modules, and plain
 
 from jaxaccel.models.adapter import (CastModel, FunctionModel, LinenModel,
                                      ModelAdapter, NNXModel, adapt,
-                                     from_functions, output_classes)
+                                     from_functions, output_classes,
+                                     primitive_names)
 from jaxaccel.models.registry import (IMAGE_MODELS, MODELS, check_input,
                                       count_params, create, describe,
                                       from_description, parse_model_spec)
@@ -18,5 +19,5 @@ __all__ = [
     "LinenModel", "MLP", "MODELS", "ModelAdapter", "NNXModel", "ResNet",
     "adapt", "check_input", "count_params", "create", "describe",
     "from_description", "from_functions", "max_pool_2x2", "output_classes",
-    "parse_model_spec",
+    "parse_model_spec", "primitive_names",
 ]

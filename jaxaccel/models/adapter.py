@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jcore
 import jax.numpy as jnp
 from flax import nnx
 
@@ -117,6 +118,16 @@ class CastModel(ModelAdapter):
     return self.inner.module
 
 
+def primitive_names(jaxpr) -> set[str]:
+  """Names of the primitives in a jaxpr and in every jaxpr nested in it."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jcore.jaxprs_in_params(eqn.params):
+      names |= primitive_names(sub)
+  return names
+
+
 # ------------------------------------------------------------------ linen
 
 def _mode_argument(module: nn.Module) -> str | None:
@@ -161,7 +172,10 @@ class LinenModel(ModelAdapter):
   def init(self, key, sample):
     rngs = {"params": key, **{n: jax.random.fold_in(key, i + 1)
                               for i, n in enumerate(self.rng_names)}}
-    variables = dict(self.linen.init(rngs, sample, **self._mode(False)))
+    # Compiled: run op by op, a CNN's initializers take seconds to dispatch.
+    init = jax.jit(lambda rngs, sample: self.linen.init(
+        rngs, sample, **self._mode(False)))
+    variables = dict(init(rngs, sample))
     params = variables.pop("params", {})
     return params, variables
 

@@ -1,0 +1,330 @@
+"""Integer inference for any model: every matmul and convolution whose
+weight is a parameter runs int8 x int8 -> int32.
+
+The model is not asked how it is built. Its eval-mode forward pass is traced
+to a jaxpr and evaluated again with one change: at each `dot_general` or
+`conv_general_dilated` whose one operand is computed from a parameter alone
+(a Dense/Linear kernel, a Conv kernel, or a kernel reshaped for an im2col
+matmul) and whose other operand is an activation, the weight is quantized
+per output channel, the activation per tensor with a scale calibrated on
+training inputs, and the product runs on int8 operands with int32 sums,
+rescaled to float. Everything else (biases, batch norm, pooling, the
+activations between layers) runs as before, so linen, NNX and plain-function
+models take the same path. A product it cannot quantize (two activations, as
+in attention, or batched weights) stays float and is listed in `float_sites`.
+
+Examples:
+  >>> import jax, jax.numpy as jnp, numpy as np
+  >>> import flax.linen as nn
+  >>> from jaxaccel.compress import int8
+  >>> model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu,
+  ...                        lambda x: x.reshape(x.shape[0], -1), nn.Dense(3)])
+  >>> x = np.random.default_rng(0).normal(size=(16, 6, 6, 1)).astype("f4")
+  >>> variables = model.init(jax.random.key(0), x)
+  >>> program = int8.convert(model, variables, [x])
+  >>> [s.name for s in program.sites]
+  ['layers_0/kernel', 'layers_3/kernel']
+  >>> float_logits = model.apply(variables, x)
+  >>> bool(np.abs(program(x) - float_logits).max() < 0.05)
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccel.compress.pruning import leaf_names
+from jaxaccel.errors import ConfigError
+from jaxaccel.models import adapt
+
+PyTree = Any
+PRODUCTS = ("dot_general", "conv_general_dilated")
+# Primitives whose body is evaluated inline, so products inside them (a
+# jitted helper, a custom-gradient function) are found too.
+_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
+          "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint")
+_CONST = ""           # provenance of values computed from constants alone
+
+
+@dataclasses.dataclass
+class Site:
+  """One matmul or convolution of the forward pass."""
+  index: int
+  kind: str                     # "dot_general" or "conv_general_dilated"
+  name: str                     # the parameter its weight comes from, or ""
+  quantized: bool
+  reason: str = ""              # why it stays float
+  weight_side: int = 1          # operand index of the weight
+  values: np.ndarray | None = None     # int8 weight, the operand's layout
+  weight_scale: np.ndarray | None = None  # broadcasts against the output
+  input_scale: float | None = None
+
+  @property
+  def description(self) -> str:
+    if not self.name:
+      return f"a product of {self.reason}"
+    return self.name if self.quantized else f"{self.name} ({self.reason})"
+
+
+def _inner(eqn) -> tuple[Any, list] | None:
+  """(jaxpr, consts) of a call-like equation's body, or None."""
+  if eqn.primitive.name not in _CALLS:
+    return None
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    body = eqn.params.get(key)
+    if isinstance(body, jcore.ClosedJaxpr):
+      return body.jaxpr, list(body.consts)
+    if isinstance(body, jcore.Jaxpr):
+      return body, []
+  return None
+
+
+def _per_channel_int8(w: np.ndarray, reduce_axes: tuple[int, ...]):
+  """Symmetric int8 values and scales of w, one scale per kept axis."""
+  w = np.asarray(w, np.float32)
+  amax = np.max(np.abs(w), axis=reduce_axes, keepdims=True)
+  scale = np.where(amax > 0, amax, 1.0).astype(np.float32) / 127.0
+  values = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+  return values, scale
+
+
+class _Pass:
+  """One evaluation of the traced forward pass in one of three modes:
+  "scan" (eager: find the sites and quantize their weights), "calibrate"
+  (record each site's input range) and "run" (the int8 products)."""
+
+  def __init__(self, mode: str, sites: list[Site] | None = None,
+               percentile: float = 99.99):
+    self.mode = mode
+    self.sites = sites if sites is not None else []
+    self.percentile = percentile
+    self.ranges: list = []
+    self.count = 0
+
+  def evaluate(self, jaxpr, consts, args, names):
+    env, prov = {}, {}
+
+    def read(v):
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    def origin(v):
+      return _CONST if isinstance(v, jcore.Literal) else prov.get(v)
+
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v], prov[v] = c, _CONST
+    for v, a, n in zip(jaxpr.invars, args, names):
+      env[v], prov[v] = a, n
+    for eqn in jaxpr.eqns:
+      vals = [read(v) for v in eqn.invars]
+      origins = [origin(v) for v in eqn.invars]
+      body = _inner(eqn)
+      if eqn.primitive.name in PRODUCTS and None in origins:
+        outs = [self.product(eqn, vals, origins)]
+      elif body is not None:
+        outs = self.evaluate(body[0], body[1], vals, origins)
+      else:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        with eqn.ctx.manager:
+          outs = eqn.primitive.bind(*vals, **params)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+      # A value computed from parameters and constants alone is a weight;
+      # it is named after the first parameter it comes from.
+      weight = None if None in origins else next(
+          (o for o in origins if o), _CONST)
+      for v, out in zip(eqn.outvars, outs):
+        env[v], prov[v] = out, weight
+    return [read(v) for v in jaxpr.outvars]
+
+  def product(self, eqn, vals, origins):
+    index, self.count = self.count, self.count + 1
+    if self.mode == "scan":
+      self.sites.append(_site(index, eqn, vals, origins))
+    site = self.sites[index]
+    if not site.quantized:
+      return eqn.primitive.bind(*vals, **eqn.params)
+    act = vals[1 - site.weight_side]
+    if self.mode == "calibrate":
+      self.ranges.append(jnp.percentile(jnp.abs(act.astype(jnp.float32)),
+                                        self.percentile))
+    if self.mode != "run":
+      return eqn.primitive.bind(*vals, **eqn.params)
+    s = jnp.float32(site.input_scale)
+    q = jnp.clip(jnp.round(act.astype(jnp.float32) * (1.0 / s)), -127, 127
+                 ).astype(jnp.int8)
+    operands = [q, q]
+    operands[site.weight_side] = jnp.asarray(site.values)
+    if site.kind == "conv_general_dilated" and _as_matmul(eqn):
+      acc = _conv_as_int8_matmul(eqn, q, site.values)
+    else:
+      params = dict(eqn.params, preferred_element_type=jnp.int32)
+      if "precision" in params:
+        params["precision"] = None
+      acc = eqn.primitive.bind(*operands, **params)
+    out = acc.astype(jnp.float32) * (s * jnp.asarray(site.weight_scale))
+    return out.astype(eqn.outvars[0].aval.dtype)
+
+
+def _as_matmul(eqn) -> bool:
+  """Whether a convolution is a plain 2-D one `_conv_as_int8_matmul` runs."""
+  p = eqn.params
+  return (len(p["window_strides"]) == 2 and p["feature_group_count"] == 1
+          and set(p["lhs_dilation"]) == {1} and set(p["rhs_dilation"]) == {1})
+
+
+def _conv_as_int8_matmul(eqn, q: jax.Array, kernel: np.ndarray) -> jax.Array:
+  """A 2-D convolution of int8 inputs as shifted slices and one int8 x int8
+  -> int32 matmul (im2col), in the equation's layouts. XLA:CPU runs an int8
+  `conv_general_dilated` through a slow generic loop; its int8 matmul is
+  faster than the float one."""
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  lhs, rhs, out = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  x = jnp.transpose(q, (lhs[0], *lhs[2:], lhs[1]))               # NHWC
+  w = np.transpose(kernel, (*rhs[2:], rhs[1], rhs[0]))            # HWIO
+  kh, kw, cin, cout = w.shape
+  (lo_h, hi_h), (lo_w, hi_w) = p["padding"]
+  sh, sw = p["window_strides"]
+  x = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+  oh = (x.shape[1] - kh) // sh + 1
+  ow = (x.shape[2] - kw) // sw + 1
+  cols = jnp.concatenate(
+      [x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  acc = jax.lax.dot_general(cols, jnp.asarray(w.reshape(kh * kw * cin, cout)),
+                            (((3,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)     # NHWC
+  order = np.argsort([out[0], out[2], out[3], out[1]])
+  return jnp.transpose(acc, order)
+
+
+def _site(index, eqn, vals, origins) -> Site:
+  kind = eqn.primitive.name
+  sides = [i for i, o in enumerate(origins) if o is not None]
+  if not sides:
+    return Site(index, kind, "", False, "two activations")
+  side = sides[0]
+  name = origins[side]
+  if not name:
+    return Site(index, kind, "", False, "an activation and a constant")
+  w = np.asarray(vals[side])
+  if not np.issubdtype(w.dtype, np.floating):
+    return Site(index, kind, name, False, f"{w.dtype} weight")
+  if kind == "dot_general":
+    (contract, batch) = eqn.params["dimension_numbers"]
+    if batch[0] or batch[1]:
+      return Site(index, kind, name, False, "batched product")
+    values, scale = _per_channel_int8(w, tuple(contract[side]))
+    # dot_general's output: lhs free axes, then rhs free axes, in order.
+    scale = scale.reshape([d for i, d in enumerate(scale.shape)
+                           if i not in contract[side]])
+    if side == 0:
+      free_rhs = vals[1].ndim - len(contract[1])
+      scale = scale.reshape(scale.shape + (1,) * free_rhs)
+  else:
+    dn = eqn.params["dimension_numbers"]
+    if side != 1 or eqn.params.get("batch_group_count", 1) != 1:
+      return Site(index, kind, name, False, "unsupported convolution layout")
+    out_feature = dn.rhs_spec[0]
+    values, scale = _per_channel_int8(
+        w, tuple(i for i in range(w.ndim) if i != out_feature))
+    shape = [1] * eqn.outvars[0].aval.ndim
+    shape[dn.out_spec[1]] = scale.size
+    scale = scale.reshape(shape)
+  return Site(index, kind, name, True, weight_side=side, values=values,
+              weight_scale=scale.astype(np.float32))
+
+
+@dataclasses.dataclass(eq=False)
+class Int8Model:
+  """A model's forward pass with int8 products; call it on float inputs."""
+  sites: list[Site]
+  float_sites: list[Site]
+  forward: Callable
+
+  def __call__(self, x) -> jax.Array:
+    return self.forward(jnp.asarray(x))
+
+  def summary(self) -> dict:
+    return {"int8": [s.name for s in self.sites],
+            "float": [s.description for s in self.float_sites]}
+
+
+def _traced(model, variables: dict):
+  """The eval forward pass as (jaxpr of (params, state, x), leaf args, names)."""
+  adapter = adapt(model)
+  variables = dict(variables)
+  params = variables.pop("params")
+  leaves = jax.tree.leaves(params) + jax.tree.leaves(variables)
+  names = ["" if n is None else n for n in leaf_names(params)]
+  names += [_CONST] * len(jax.tree.leaves(variables))
+  treedef = jax.tree.structure((params, variables))
+
+  def forward(leaves, x):
+    p, s = jax.tree.unflatten(treedef, leaves)
+    return adapter.apply(p, s, x, train=False)[0]
+
+  def trace(x):
+    closed = jax.make_jaxpr(forward)(leaves, jax.ShapeDtypeStruct(x.shape,
+                                                                  x.dtype))
+    return closed.jaxpr, list(closed.consts)
+  return trace, leaves, names
+
+
+def convert(model, variables: dict, batches: Iterable, *,
+            percentile: float = 99.99) -> Int8Model:
+  """The int8 forward pass of `model` at `variables`.
+
+  Args:
+    model: any model `jaxaccel.models.adapt` takes.
+    variables: `{"params": ..., **model_state}`, float (dequantize a
+      quantized tree first: its per-channel values come back unchanged).
+    batches: a few batches of training inputs, for the activation scales
+      (`quantization.calibration_batches`).
+    percentile: each activation's range is this percentile of |input|
+      (averaged over batches), divided by 127; 100 takes the maximum.
+
+  Raises:
+    ConfigError: no batches, a percentile outside (0, 100], or a model with
+      no matmul or convolution on a parameter.
+  """
+  if not 0.0 < percentile <= 100.0:
+    raise ConfigError(f"calibration percentile must lie in (0, 100]; got "
+                      f"{percentile}")
+  batches = [jnp.asarray(b) for b in batches]
+  if not batches:
+    raise ConfigError("calibration got no batches; give at least one")
+  trace, leaves, names = _traced(model, variables)
+
+  scan = _Pass("scan")
+  jaxpr, consts = trace(batches[0][:2])
+  scan.evaluate(jaxpr, consts, [*leaves, batches[0][:2]], [*names, None])
+  quantized = [s for s in scan.sites if s.quantized]
+  if not quantized:
+    found = ", ".join(s.description for s in scan.sites) or "none"
+    raise ConfigError("the model has no matmul or convolution on a parameter "
+                      f"to quantize (products found: {found})")
+
+  @jax.jit
+  def ranges(x):
+    p = _Pass("calibrate", scan.sites, percentile)
+    jaxpr, consts = trace(x)
+    p.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
+    return p.ranges
+  amax = np.mean([np.asarray(ranges(b)) for b in batches], axis=0)
+  for site, a in zip(quantized, amax):
+    site.input_scale = float(a if a > 0 else 1.0) / 127.0
+
+  @jax.jit
+  def forward(x):
+    p = _Pass("run", scan.sites)
+    jaxpr, consts = trace(x)
+    return p.evaluate(jaxpr, consts, [*leaves, x], [*names, None])[0]
+  return Int8Model(quantized, [s for s in scan.sites if not s.quantized],
+                   forward)
