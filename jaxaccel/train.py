@@ -227,7 +227,7 @@ def describe_model(model) -> str:
 def scan_pays(model, state: TrainState, sample) -> bool:
   """Whether a compiled `lax.scan` epoch beats streaming steps for `model`.
 
-  It does except on the CPU for a model whose forward pass has a
+  It does except on the CPU for a model whose training forward pass has a
   `conv_general_dilated`: XLA:CPU runs a convolution's gradient several
   times slower inside a compiled loop than in a step of its own (the flax
   examples' MNIST CNN on 8x8 digits, batch 32: 0.82 s per epoch scanned,
@@ -236,9 +236,9 @@ def scan_pays(model, state: TrainState, sample) -> bool:
   """
   if jax.default_backend() != "cpu":
     return True
-  apply = lambda p, s, x: model.apply(p, s, x, train=False)[0]
+  apply = lambda p, s, x, rng: model.apply(p, s, x, train=True, rng=rng)[0]
   jaxpr = jax.make_jaxpr(apply)(state.params, state.model_state,
-                                jnp.asarray(sample))
+                                jnp.asarray(sample), state.rng)
   return "conv_general_dilated" not in models.primitive_names(jaxpr.jaxpr)
 
 

@@ -82,6 +82,8 @@ def test_matmul_conv_equals_flax_conv(key, shape, kernel, strides):
   v = ours.init(key, x)
   v = jax.tree.map(lambda p: p + 0.1, v)    # a non-zero bias too
   np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours.apply(v, x, matmul=False), ref.apply(v, x),
+                             rtol=1e-5, atol=1e-5)
   g1 = jax.grad(lambda v: jnp.sum(jnp.sin(ours.apply(v, x))))(v)
   g2 = jax.grad(lambda v: jnp.sum(jnp.sin(ref.apply(v, x))))(v)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),

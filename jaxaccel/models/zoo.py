@@ -39,7 +39,11 @@ class Conv(nn.Module):
   Same parameters and result as `nn.Conv(features, kernel_size, strides,
   padding="SAME")`. XLA:CPU runs a convolution's gradient more than ten
   times slower inside a loop (the compiled epoch is a `lax.scan`) than
-  outside one; a matmul is as fast in both places.
+  outside one; a matmul is as fast in both places. With `matmul=False`
+  (inference, where there is no gradient) it is XLA's own convolution:
+  building the patches costs more than the matmul, and the CNN's forward
+  pass at batch 1024 runs 5.7x faster (540 ms against 95 ms on 28x28
+  images on the 2-core development machine).
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
@@ -48,7 +52,7 @@ class Conv(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, matmul: bool = True):
     kh, kw = self.kernel_size
     s = self.strides
     n, h, w, c = x.shape
@@ -57,14 +61,19 @@ class Conv(nn.Module):
     out_h, out_w = -(-h // s), -(-w // s)
     pad_h = max((out_h - 1) * s + kh - h, 0)
     pad_w = max((out_w - 1) * s + kw - w, 0)
-    x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
-                    (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    # (n, out_h, out_w, kh * kw * c), taps in the kernel's (i, j, c) order
-    cols = jnp.concatenate(
-        [x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
-         for i in range(kh) for j in range(kw)], axis=-1)
-    y = jnp.dot(cols.astype(self.dtype),
-                kernel.reshape(kh * kw * c, self.features).astype(self.dtype))
+    padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+    if matmul:
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+      # (n, out_h, out_w, kh * kw * c), taps in the kernel's (i, j, c) order
+      cols = jnp.concatenate(
+          [x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s, :]
+           for i in range(kh) for j in range(kw)], axis=-1)
+      y = jnp.dot(cols.astype(self.dtype),
+                  kernel.reshape(kh * kw * c, self.features).astype(self.dtype))
+    else:
+      y = jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype), (s, s), padding,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(
           self.dtype)
@@ -95,10 +104,9 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    del train
     x = x.astype(self.dtype)
     for f in self.features:
-      x = nn.relu(Conv(f, (3, 3), dtype=self.dtype)(x))
+      x = nn.relu(Conv(f, (3, 3), dtype=self.dtype)(x, matmul=train))
       x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
@@ -118,13 +126,14 @@ class BasicBlock(nn.Module):
                                      momentum=0.9, dtype=self.dtype,
                                      axis_name=self.axis_name, name=name)
     y = Conv(self.features, (3, 3), self.strides, use_bias=False,
-             dtype=self.dtype)(x)
+             dtype=self.dtype)(x, matmul=train)
     y = nn.relu(norm("bn1")(y))
-    y = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(y)
+    y = Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(
+        y, matmul=train)
     y = norm("bn2")(y)
     if x.shape[-1] != self.features or self.strides != 1:
       x = Conv(self.features, (1, 1), self.strides, use_bias=False,
-               dtype=self.dtype, name="shortcut")(x)
+               dtype=self.dtype, name="shortcut")(x, matmul=train)
       x = norm("bn_shortcut")(x)
     return nn.relu(x + y)
 
@@ -142,7 +151,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     x = x.astype(self.dtype)
-    x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+    x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(
+        x, matmul=train)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
                              dtype=self.dtype, axis_name=self.axis_name)(x))
     for i, blocks in enumerate(self.stage_sizes):
