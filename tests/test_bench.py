@@ -37,7 +37,7 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
 
 
 def test_compress_suite_runs_the_shipped_recipes():
-  report = bench.run_compress_suite(dataset="digits", epochs=2, seeds=2,
+  report = bench.run_compress_suite(dataset="digits", epochs=2, seeds=1,
                                     share=0.1, teacher_widths=(64, 64),
                                     latency_rounds=1, progress=False)
   m = report["mlp"]
@@ -58,7 +58,7 @@ def test_compress_suite_runs_the_shipped_recipes():
   d = m["distill"]
   means = {int(e): sum(v) / len(v) for e, v in d["labels_only_by_epochs"].items()}
   assert set(means) == {2, 4, 8} and d["labels_only_epochs"] == max(means, key=means.get)
-  assert d["student_distilled"] == pytest.approx(sum(d["distilled_by_seed"]) / 2)
+  assert d["student_distilled"] == pytest.approx(sum(d["distilled_by_seed"]))
   gap = d["teacher_accuracy"] - d["student_labels_only"]
   if gap > 0:
     assert d["gap_closed"] == pytest.approx(
