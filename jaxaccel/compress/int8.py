@@ -61,6 +61,8 @@ class Site:
   quantized: bool
   reason: str = ""              # why it stays float
   weight_side: int = 1          # operand index of the weight
+  reduce_axes: tuple[int, ...] = ()   # the weight's axes a scale spans
+  scale_shape: tuple[int, ...] = ()   # the scales' shape against the output
   values: np.ndarray | None = None     # int8 weight, the operand's layout
   weight_scale: np.ndarray | None = None  # broadcasts against the output
   input_scale: float | None = None
@@ -96,7 +98,7 @@ def _per_channel_int8(w: np.ndarray, reduce_axes: tuple[int, ...]):
 
 class _Pass:
   """One evaluation of the traced forward pass in one of three modes:
-  "scan" (eager: find the sites and quantize their weights), "calibrate"
+  "scan" (find the sites and return their weights), "calibrate"
   (record each site's input range) and "run" (the int8 products)."""
 
   def __init__(self, mode: str, sites: list[Site] | None = None,
@@ -105,6 +107,7 @@ class _Pass:
     self.sites = sites if sites is not None else []
     self.percentile = percentile
     self.ranges: list = []
+    self.weights: list = []
     self.count = 0
 
   def evaluate(self, jaxpr, consts, args, names):
@@ -149,6 +152,8 @@ class _Pass:
     site = self.sites[index]
     if not site.quantized:
       return eqn.primitive.bind(*vals, **eqn.params)
+    if self.mode == "scan":
+      self.weights.append(vals[site.weight_side])
     act = vals[1 - site.weight_side]
     if self.mode == "calibrate":
       self.ranges.append(jnp.percentile(jnp.abs(act.astype(jnp.float32)),
@@ -205,6 +210,9 @@ def _conv_as_int8_matmul(eqn, q: jax.Array, kernel: np.ndarray) -> jax.Array:
 
 
 def _site(index, eqn, vals, origins) -> Site:
+  """A product's site, from shapes alone (the weight may be a tracer):
+  which operand is the weight, the axes its scales reduce over and the
+  shape they broadcast to against the output."""
   kind = eqn.primitive.name
   sides = [i for i, o in enumerate(origins) if o is not None]
   if not sides:
@@ -213,32 +221,34 @@ def _site(index, eqn, vals, origins) -> Site:
   name = origins[side]
   if not name:
     return Site(index, kind, "", False, "an activation and a constant")
-  w = np.asarray(vals[side])
-  if not np.issubdtype(w.dtype, np.floating):
+  w = vals[side]
+  if not jnp.issubdtype(w.dtype, jnp.floating):
     return Site(index, kind, name, False, f"{w.dtype} weight")
   if kind == "dot_general":
     (contract, batch) = eqn.params["dimension_numbers"]
     if batch[0] or batch[1]:
       return Site(index, kind, name, False, "batched product")
-    values, scale = _per_channel_int8(w, tuple(contract[side]))
+    reduce_axes = tuple(contract[side])
     # dot_general's output: lhs free axes, then rhs free axes, in order.
-    scale = scale.reshape([d for i, d in enumerate(scale.shape)
-                           if i not in contract[side]])
+    shape = [d for i, d in enumerate(w.shape) if i not in reduce_axes]
     if side == 0:
-      free_rhs = vals[1].ndim - len(contract[1])
-      scale = scale.reshape(scale.shape + (1,) * free_rhs)
+      shape += [1] * (vals[1].ndim - len(contract[1]))
   else:
     dn = eqn.params["dimension_numbers"]
     if side != 1 or eqn.params.get("batch_group_count", 1) != 1:
       return Site(index, kind, name, False, "unsupported convolution layout")
     out_feature = dn.rhs_spec[0]
-    values, scale = _per_channel_int8(
-        w, tuple(i for i in range(w.ndim) if i != out_feature))
+    reduce_axes = tuple(i for i in range(w.ndim) if i != out_feature)
     shape = [1] * eqn.outvars[0].aval.ndim
-    shape[dn.out_spec[1]] = scale.size
-    scale = scale.reshape(shape)
-  return Site(index, kind, name, True, weight_side=side, values=values,
-              weight_scale=scale.astype(np.float32))
+    shape[dn.out_spec[1]] = w.shape[out_feature]
+  return Site(index, kind, name, True, weight_side=side,
+              reduce_axes=reduce_axes, scale_shape=tuple(shape))
+
+
+def _quantize_site(site: Site, w) -> None:
+  """Fills a site's int8 weight and its scales, broadcastable to the output."""
+  site.values, scale = _per_channel_int8(np.asarray(w), site.reduce_axes)
+  site.weight_scale = scale.reshape(site.scale_shape).astype(np.float32)
 
 
 @dataclasses.dataclass(eq=False)
@@ -303,9 +313,16 @@ def convert(model, variables: dict, batches: Iterable, *,
   trace, leaves, names = _traced(model, variables)
 
   scan = _Pass("scan")
-  jaxpr, consts = trace(batches[0][:2])
-  scan.evaluate(jaxpr, consts, [*leaves, batches[0][:2]], [*names, None])
+
+  @jax.jit
+  def weights(x):
+    jaxpr, consts = trace(x)
+    scan.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
+    return scan.weights
+  found = weights(batches[0][:1])
   quantized = [s for s in scan.sites if s.quantized]
+  for site, w in zip(quantized, found):
+    _quantize_site(site, w)
   if not quantized:
     found = ", ".join(s.description for s in scan.sites) or "none"
     raise ConfigError("the model has no matmul or convolution on a parameter "
