@@ -57,6 +57,28 @@ def _registry_kind(model) -> tuple[str, dict]:
   return name, desc
 
 
+def _drop_units(p: dict, cur: str, nxt: str, fraction: float) -> int:
+  """Removes the weakest `fraction` of layer `cur`'s output units from its
+  kernel and bias and from the inputs of layer `nxt` (in place); the number
+  kept. A Dense `nxt` after a convolution reads the flattened (h, w,
+  channel) features, so a channel is removed at every position."""
+  kernel, following = p[cur]["kernel"], p[nxt]["kernel"]
+  units = kernel.shape[-1]
+  if following.ndim == 4:                      # the next convolution: HWIO
+    incoming = following.transpose(2, 0, 1, 3)
+  else:                                        # (positions * units, out)
+    incoming = following.reshape(-1, units, following.shape[-1]).transpose(1, 0, 2)
+  keep = _keep(_norm(kernel, -1) * _norm(incoming, 0), fraction)
+  p[cur]["kernel"] = kernel[..., keep]
+  p[cur]["bias"] = p[cur]["bias"][keep]
+  if following.ndim == 4:
+    p[nxt]["kernel"] = following[:, :, keep, :]
+  else:
+    rows = following.reshape(-1, units, following.shape[-1])[:, keep, :]
+    p[nxt]["kernel"] = rows.reshape(-1, following.shape[-1])
+  return int(keep.size)
+
+
 def check_model(model) -> None:
   """A ConfigError unless shrink can remove units of `model`."""
   _registry_kind(model)
@@ -78,52 +100,18 @@ def shrink(model, variables: dict, fraction: float) -> tuple[Any, dict]:
     raise ConfigError(f"shrink fraction must lie in (0, 1) (the share of "
                       f"units removed); got {fraction!r}")
   name, desc = _registry_kind(model)
-  p = jax.tree.map(np.asarray, dict(variables["params"]))
-  p = {k: dict(v) for k, v in p.items()}
+  p = {k: dict(v) for k, v in jax.tree.map(np.asarray,
+                                            dict(variables["params"])).items()}
   if name == "mlp":
-    n = len(desc["kwargs"]["widths"])
-    layers = [f"Dense_{i}" for i in range(n + 1)]
-    widths = []
-    for cur, nxt in zip(layers, layers[1:]):
-      keep = _keep(_norm(p[cur]["kernel"], -1) * _norm(p[nxt]["kernel"], 0),
-                   fraction)
-      p[cur]["kernel"] = p[cur]["kernel"][:, keep]
-      p[cur]["bias"] = p[cur]["bias"][keep]
-      p[nxt]["kernel"] = p[nxt]["kernel"][keep, :]
-      widths.append(int(keep.size))
-    kwargs = {"widths": tuple(widths)}
+    layers = [f"Dense_{i}" for i in range(len(desc["kwargs"]["widths"]) + 1)]
+    kwargs = {"widths": tuple(_drop_units(p, cur, nxt, fraction)
+                              for cur, nxt in zip(layers, layers[1:]))}
   else:
-    n = len(desc["kwargs"]["features"])
-    convs = [f"Conv_{i}" for i in range(n)]
-    features = []
-    for i, cur in enumerate(convs):
-      k = p[cur]["kernel"]
-      if i + 1 < n:
-        nxt = p[convs[i + 1]]["kernel"]
-        out = _norm(nxt, 2)
-        take_next = lambda keep, nxt=nxt: nxt[:, :, keep, :]
-      else:
-        # The first Dense reads the flattened (h, w, channel) features.
-        dense = p["Dense_0"]["kernel"]
-        c = k.shape[-1]
-        rows = dense.reshape(-1, c, dense.shape[-1])
-        out = _norm(rows, 1)
-        take_next = lambda keep, rows=rows: rows[:, keep, :].reshape(
-            -1, rows.shape[-1])
-      keep = _keep(_norm(k, -1) * out, fraction)
-      p[cur]["kernel"] = k[..., keep]
-      p[cur]["bias"] = p[cur]["bias"][keep]
-      if i + 1 < n:
-        p[convs[i + 1]]["kernel"] = take_next(keep)
-      else:
-        p["Dense_0"]["kernel"] = take_next(keep)
-      features.append(int(keep.size))
-    keep = _keep(_norm(p["Dense_0"]["kernel"], -1)
-                 * _norm(p["Dense_1"]["kernel"], 0), fraction)
-    p["Dense_0"]["kernel"] = p["Dense_0"]["kernel"][:, keep]
-    p["Dense_0"]["bias"] = p["Dense_0"]["bias"][keep]
-    p["Dense_1"]["kernel"] = p["Dense_1"]["kernel"][keep, :]
-    kwargs = {"features": tuple(features), "hidden": int(keep.size)}
+    convs = [f"Conv_{i}" for i in range(len(desc["kwargs"]["features"]))]
+    features = tuple(_drop_units(p, cur, nxt, fraction)
+                     for cur, nxt in zip(convs, convs[1:] + ["Dense_0"]))
+    kwargs = {"features": features,
+              "hidden": _drop_units(p, "Dense_0", "Dense_1", fraction)}
   small = models.create(name, num_classes=desc["num_classes"],
                         **{**{k: tuple(v) if isinstance(v, list) else v
                               for k, v in desc["kwargs"].items()}, **kwargs})

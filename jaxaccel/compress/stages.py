@@ -108,6 +108,14 @@ def _fine_tune(model, variables, data, tx, epochs: int, settings: Settings):
   return core.variables_of(result.state)
 
 
+def _cosine_fine_tune(model, variables, data, epochs: int, learning_rate,
+                      settings: Settings):
+  """`epochs` of fine-tuning with Adam under cosine decay."""
+  n_steps = epochs * (len(data.x_train) // settings.batch_size)
+  return _fine_tune(model, variables, data,
+                    optim.cosine_adam(learning_rate, n_steps), epochs, settings)
+
+
 def _epochs(epochs: int, min_steps: int, data: Dataset, settings: Settings) -> int:
   """`epochs`, or more when they hold fewer than `min_steps` steps: a
   recipe's fine-tuning is long enough on a small data set too."""
@@ -263,8 +271,8 @@ def quantize_stage(model, variables, data, settings, *, bits="int8",
     program = int8.convert(model, floats, quantization.calibration_batches(
         data.x_train, examples=calibration_examples), percentile=percentile)
     fn, path = program, "int8 products"
-    extra = {"int8_layers": program.summary()["int8"],
-             "float_layers": program.summary()["float"]}
+    summary = program.summary()
+    extra = {"int8_layers": summary["int8"], "float_layers": summary["float"]}
   else:
     fn, path = _logits_fn(model, floats), "dequantized float"
   variables = {"params": q, **rest}
@@ -296,10 +304,8 @@ def shrink_stage(model, variables, data, settings, *, fraction=0.5, epochs=10,
   model, variables = shrinking.shrink(model, variables, fraction)
   if epochs:
     epochs = _epochs(epochs, min_steps, data, settings)
-    n_steps = epochs * (len(data.x_train) // settings.batch_size)
-    variables = _fine_tune(model, variables, data,
-                           optim.cosine_adam(learning_rate, n_steps), epochs,
-                           settings)
+    variables = _cosine_fine_tune(model, variables, data, epochs,
+                                  learning_rate, settings)
   spec = ",".join(map(str, _widths(model)))
   label = f"shrunk to {spec}" + (f" +{epochs} ep" if epochs else "")
   record = _measure(label, model, variables, data, settings)
@@ -371,10 +377,8 @@ def factorize_stage(model, variables, data, settings, *, energy=None,
   small = lowrank.lowrank_model(model, ranks)
   variables = {"params": low}
   if epochs:
-    n_steps = epochs * (len(data.x_train) // settings.batch_size)
-    variables = _fine_tune(small, variables, data,
-                           optim.cosine_adam(learning_rate, n_steps), epochs,
-                           settings)
+    variables = _cosine_fine_tune(small, variables, data, epochs,
+                                  learning_rate, settings)
   label = f"low rank {list(ranks)}" + (f" +{epochs} ep" if epochs else "")
   return small, variables, _measure(label, small, variables, data, settings)
 
