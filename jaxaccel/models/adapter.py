@@ -118,6 +118,14 @@ class CastModel(ModelAdapter):
     return self.inner.module
 
 
+# XLA options for a program that runs once (initialization): without LLVM's
+# optimization passes, a small ResNet's initializer compiles in 1.9 s instead
+# of 8 s (the random-number code is long and unrolled), and runs a few
+# milliseconds slower. Values may differ from an optimized build in the last
+# bit.
+RUN_ONCE = {"xla_backend_optimization_level": 0}
+
+
 def primitive_names(jaxpr) -> set[str]:
   """Names of the primitives in a jaxpr and in every jaxpr nested in it."""
   names = set()
@@ -173,8 +181,12 @@ class LinenModel(ModelAdapter):
     rngs = {"params": key, **{n: jax.random.fold_in(key, i + 1)
                               for i, n in enumerate(self.rng_names)}}
     # Compiled: run op by op, a CNN's initializers take seconds to dispatch.
+    # Traced inputs (eval_shape, vmap) stage it into an outer program, which
+    # takes no options of its own.
+    traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((key, sample)))
     init = jax.jit(lambda rngs, sample: self.linen.init(
-        rngs, sample, **self._mode(False)))
+        rngs, sample, **self._mode(False)),
+        compiler_options=None if traced else RUN_ONCE)
     variables = dict(init(rngs, sample))
     params = variables.pop("params", {})
     return params, variables
