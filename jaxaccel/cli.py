@@ -154,12 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--plot", metavar="PNG", help="save a heat map (or, with "
                  "--batch-sizes, accuracy and throughput bars)")
 
-  p = sub.add_parser("predict", help="predict classes with a trained run")
+  p = sub.add_parser("predict", help="predict classes with a trained run "
+                     "or an exported artifact")
   common(p)
-  p.add_argument("--run", required=True, help="run directory of `train`")
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--run", help="run directory of `train`")
+  which.add_argument("--artifact", help="a file written by `jaxaccel export` "
+                     "(runs without the model's code)")
   p.add_argument("--input", required=True,
                  help=".npy of raw inputs in the data set's units, rows first")
   p.add_argument("--output", help="write the predicted classes to this .npy")
+
+  p = sub.add_parser("export", help="write a run's model as a StableHLO or "
+                     "ONNX file that runs without its Python code")
+  common(p)
+  p.add_argument("--run", required=True, help="run directory of `train`")
+  p.add_argument("--format", required=True, help="stablehlo or onnx")
+  p.add_argument("--int8", action="store_true",
+                 help="int8 x int8 -> int32 products for every matmul and "
+                      "convolution on a weight, calibrated on training inputs")
+  p.add_argument("--out", required=True, help="the file to write")
 
   p = sub.add_parser("compress", help="prune, quantize or distill a trained run")
   common(p)
@@ -310,29 +324,42 @@ def cmd_train(args) -> None:
   _emit(args, human, payload)
 
 
-def cmd_predict(args) -> None:
+def _read_npy(path: pathlib.Path):
   import numpy as np
-  from jaxaccel import data, train
-  from jaxaccel.checkpoint import RunDir
   from jaxaccel.errors import DataError
-  model, variables, config = train.load_run(args.run)
-  path = pathlib.Path(args.input)
   if not path.is_file():
     raise DataError(f"input file {path} does not exist; give a .npy of inputs")
   try:
-    x = np.load(path, allow_pickle=False)
+    return np.load(path, allow_pickle=False)
   except Exception as e:
     raise DataError(f"cannot read {path} as .npy ({type(e).__name__}: {e}); "
                     "save it with numpy.save") from None
-  want = tuple(config["input_shape"])
-  if x.shape[1:] != want and x.shape[1:] + (1,) == want:
-    x = x[..., None]
-  if x.ndim < 1 or x.shape[1:] != want:
-    raise DataError(f"{path} holds an array of shape {x.shape}, but the run "
-                    f"takes rows of shape {want}: give an array of shape "
-                    f"(n, {', '.join(map(str, want))})")
-  stats = RunDir(args.run).read_normalization() or {"scale": 1.0}
-  logits = train.predict(model, variables, data.preprocess(x, stats))
+
+
+def cmd_predict(args) -> None:
+  import numpy as np
+  from jaxaccel.errors import DataError
+  path = pathlib.Path(args.input)
+  if args.artifact:
+    from jaxaccel import export
+    artifact = export.load(args.artifact)
+    num_classes = artifact.header["num_classes"]
+    logits = artifact(_read_npy(path))
+  else:
+    from jaxaccel import data, train
+    from jaxaccel.checkpoint import RunDir
+    model, variables, config = train.load_run(args.run)
+    x = _read_npy(path)
+    want = tuple(config["input_shape"])
+    if x.shape[1:] != want and x.shape[1:] + (1,) == want:
+      x = x[..., None]
+    if x.ndim < 1 or x.shape[1:] != want:
+      raise DataError(f"{path} holds an array of shape {x.shape}, but the run "
+                      f"takes rows of shape {want}: give an array of shape "
+                      f"(n, {', '.join(map(str, want))})")
+    stats = RunDir(args.run).read_normalization() or {"scale": 1.0}
+    logits = train.predict(model, variables, data.preprocess(x, stats))
+    num_classes = config["num_classes"]
   classes = logits.argmax(-1).astype(np.int32)
   payload = {"count": int(len(classes))}
   if args.output:
@@ -340,11 +367,30 @@ def cmd_predict(args) -> None:
     payload["output"] = args.output
   else:
     payload["predictions"] = classes.tolist()
-  counts = np.bincount(classes, minlength=config["num_classes"])
+  counts = np.bincount(classes, minlength=num_classes)
   human = (f"{len(classes)} predictions"
            + (f" written to {args.output}" if args.output else
               f": {classes[:20].tolist()}{' ...' if len(classes) > 20 else ''}")
            + f"\nper class: {counts.tolist()}")
+  _emit(args, human, payload)
+
+
+def cmd_export(args) -> None:
+  from jaxaccel import export
+  if args.format not in export.FORMATS:
+    raise ConfigError(f"unknown export format {args.format!r}; choose one of "
+                      f"{', '.join(export.FORMATS)}")
+  out = export.export_run(args.run, format=args.format, int8=args.int8,
+                          out=args.out)
+  payload = export.describe(export.load(out))
+  layers = (f", int8 layers: {', '.join(payload['int8_layers'])}"
+            + (f"; float: {', '.join(payload['float_layers'])}"
+               if payload["float_layers"] else "")
+            if payload["int8"] else "")
+  human = (f"{args.format} artifact {out}: {payload['bytes']:,} bytes, input "
+           f"(batch, {', '.join(map(str, payload['input_shape']))}) float32 "
+           f"raw, {payload['num_classes']} logits{layers}\n"
+           f"run it: jaxaccel predict --artifact {out} --input X.npy")
   _emit(args, human, payload)
 
 
@@ -569,8 +615,8 @@ def _table(header, rows) -> str:
                    + [line(r) for r in rows])
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo,
-            "sweep": cmd_sweep, "bench": cmd_bench, "compress": cmd_compress}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export,
+            "demo": cmd_demo, "sweep": cmd_sweep, "bench": cmd_bench, "compress": cmd_compress}
 
 
 def main(argv=None) -> int:

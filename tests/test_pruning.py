@@ -259,11 +259,13 @@ def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point(fashion_lenet):
   """LeNet-300-100: 90% of the weights pruned, <= 0.5 pt loss after fine-tuning."""
   model, ds, trained = fashion_lenet
   before = train.evaluate(model, trained, ds.x_test, ds.y_test)["accuracy"]
-  # Gradual global pruning to 90% during the first half of fine-tuning.
+  # Gradual global pruning to 90% during the first third of fine-tuning, as
+  # the prune-90 recipe does (ending at half lost 0.71, 0.14, 0.13 pt on
+  # three dense seeds; at a third 0.39, -0.04, 0.32).
   steps = 10 * (60000 // 128)
   tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, steps)),
                    pruning.prune_gradually(0.9, begin_step=0,
-                                           end_step=steps // 2, every=100,
+                                           end_step=steps // 3, every=100,
                                            scope="global"))
   state = trained._replace(opt_state=tx.init(trained.params))
   tuned = train.fit(model, tx, ds, epochs=10, batch_size=128, progress=False,

@@ -261,13 +261,19 @@ class Int8Model:
   def __call__(self, x) -> jax.Array:
     return self.forward(jnp.asarray(x))
 
+  @property
+  def all_sites(self) -> list[Site]:
+    """Every product of the forward pass, in order."""
+    return sorted(self.sites + self.float_sites, key=lambda s: s.index)
+
   def summary(self) -> dict:
     return {"int8": [s.name for s in self.sites],
             "float": [s.description for s in self.float_sites]}
 
 
-def _traced(model, variables: dict):
-  """The eval forward pass as (jaxpr of (params, state, x), leaf args, names)."""
+def _traced(model, variables: dict, prepare: Callable | None = None):
+  """The eval forward pass as (jaxpr of (params, state, x), leaf args, names);
+  `prepare` (a normalization) runs on x first."""
   adapter = adapt(model)
   variables = dict(variables)
   params = variables.pop("params")
@@ -278,7 +284,7 @@ def _traced(model, variables: dict):
 
   def forward(leaves, x):
     p, s = jax.tree.unflatten(treedef, leaves)
-    return adapter.apply(p, s, x, train=False)[0]
+    return adapter.apply(p, s, prepare(x) if prepare else x, train=False)[0]
 
   def trace(x):
     closed = jax.make_jaxpr(forward)(leaves, jax.ShapeDtypeStruct(x.shape,

@@ -1,0 +1,496 @@
+"""ONNX graphs of a model's eval forward pass, float32 or int8.
+
+The forward pass (the run's normalization first) is traced to a jaxpr with
+a symbolic batch dimension and written node by node with the `onnx`
+package's helpers. Everything computed from weights and constants alone
+(a kernel's reshape, a batch norm's folded scale) is evaluated here and
+stored as an initializer, so the graph holds only the work that depends on
+the input. With an int8 program (`compress.int8.convert`), each quantized
+matmul or convolution becomes QuantizeLinear -> MatMulInteger/ConvInteger ->
+Cast -> Mul with jaxpr's own weight values, weight scales and calibrated
+input scales. Activations and weights are both int8 with zero point 0:
+ONNX Runtime's u8 x s8 kernels (activations shifted by 128) add pairs of
+products in int16 and saturate on this CPU (a 4x64 @ 64x16 product was off
+by 30,170), while its s8 x s8 products are exact.
+
+Primitives without a rule raise a ConfigError naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.extend.core as jcore
+import numpy as np
+
+from jaxaccel.compress import int8 as int8_lib
+from jaxaccel.errors import ConfigError, DataError
+
+OPSET = 18
+INPUT, OUTPUT = "x", "logits"
+
+
+def _onnx():
+  try:
+    import onnx
+    return onnx
+  except ImportError:
+    raise ConfigError("ONNX export needs the onnx package: pip install "
+                      "'jaxaccel[export]'") from None
+
+
+class _Graph:
+  """Nodes, initializers and the batch size of one graph under construction."""
+
+  def __init__(self, batch):
+    self.onnx = _onnx()
+    self.helper = self.onnx.helper
+    self.nodes, self.inits, self.count = [], [], 0
+    self.batch = batch
+    self._batch_dim = None
+    self._consts: dict[tuple, str] = {}
+
+  def name(self, hint: str) -> str:
+    self.count += 1
+    return f"{hint}_{self.count}"
+
+  def node(self, op: str, inputs, hint: str | None = None, **attrs) -> str:
+    out = self.name(hint or op.lower())
+    self.nodes.append(self.helper.make_node(op, list(inputs), [out], **attrs))
+    return out
+
+  def const(self, value, hint: str = "c") -> str:
+    value = np.asarray(value)
+    key = (value.dtype.str, value.shape, value.tobytes())
+    if len(key[2]) <= 64 and key in self._consts:
+      return self._consts[key]
+    name = self.name(hint)
+    self.inits.append(self.onnx.numpy_helper.from_array(value, name))
+    if len(key[2]) <= 64:
+      self._consts[key] = name
+    return name
+
+  def shape(self, dims) -> str:
+    """An int64 shape tensor; the symbolic batch dimension read from x."""
+    if all(isinstance(d, (int, np.integer)) for d in dims):
+      return self.const(np.asarray(dims, np.int64), "shape")
+    parts = []
+    for d in dims:
+      if isinstance(d, (int, np.integer)):
+        parts.append(self.const(np.asarray([d], np.int64), "dim"))
+      elif d == self.batch:
+        parts.append(self.batch_dim())
+      else:
+        raise ConfigError(f"cannot export a shape with dimension {d}: only "
+                          "the batch dimension may vary")
+    return self.node("Concat", parts, "shape", axis=0)
+
+  def batch_dim(self) -> str:
+    if self._batch_dim is None:
+      shape = self.node("Shape", [INPUT], "input_shape")
+      self._batch_dim = self.node(
+          "Slice", [shape, self.const(np.asarray([0], np.int64)),
+                    self.const(np.asarray([1], np.int64))], "batch")
+    return self._batch_dim
+
+
+def _axes(g: _Graph, axes) -> str:
+  return g.const(np.asarray(list(axes), np.int64), "axes")
+
+
+def _dtype(dtype) -> int:
+  return _onnx().helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+# ------------------------------------------------------------------ rules
+# Each rule: (graph, eqn, inputs) -> output tensor name, where inputs are
+# tensor names (constants already stored as initializers).
+
+_ELEMENTWISE = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div",
+                "max": "Max", "min": "Min", "pow": "Pow",
+                "gt": "Greater", "lt": "Less", "ge": "GreaterOrEqual",
+                "le": "LessOrEqual", "eq": "Equal", "and": "And", "or": "Or"}
+_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh",
+          "logistic": "Sigmoid", "sqrt": "Sqrt", "abs": "Abs", "erf": "Erf",
+          "sign": "Sign", "floor": "Floor", "ceil": "Ceil", "not": "Not",
+          "stop_gradient": "Identity", "copy": "Identity",
+          "copy_p": "Identity", "reduce_precision": "Identity",
+          "optimization_barrier": "Identity"}
+_REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax",
+           "reduce_min": "ReduceMin", "reduce_prod": "ReduceProd"}
+
+
+def _rule_binary(op):
+  return lambda g, eqn, ins: g.node(op, ins)
+
+
+def _rule_unary(op):
+  return lambda g, eqn, ins: g.node(op, ins[:1])
+
+
+def _rule_reduce(op):
+  return lambda g, eqn, ins: g.node(op, [ins[0], _axes(g, eqn.params["axes"])],
+                                    keepdims=0)
+
+
+def _rsqrt(g, eqn, ins):
+  return g.node("Reciprocal", [g.node("Sqrt", ins)])
+
+
+def _integer_pow(g, eqn, ins):
+  y = eqn.params["y"]
+  if y == 2:
+    return g.node("Mul", [ins[0], ins[0]])
+  dtype = eqn.invars[0].aval.dtype
+  return g.node("Pow", [ins[0], g.const(np.asarray(y, dtype))])
+
+
+def _square(g, eqn, ins):
+  return g.node("Mul", [ins[0], ins[0]])
+
+
+def _reshape(g, eqn, ins):
+  return g.node("Reshape", [ins[0], g.shape(eqn.params["new_sizes"])])
+
+
+def _broadcast_in_dim(g, eqn, ins):
+  shape = eqn.params["shape"]
+  dims = eqn.params["broadcast_dimensions"]
+  in_shape = eqn.invars[0].aval.shape
+  # Put the input's axes where they land, size 1 elsewhere, then Expand.
+  ranked = [1] * len(shape)
+  for axis, d in zip(dims, in_shape):
+    ranked[axis] = d
+  x = g.node("Reshape", [ins[0], g.shape(ranked)])
+  return g.node("Expand", [x, g.shape(shape)])
+
+
+def _transpose(g, eqn, ins):
+  return g.node("Transpose", ins[:1], perm=list(eqn.params["permutation"]))
+
+
+def _squeeze(g, eqn, ins):
+  return g.node("Squeeze", [ins[0], _axes(g, eqn.params["dimensions"])])
+
+
+def _expand_dims(g, eqn, ins):
+  return g.node("Unsqueeze", [ins[0], _axes(g, eqn.params["dimensions"])])
+
+
+def _convert(g, eqn, ins):
+  return g.node("Cast", ins[:1], to=_dtype(eqn.params["new_dtype"]))
+
+
+def _select_n(g, eqn, ins):
+  if len(ins) != 3:
+    raise ConfigError("cannot export select_n with more than two cases")
+  # select_n(pred, on_false, on_true)
+  pred = ins[0]
+  if eqn.invars[0].aval.dtype != np.bool_:
+    pred = g.node("Cast", [pred], to=_dtype(np.bool_))
+  return g.node("Where", [pred, ins[2], ins[1]])
+
+
+def _concatenate(g, eqn, ins):
+  return g.node("Concat", ins, axis=int(eqn.params["dimension"]))
+
+
+def _slice(g, eqn, ins):
+  starts = eqn.params["start_indices"]
+  limits = eqn.params["limit_indices"]
+  strides = eqn.params["strides"] or [1] * len(starts)
+  return g.node("Slice", [ins[0], g.const(np.asarray(starts, np.int64)),
+                          g.const(np.asarray(limits, np.int64)),
+                          _axes(g, range(len(starts))),
+                          g.const(np.asarray(strides, np.int64))])
+
+
+def _pad(g, eqn, ins):
+  config = eqn.params["padding_config"]
+  if any(interior for _, _, interior in config):
+    raise ConfigError("cannot export pad with interior padding")
+  if any(lo < 0 or hi < 0 for lo, hi, _ in config):
+    raise ConfigError("cannot export pad with negative padding")
+  pads = [lo for lo, _, _ in config] + [hi for _, hi, _ in config]
+  return g.node("Pad", [ins[0], g.const(np.asarray(pads, np.int64)), ins[1]])
+
+
+def _reduce_window(op):
+  """max_pool / avg_pool: the window's axes go last, the others (batch and
+  channels) first, as ONNX's pools take them."""
+  def rule(g, eqn, ins):
+    p = eqn.params
+    window, strides = p["window_dimensions"], p["window_strides"]
+    if set(p["base_dilation"]) != {1}:
+      raise ConfigError("cannot export a pooling window with base dilation")
+    pooled = [i for i, (w, s) in enumerate(zip(window, strides))
+              if w != 1 or s != 1]
+    kept = [i for i in range(len(window)) if i not in pooled]
+    if len(kept) != 2 or any(p["padding"][i] != (0, 0) for i in kept):
+      raise ConfigError("cannot export a pooling window over "
+                        f"{len(kept)} unpooled axes (ONNX pools take batch "
+                        "and channels)")
+    perm = kept + pooled
+    x = g.node("Transpose", ins[:1], perm=perm)
+    attrs = dict(kernel_shape=[window[i] for i in pooled],
+                 strides=[strides[i] for i in pooled],
+                 pads=([p["padding"][i][0] for i in pooled]
+                       + [p["padding"][i][1] for i in pooled]))
+    dilations = [p["window_dilation"][i] for i in pooled]
+    if set(dilations) != {1}:
+      if op == "sum":
+        raise ConfigError("cannot export an average pool with dilation")
+      attrs["dilations"] = dilations
+    if op == "sum":
+      y = g.node("AveragePool", [x], count_include_pad=1, **attrs)
+      size = np.prod(attrs["kernel_shape"]).astype(eqn.outvars[0].aval.dtype)
+      y = g.node("Mul", [y, g.const(size)])
+    else:
+      y = g.node("MaxPool", [x], **attrs)
+    return g.node("Transpose", [y], perm=list(np.argsort(perm)))
+  return rule
+
+
+def _dot_general(g, eqn, ins):
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lhs, rhs = (v.aval for v in eqn.invars)
+  if (not lb and not rb and list(lc) == [lhs.ndim - 1] and list(rc) == [0]
+      and rhs.ndim == 2):
+    return g.node("MatMul", ins)
+  # Anything else as an einsum: batch axes, then lhs free, then rhs free.
+  letters = iter("abcdefghijklmnopqrstuvwxyz")
+  l_sub = [next(letters) for _ in range(lhs.ndim)]
+  r_sub = [None] * rhs.ndim
+  for a, b in zip(lb, rb):
+    r_sub[b] = l_sub[a]
+  for a, b in zip(lc, rc):
+    r_sub[b] = l_sub[a]
+  r_sub = [s or next(letters) for s in r_sub]
+  out = ([l_sub[a] for a in lb]
+         + [s for i, s in enumerate(l_sub) if i not in lb and i not in lc]
+         + [s for i, s in enumerate(r_sub) if i not in rb and i not in rc])
+  spec = f"{''.join(l_sub)},{''.join(r_sub)}->{''.join(out)}"
+  return g.node("Einsum", ins, equation=spec)
+
+
+def _conv_attrs(eqn) -> dict:
+  p = eqn.params
+  if set(p["lhs_dilation"]) != {1}:
+    raise ConfigError("cannot export a transposed convolution (lhs_dilation)")
+  if p.get("batch_group_count", 1) != 1:
+    raise ConfigError("cannot export a convolution with batch groups")
+  pads = [lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]]
+  return dict(strides=list(p["window_strides"]), pads=pads,
+              dilations=list(p["rhs_dilation"]),
+              group=int(p["feature_group_count"]))
+
+
+def _to_nchw(g, eqn, x):
+  lhs = eqn.params["dimension_numbers"].lhs_spec
+  return x if tuple(lhs) == tuple(range(len(lhs))) else g.node(
+      "Transpose", [x], perm=list(lhs))
+
+
+def _from_nchw(g, eqn, y):
+  out = eqn.params["dimension_numbers"].out_spec
+  back = list(np.argsort(out))
+  return y if back == list(range(len(out))) else g.node(
+      "Transpose", [y], perm=back)
+
+
+def _conv(g, eqn, x, consts):
+  rhs = eqn.params["dimension_numbers"].rhs_spec
+  if consts[1] is None:
+    raise ConfigError("cannot export a convolution whose kernel depends on "
+                      "the input")
+  w = g.const(np.transpose(consts[1], rhs).astype(np.float32), "kernel")
+  y = g.node("Conv", [_to_nchw(g, eqn, x), w], **_conv_attrs(eqn))
+  return _from_nchw(g, eqn, y)
+
+
+_RULES: dict[str, Callable] = {
+    **{k: _rule_binary(v) for k, v in _ELEMENTWISE.items()},
+    **{k: _rule_unary(v) for k, v in _UNARY.items()},
+    **{k: _rule_reduce(v) for k, v in _REDUCE.items()},
+    "rsqrt": _rsqrt, "integer_pow": _integer_pow, "square": _square,
+    "reshape": _reshape, "broadcast_in_dim": _broadcast_in_dim,
+    "transpose": _transpose, "squeeze": _squeeze, "expand_dims": _expand_dims,
+    "convert_element_type": _convert, "select_n": _select_n,
+    "concatenate": _concatenate, "slice": _slice, "pad": _pad,
+    "dot_general": _dot_general,
+    "reduce_window_sum": _reduce_window("sum"),
+    "reduce_window_max": _reduce_window("max"),
+}
+
+
+class _Emitter:
+  """Walks the jaxpr: folds constant work, writes the rest as nodes."""
+
+  def __init__(self, g: _Graph, sites: list | None):
+    self.g = g
+    self.sites = sites          # every product site of the int8 program
+    self.products = 0
+
+  def walk(self, jaxpr, consts, args):
+    env: dict = {}
+
+    def read(v):
+      return ("const", np.asarray(v.val)) if isinstance(v, jcore.Literal) \
+          else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v] = ("const", np.asarray(c))
+    for v, a in zip(jaxpr.invars, args):
+      env[v] = a
+    for eqn in jaxpr.eqns:
+      vals = [read(v) for v in eqn.invars]
+      body = int8_lib._inner(eqn)
+      if all(kind == "const" for kind, _ in vals):
+        outs = self.fold(eqn, [c for _, c in vals])
+      elif body is not None:
+        outs = self.walk(body[0], body[1], vals)
+      else:
+        outs = [("tensor", self.emit(eqn, vals))]
+      for v, out in zip(eqn.outvars, outs):
+        env[v] = out
+    return [read(v) for v in jaxpr.outvars]
+
+  @staticmethod
+  def fold(eqn, consts):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+      outs = eqn.primitive.bind(*consts, **params)
+    outs = outs if eqn.primitive.multiple_results else [outs]
+    return [("const", np.asarray(o)) for o in outs]
+
+  def emit(self, eqn, vals) -> str:
+    name = eqn.primitive.name
+    g = self.g
+    consts = [c if kind == "const" else None for kind, c in vals]
+    if name in int8_lib.PRODUCTS:
+      site = None
+      if self.sites is not None:
+        site, self.products = self.sites[self.products], self.products + 1
+      if site is not None and site.quantized:
+        return self.int8_product(eqn, site, vals)
+      if name == "conv_general_dilated":
+        return _conv(g, eqn, vals[0][1], consts)
+    rule = _RULES.get(name)
+    if rule is None:
+      raise ConfigError(f"cannot export the primitive {name!r} to ONNX (no "
+                        "rule for it); export --format stablehlo runs any "
+                        "jax program")
+    return rule(g, eqn, [g.const(c) if kind == "const" else c
+                         for kind, c in vals])
+
+  def int8_product(self, eqn, site, vals) -> str:
+    g = self.g
+    act = vals[1 - site.weight_side][1]
+    s = np.float32(site.input_scale)
+    zp = g.const(np.int8(0), "zero_point")
+    # round(x * (1 / s)) clipped to [-127, 127], as compress.int8 computes
+    # it (QuantizeLinear alone divides, and saturates at -128).
+    x = g.node("Mul", [act, g.const(np.float32(1.0) / s, "inverse_scale")])
+    q = g.node("QuantizeLinear", [x, g.const(np.float32(1.0), "one"), zp])
+    q = g.node("Clip", [q, g.const(np.int8(-127), "lo"),
+                        g.const(np.int8(127), "hi")])
+    if site.kind == "conv_general_dilated":
+      rhs = eqn.params["dimension_numbers"].rhs_spec
+      w = g.const(np.transpose(site.values, rhs), "kernel_int8")
+      acc = g.node("ConvInteger", [_to_nchw(g, eqn, q), w, zp],
+                   **_conv_attrs(eqn))
+      acc = _from_nchw(g, eqn, acc)
+    else:
+      (lc, rc), _ = eqn.params["dimension_numbers"]
+      lhs_nd = eqn.invars[0].aval.ndim
+      if not (site.weight_side == 1 and list(lc) == [lhs_nd - 1]
+              and list(rc) == [0] and site.values.ndim == 2):
+        raise ConfigError(f"cannot export the int8 product of {site.name} "
+                          "to ONNX (only x @ W with W 2-D)")
+      acc = g.node("MatMulInteger", [q, g.const(site.values, "kernel_int8"),
+                                     zp])
+    out = g.node("Cast", [acc], to=_dtype(np.float32))
+    scale = (s * site.weight_scale).astype(np.float32)
+    return g.node("Mul", [out, g.const(scale, "scale")])
+
+
+def build(model, variables: dict, *, input_shape, normalization=None,
+          program=None, metadata: dict | None = None):
+  """The ONNX ModelProto of the model's eval forward pass on raw inputs."""
+  from jaxaccel.export import _normalizer
+  onnx = _onnx()
+  helper = onnx.helper
+  trace, leaves, _ = int8_lib._traced(model, variables,
+                                      prepare=_normalizer(normalization))
+  batch, = jax.export.symbolic_shape("batch")
+  jaxpr, consts = trace(jax.ShapeDtypeStruct((batch, *input_shape),
+                                             np.float32))
+  g = _Graph(batch)
+  emitter = _Emitter(g, program.all_sites if program is not None else None)
+  args = [("const", np.asarray(a)) for a in leaves] + [("tensor", INPUT)]
+  (kind, out), = emitter.walk(jaxpr, consts, args)
+  if kind == "const":
+    raise ConfigError("the model's output does not depend on its input")
+  g.nodes.append(helper.make_node("Identity", [out], [OUTPUT]))
+  classes = jaxpr.outvars[0].aval.shape[-1]
+  graph = helper.make_graph(
+      g.nodes, "jaxaccel",
+      [helper.make_tensor_value_info(INPUT, onnx.TensorProto.FLOAT,
+                                     ["batch", *input_shape])],
+      [helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT,
+                                     ["batch", int(classes)])],
+      g.inits)
+  proto = helper.make_model(graph, producer_name="jaxaccel",
+                            opset_imports=[helper.make_opsetid("", OPSET)])
+  proto.ir_version = min(proto.ir_version, 10)
+  if metadata:
+    helper.set_model_props(proto, {"jaxaccel": json.dumps(metadata)})
+  onnx.checker.check_model(proto, full_check=True)
+  return proto
+
+
+def write(model, variables: dict, *, input_shape, out, normalization=None,
+          program=None, metadata: dict | None = None) -> None:
+  proto = build(model, variables, input_shape=input_shape,
+                normalization=normalization, program=program,
+                metadata=metadata)
+  out = pathlib.Path(out)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_bytes(proto.SerializeToString())
+  tmp.replace(out)
+
+
+def session(data: bytes, threads: int | None = None):
+  """An ONNX Runtime session on the CPU."""
+  try:
+    import onnxruntime as ort
+  except ImportError:
+    raise ConfigError("running an ONNX artifact needs onnxruntime: pip "
+                      "install 'jaxaccel[export]'") from None
+  options = ort.SessionOptions()
+  options.log_severity_level = 3
+  if threads:
+    options.intra_op_num_threads = threads
+  return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def load(path: pathlib.Path, raw: bytes):
+  """An `export.Artifact` of an ONNX file written by `write`."""
+  from jaxaccel.export import Artifact
+  onnx = _onnx()
+  try:
+    proto = onnx.load_model_from_string(raw)
+  except Exception:
+    proto = None
+  props = {p.key: p.value for p in proto.metadata_props} if proto else {}
+  if not proto or not proto.graph.node or "jaxaccel" not in props:
+    raise DataError(f"{path} is not an artifact of `jaxaccel export` (neither "
+                    "StableHLO nor ONNX with jaxaccel's header); export the "
+                    "run again")
+  header = json.loads(props["jaxaccel"])
+  sess = session(raw)
+  return Artifact(path, "onnx", header,
+                  lambda x: sess.run([OUTPUT], {INPUT: x})[0])

@@ -1,0 +1,224 @@
+"""Artifacts: StableHLO and ONNX, float32 and int8, from the command line and
+Python, for registry, linen and NNX models."""
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import model_zoo as zoo
+from jaxaccel import export, models, onnx_graph, train
+from jaxaccel.compress import int8
+from jaxaccel.errors import ConfigError, DataError
+
+from conftest import last_json, run_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STATS = {"scale": np.float32(16.0), "mean": np.float32(0.3),
+         "std": np.float32(0.4)}       # raw digits (0..16) to standardized
+
+
+@pytest.fixture(scope="module")
+def raw(digits):
+  """Raw test inputs, in the units `jaxaccel predict` takes."""
+  return (digits.x_test * digits.stats["scale"]).astype(np.float32)
+
+
+def normalized(x):
+  return (x / STATS["scale"] - STATS["mean"]) / STATS["std"]
+
+
+USERS = {
+    "linen_examples_cnn": lambda: zoo.ExamplesCNN(),
+    "nnx_cnn_batch_norm": lambda: zoo.NNXCNN(rngs=nnx.Rngs(0)),
+    "nnx_vit": lambda: zoo.ViT(rngs=nnx.Rngs(0)),
+}
+
+
+@pytest.mark.parametrize("name", list(USERS))
+def test_float_artifacts_match_the_model(name, raw, tmp_path):
+  model = USERS[name]()
+  adapter = models.adapt(model)
+  params, state = adapter.init(jax.random.key(0), raw[:1])
+  variables = {"params": params, **state}
+  want = np.asarray(adapter.logits(variables, normalized(raw)))
+  for fmt in export.FORMATS:
+    path = export.export(model, variables, input_shape=raw.shape[1:],
+                         num_classes=10, format=fmt, normalization=STATS,
+                         out=tmp_path / f"m.{fmt}")
+    artifact = export.load(path)
+    assert artifact.format == fmt and artifact.header["num_classes"] == 10
+    assert artifact.header["normalization"] == "standardize"
+    # any batch size: the batch dimension is symbolic
+    for n in (1, 7, len(raw)):
+      np.testing.assert_allclose(artifact(raw[:n]), want[:n], atol=1e-4,
+                                 rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["linen_examples_cnn", "nnx_cnn_batch_norm"])
+def test_int8_artifacts_predict_what_the_int8_path_predicts(name, raw, digits,
+                                                            tmp_path):
+  model = USERS[name]()
+  adapter = models.adapt(model)
+  params, state = adapter.init(jax.random.key(1), raw[:1])
+  variables = {"params": params, **state}
+  calibration = export.calibration_inputs(digits.x_train * 16.0, STATS)
+  program = int8.convert(model, variables, calibration)
+  want = np.asarray(program(normalized(raw)))
+  assert len(program.sites) == 4 and not program.float_sites
+  for fmt in export.FORMATS:
+    path = export.export(model, variables, input_shape=raw.shape[1:],
+                         num_classes=10, format=fmt, normalization=STATS,
+                         int8=True, calibration=calibration,
+                         out=tmp_path / f"m8.{fmt}")
+    artifact = export.load(path)
+    assert artifact.header["int8"] and artifact.header["int8_layers"] == [
+        s.name for s in program.sites]
+    got = artifact(raw)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # the ONNX graph runs integer products on int8 weights and no float kernel
+  proto = onnx_graph.build(model, variables, input_shape=raw.shape[1:],
+                           normalization=STATS, program=program)
+  ops = [n.op_type for n in proto.graph.node]
+  assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 2
+  assert "Conv" not in ops and "MatMul" not in ops
+  assert {i.data_type for i in proto.graph.initializer
+          if i.name.startswith("kernel")} == {3}     # TensorProto.INT8
+
+
+def test_int8_onnx_keeps_the_integer_arithmetic_exact():
+  """Weights and inputs at the edges of the int8 range: a u8 x s8 kernel
+  saturates here, the s8 x s8 one the graph uses does not."""
+  import flax.linen as nn
+  model = nn.Dense(16)
+  x = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x)
+  program = int8.convert(model, variables, [x], percentile=90.0)
+  proto = onnx_graph.build(model, variables, input_shape=(256,),
+                           program=program)
+  got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
+  np.testing.assert_allclose(got, np.asarray(program(x)), atol=1e-5)
+
+
+def test_command_line_export_and_predict_without_the_model_code(
+    digits, raw, tmp_path, capsys):
+  """A user linen model from a module of their own: the artifacts predict
+  exactly what `predict --run` predicts, in a process that cannot import
+  that module."""
+  pkg = tmp_path / "pkg"
+  pkg.mkdir()
+  (pkg / "user_nets.py").write_text(
+      "import flax.linen as nn\n\n"
+      "class Net(nn.Module):\n"
+      "  @nn.compact\n"
+      "  def __call__(self, x):\n"
+      "    x = nn.relu(nn.Conv(8, (3, 3))(x))\n"
+      "    x = nn.max_pool(x, (2, 2), strides=(2, 2))\n"
+      "    return nn.Dense(10)(x.reshape(x.shape[0], -1))\n")
+  sys.path.insert(0, str(pkg))
+  try:
+    import user_nets
+    sub = dataclasses.replace(digits, x_train=digits.x_train[:256],
+                              y_train=digits.y_train[:256])
+    train.fit(user_nets.Net(), "adam(3e-3)", sub, epochs=2, batch_size=64,
+              out=tmp_path / "run", progress=False)
+    np.save(tmp_path / "x.npy", raw)
+    code, out, _ = run_cli(capsys, "predict", "--run", str(tmp_path / "run"),
+                           "--input", str(tmp_path / "x.npy"), "--json")
+    assert code == 0
+    want = last_json(out)["predictions"]
+    for fmt, extra in (("stablehlo", []), ("onnx", []), ("onnx", ["--int8"])):
+      path = tmp_path / f"net{'8' if extra else ''}.{fmt}"
+      code, out, err = run_cli(capsys, "export", "--run", str(tmp_path / "run"),
+                               "--format", fmt, *extra, "--out", str(path),
+                               "--json")
+      assert code == 0, err
+      info = last_json(out)
+      assert info["bytes"] == path.stat().st_size
+      assert info["input_shape"] == [8, 8, 1] and info["int8"] == bool(extra)
+  finally:
+    sys.path.remove(str(pkg))
+    sys.modules.pop("user_nets", None)
+  script = ("import sys, json\n"
+            "try:\n  import user_nets\nexcept ImportError:\n  pass\n"
+            "else:\n  sys.exit('the model module is importable')\n"
+            "from jaxaccel import cli\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n")
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  got = {}
+  for name in ("net.stablehlo", "net.onnx", "net8.onnx"):
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "predict", "--artifact",
+         str(tmp_path / name), "--input", str(tmp_path / "x.npy"), "--json"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got[name] = last_json(proc.stdout)["predictions"]
+  assert got["net.stablehlo"] == want and got["net.onnx"] == want
+  agree = np.mean(np.asarray(got["net8.onnx"]) == np.asarray(want))
+  assert agree >= 0.98
+
+
+def test_bad_input_is_one_line_and_exit_2(digits, tmp_path, capsys):
+  def fails(*argv, match):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+  fails("export", "--run", str(tmp_path / "none"), "--format", "onnx",
+        "--out", str(tmp_path / "a.onnx"), match="no run found at")
+  code, _, _ = run_cli(capsys, "train", "--model", "mlp:16", "--epochs", "1",
+                       "--out", str(tmp_path / "run"), "--no-progress")
+  assert code == 0
+  shutil.copytree(tmp_path / "run", tmp_path / "bare",
+                  ignore=shutil.ignore_patterns("checkpoint"))
+  fails("export", "--run", str(tmp_path / "bare"), "--format", "onnx",
+        "--out", str(tmp_path / "a.onnx"), match="checkpoint")
+  assert not (tmp_path / "a.onnx").exists()
+  fails("export", "--run", str(tmp_path / "run"), "--format", "tflite",
+        "--out", str(tmp_path / "a"),
+        match="unknown export format 'tflite'; choose one of stablehlo, onnx")
+  assert not (tmp_path / "a").exists()
+  np.save(tmp_path / "x.npy", np.zeros((3, 8, 8), np.float32))
+  (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 10)
+  fails("predict", "--artifact", str(tmp_path / "junk.onnx"), "--input",
+        str(tmp_path / "x.npy"), match="is not an artifact of `jaxaccel export`")
+  fails("predict", "--artifact", str(tmp_path / "x.npy"), "--input",
+        str(tmp_path / "x.npy"), match="is not an artifact of `jaxaccel export`")
+  path = tmp_path / "m.stablehlo"
+  code, _, _ = run_cli(capsys, "export", "--run", str(tmp_path / "run"),
+                       "--format", "stablehlo", "--out", str(path))
+  assert code == 0
+  path.write_bytes(path.read_bytes()[:-100])
+  fails("predict", "--artifact", str(path), "--input", str(tmp_path / "x.npy"),
+        match="is a corrupt StableHLO artifact")
+  run_cli(capsys, "export", "--run", str(tmp_path / "run"), "--format", "onnx",
+          "--out", str(tmp_path / "m.onnx"))
+  np.save(tmp_path / "wrong.npy", np.zeros((3, 9, 9), np.float32))
+  fails("predict", "--artifact", str(tmp_path / "m.onnx"), "--input",
+        str(tmp_path / "wrong.npy"),
+        match="the input has shape (3, 9, 9), but m.onnx takes rows of shape "
+              "(8, 8, 1)")
+
+
+def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
+  def init_fn(key, sample):
+    return {"w": jax.numpy.ones(())}
+
+  def apply_fn(params, x):
+    return x.reshape(x.shape[0], -1)[:, :3] * params["w"]
+  model = models.from_functions(init_fn, apply_fn)
+  x = np.ones((4, 5), np.float32)
+  with pytest.raises(ConfigError, match="no matmul or convolution on a "
+                     "parameter to quantize"):
+    export.export(model, {"params": {"w": np.float32(1.0)}}, input_shape=(5,),
+                  num_classes=3, format="onnx", int8=True, calibration=[x],
+                  out=tmp_path / "m.onnx")
+  assert not (tmp_path / "m.onnx").exists()
+  with pytest.raises(DataError, match="does not exist"):
+    export.load(tmp_path / "m.onnx")
