@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="side-by-side throughput against peers")
   common(p)
-  p.add_argument("--suite", choices=("train", "sweep", "compress", "parallel"),
+  p.add_argument("--suite", choices=("train", "sweep", "compress", "parallel",
+                                     "deploy"),
                  default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
@@ -594,6 +595,13 @@ def cmd_bench(args) -> None:
         dataset=args.dataset, model_names=args.models.split(","),
         full=args.full, progress=not args.no_progress)
     _emit(args, bench.format_compress_report(report), report)
+    return
+  if args.suite == "deploy":
+    from jaxaccel import bench_deploy
+    report = bench_deploy.run_deploy_suite(
+        dataset=args.dataset, model_names=args.models.split(","),
+        torch_peer=not args.no_torch, progress=not args.no_progress)
+    _emit(args, bench_deploy.format_deploy_report(report), report)
     return
   if args.suite == "parallel":
     report = bench.run_parallel_suite(

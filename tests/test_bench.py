@@ -72,3 +72,23 @@ def test_compress_suite_runs_the_shipped_recipes():
   text = bench.format_compress_report(report)
   assert "--recipe shrink-50" in text and "CNN --recipe int8" in text
   assert "0.1 of each recipe's fine-tuning" in text
+
+
+def test_deploy_suite_serves_one_model_every_way():
+  from jaxaccel import bench_deploy
+  report = bench_deploy.run_deploy_suite(dataset="digits", model_names=("mlp",),
+                                         rounds=1, epochs=5, torch_peer=False,
+                                         progress=False)
+  m = report["models"]["mlp"]
+  acc = m["accuracy"]
+  assert acc["flax float32"] > 0.9
+  # the artifacts run the very programs jaxaccel runs
+  assert acc["ONNX Runtime float32"] == acc["flax float32"]
+  assert acc["jaxaccel int8 (ONNX Runtime)"] == acc["jaxaccel int8 (XLA)"]
+  assert abs(acc["jaxaccel int8 (XLA)"] - acc["flax float32"]) <= 0.01
+  assert set(m["batch_1"]["ms"]) == set(acc) and len(acc) == 4
+  assert all(v > 0 for b in (1, 1024) for v in m[f"batch_{b}"]["ms"].values())
+  b = m["bytes"]
+  assert b["onnx int8"] < 0.3 * b["onnx"] and b["stablehlo int8"] < 0.3 * b["stablehlo"]
+  text = bench_deploy.format_deploy_report(report)
+  assert "jaxaccel int8 (ONNX Runtime)" in text and "onnx int8" in text

@@ -90,12 +90,12 @@ def test_int8_artifacts_predict_what_the_int8_path_predicts(name, raw, digits,
   assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 2
   assert "Conv" not in ops and "MatMul" not in ops
   assert {i.data_type for i in proto.graph.initializer
-          if i.name.startswith("kernel")} == {3}     # TensorProto.INT8
+          if i.name.startswith("kernel")} == {2}     # TensorProto.UINT8
 
 
 def test_int8_onnx_keeps_the_integer_arithmetic_exact():
-  """Weights and inputs at the edges of the int8 range: a u8 x s8 kernel
-  saturates here, the s8 x s8 one the graph uses does not."""
+  """Weights and inputs at the edges of the int8 range: ONNX Runtime's
+  u8 x s8 kernel saturates here, the u8 x u8 one the graph uses does not."""
   import flax.linen as nn
   model = nn.Dense(16)
   x = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)

@@ -161,7 +161,7 @@ class _Pass:
     if self.mode != "run":
       return eqn.primitive.bind(*vals, **eqn.params)
     s = jnp.float32(site.input_scale)
-    q = jnp.clip(jnp.round(act.astype(jnp.float32) * (1.0 / s)), -127, 127
+    q = jnp.clip(jnp.round(act.astype(jnp.float32) / s), -127, 127
                  ).astype(jnp.int8)
     operands = [q, q]
     operands[site.weight_side] = jnp.asarray(site.values)

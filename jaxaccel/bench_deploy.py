@@ -1,0 +1,210 @@
+"""`jaxaccel bench --suite deploy`: one trained model served six ways.
+
+The same trained LeNet-300-100 (and CNN) is run by flax in float32, by
+jaxaccel's int8 program on XLA, by jaxaccel's ONNX artifacts (float32 and
+int8) in ONNX Runtime, and by PyTorch in float32 and with its dynamic int8
+quantization (`torch.ao.quantization.quantize_dynamic`, Linear layers), the
+PyTorch side holding the very same weights. Each side is timed at batch 1
+and batch 1024 in interleaved blocks in this process (median ms a call) and
+scored on the whole test set. The ONNX and StableHLO artifacts' sizes are
+reported too.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxaccel import core, data, export, models, onnx_graph, optim, train
+from jaxaccel.compress import int8
+
+BATCHES = (1, 1024)
+EPOCHS = {"mlp": 10, "cnn": 2}
+SPECS = {"mlp": dict(widths=(300, 100)), "cnn": dict(features=(32, 64),
+                                                     hidden=128)}
+# Calls a timed block makes, by batch size: enough that a block lasts tens
+# of milliseconds at batch 1.
+BLOCK = {1: 200, 1024: 10}
+
+
+def interleaved_ms(sides: dict[str, Callable[[], object]], *, block: int,
+                   rounds: int = 5) -> dict[str, float]:
+  """Median ms a call of each side (name -> argument-free callable). The
+  sides take turns in blocks of `block` calls, each block after one untimed
+  call, so a disturbance of the shared machine is spread over all sides."""
+  times = {k: [] for k in sides}
+  for _ in range(rounds):
+    for k, f in sides.items():
+      f()
+      t = time.perf_counter()
+      for _ in range(block):
+        f()
+      times[k].append((time.perf_counter() - t) / block)
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def torch_mirror(params: dict, input_shape):
+  """The registry MLP or CNN as a PyTorch module holding the same weights."""
+  import torch
+  import torch.nn as tnn
+  t = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+  convs = sorted((k for k in params if k.startswith("Conv_")),
+                 key=lambda k: int(k.split("_")[1]))
+  denses = sorted((k for k in params if k.startswith("Dense_")),
+                  key=lambda k: int(k.split("_")[1]))
+  layers = []
+  h, w, c = input_shape
+  for name in convs:
+    kernel = np.asarray(params[name]["kernel"])          # HWIO
+    conv = tnn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[:2],
+                      padding="same")
+    conv.weight.data = t(kernel.transpose(3, 2, 0, 1))
+    conv.bias.data = t(params[name]["bias"])
+    layers += [conv, tnn.ReLU(), tnn.MaxPool2d(2)]
+    h, w, c = h // 2, w // 2, kernel.shape[3]
+  layers.append(tnn.Flatten())
+  for i, name in enumerate(denses):
+    kernel = np.asarray(params[name]["kernel"])
+    if i == 0 and convs:      # flax flattens (h, w, c), PyTorch (c, h, w)
+      kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(
+          h * w * c, -1)
+    dense = tnn.Linear(*kernel.shape)
+    dense.weight.data = t(kernel.T)
+    dense.bias.data = t(params[name]["bias"])
+    layers += [dense, tnn.ReLU()]
+  return tnn.Sequential(*layers[:-1]).eval()
+
+
+def _accuracy(fn, x, y, batch: int = 1024) -> float:
+  hits = sum(int((np.asarray(fn(x[i:i + batch])).argmax(-1)
+                  == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+  return hits / len(x)
+
+
+def _sides(name: str, model, variables, ds, folder: pathlib.Path,
+           torch_peer: bool):
+  """name -> (call on raw inputs, artifact path or None)."""
+  adapter = models.adapt(model)
+  normalize = lambda x: data.preprocess(x, ds.stats)
+  calibration = export.calibration_inputs(ds.x_train, None)
+  program = int8.convert(model, variables, calibration)
+  flax_f32 = jax.jit(lambda x: adapter.logits(variables, x))
+  sides = {
+      "flax float32": (lambda x: np.asarray(flax_f32(normalize(x))), None),
+      "jaxaccel int8 (XLA)": (lambda x: np.asarray(program(normalize(x))),
+                              None)}
+  paths = {}
+  for fmt in ("stablehlo", "onnx"):
+    for q in (False, True):
+      paths[fmt, q] = export.export(
+          model, variables, input_shape=ds.input_shape,
+          num_classes=ds.num_classes, format=fmt, normalization=ds.stats,
+          int8=q, calibration=calibration,
+          out=folder / f"{name}{'-int8' if q else ''}.{fmt}")
+  for q, label in ((True, "jaxaccel int8 (ONNX Runtime)"),
+                   (False, "ONNX Runtime float32")):
+    sess = onnx_graph.session(paths["onnx", q].read_bytes())
+    sides[label] = ((lambda s: lambda x: s.run(None, {"x": x})[0])(sess),
+                    paths["onnx", q])
+  if torch_peer:
+    import torch
+    net = torch_mirror(variables["params"], ds.input_shape)
+    dyn = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear},
+                                                 dtype=torch.qint8)
+    layout = ((lambda x: x.transpose(0, 3, 1, 2)) if len(ds.input_shape) == 3
+              else (lambda x: x))
+
+    def torch_side(module):
+      def run(x):
+        with torch.inference_mode():
+          return module(torch.from_numpy(np.ascontiguousarray(
+              layout(normalize(x))))).numpy()
+      return run
+    sides["PyTorch float32"] = (torch_side(net), None)
+    sides["PyTorch dynamic int8"] = (torch_side(dyn), None)
+  return sides, paths, program
+
+
+def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
+                     rounds: int = 5, epochs: int | None = None,
+                     torch_peer: bool = True, progress: bool = True) -> dict:
+  """Serves each model every way; see the module docstring. JSON keys per
+  model: `accuracy` per side, `bytes` per artifact, and per batch size
+  `ms` per side and `speedup_vs_torch_dynamic_int8` (jaxaccel's fastest int8
+  side against PyTorch's dynamic int8)."""
+  from jaxaccel import bench
+  torch_peer = torch_peer and bench.torch_available()
+  ds = bench.bench_data(dataset)
+  # raw inputs, as a user's request brings them (bench data is only scaled)
+  raw_test = (ds.x_test * np.float32(ds.stats["scale"])).astype(np.float32)
+  out = {"suite": "deploy", "dataset": ds.name, "cpu_count": os.cpu_count(),
+         "torch": torch_peer, "rounds": rounds, "models": {}}
+  bar = tqdm(total=len(model_names) * (1 + len(BATCHES)), desc="deploy bench",
+             disable=not progress, leave=False)
+  with tempfile.TemporaryDirectory() as folder:
+    for name in model_names:
+      bar.set_postfix(model=name, stage="train")
+      model = models.create(name, num_classes=ds.num_classes, **SPECS[name])
+      n_epochs = epochs or EPOCHS[name]
+      steps = len(ds.x_train) // 128 * n_epochs
+      result = train.fit(model, optim.cosine_adam(1e-3, steps), ds,
+                         epochs=n_epochs, batch_size=128, progress=False)
+      variables = core.variables_of(result.state)
+      sides, paths, program = _sides(name, model, variables, ds,
+                                     pathlib.Path(folder), torch_peer)
+      figures = {
+          "int8_layers": program.summary()["int8"],
+          "accuracy": {k: round(_accuracy(f, raw_test, ds.y_test), 4)
+                       for k, (f, _) in sides.items()},
+          "bytes": {f"{fmt}{' int8' if q else ''}": p.stat().st_size
+                    for (fmt, q), p in paths.items()}}
+      bar.update()
+      for b in BATCHES:
+        bar.set_postfix(model=name, stage=f"batch {b}")
+        x = np.resize(raw_test, (b, *ds.input_shape)).astype(np.float32)
+        ms = interleaved_ms({k: (lambda f: lambda: f(x))(f)
+                             for k, (f, _) in sides.items()},
+                            block=BLOCK.get(b, 10), rounds=rounds)
+        entry = {"ms": {k: round(v, 4) for k, v in ms.items()}}
+        if torch_peer:
+          ours = min(v for k, v in ms.items() if k.startswith("jaxaccel int8"))
+          entry["speedup_vs_torch_dynamic_int8"] = round(
+              ms["PyTorch dynamic int8"] / ours, 3)
+        figures[f"batch_{b}"] = entry
+        bar.update()
+      out["models"][name] = figures
+  bar.close()
+  return out
+
+
+def format_deploy_report(r: dict) -> str:
+  lines = [f"deploy bench on {r['dataset']} ({r['cpu_count']} CPUs): median "
+           f"ms a call, {r['rounds']} interleaved rounds; inputs are raw, "
+           "every side normalizes them"]
+  for name, m in r["models"].items():
+    sides = list(m["accuracy"])
+    lines.append(f"\n{name}: int8 layers {', '.join(m['int8_layers'])}")
+    header = ["side", "accuracy"] + [f"batch {b} ms" for b in BATCHES]
+    rows = [[k, f"{m['accuracy'][k]:.4f}"]
+            + [f"{m[f'batch_{b}']['ms'][k]:.3f}" for b in BATCHES]
+            for k in sides]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    for row in [header] + rows:
+      lines.append("  " + "  ".join(str(c).ljust(w) for c, w in
+                                     zip(row, widths)))
+    for b in BATCHES:
+      s = m[f"batch_{b}"].get("speedup_vs_torch_dynamic_int8")
+      if s is not None:
+        lines.append(f"  batch {b}: jaxaccel's fastest int8 / PyTorch dynamic "
+                     f"int8 = {s:.2f}x (target >= 1.0)")
+    lines.append("  artifact bytes: " + ", ".join(
+        f"{k} {v:,}" for k, v in m["bytes"].items()))
+  return "\n".join(lines)
