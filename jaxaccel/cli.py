@@ -383,7 +383,7 @@ def cmd_export(args) -> None:
                       f"{', '.join(export.FORMATS)}")
   out = export.export_run(args.run, format=args.format, int8=args.int8,
                           out=args.out)
-  payload = export.describe(export.load(out))
+  payload = {**export.describe(export.load(out)), "out": str(out)}
   layers = (f", int8 layers: {', '.join(payload['int8_layers'])}"
             + (f"; float: {', '.join(payload['float_layers'])}"
                if payload["float_layers"] else "")

@@ -259,20 +259,22 @@ def test_fashion_mnist_mlp_pruned_90_percent_within_half_a_point(fashion_lenet):
   """LeNet-300-100: 90% of the weights pruned, <= 0.5 pt loss after fine-tuning."""
   model, ds, trained = fashion_lenet
   before = train.evaluate(model, trained, ds.x_test, ds.y_test)["accuracy"]
-  # Gradual global pruning to 90% during the first third of fine-tuning, as
-  # the prune-90 recipe does (ending at half lost 0.71, 0.14, 0.13 pt on
-  # three dense seeds; at a third 0.39, -0.04, 0.32).
+  # Gradual global pruning to 90% during the first 40% of fine-tuning, as
+  # the prune-90 recipe does (on three dense seeds, ending at half lost
+  # 0.71, 0.14, 0.13 pt; at 40% 0.50, 0.02, 0.18; at a third 0.39, -0.04,
+  # 0.32, but 3 pt on a 32-unit digits MLP).
   steps = 10 * (60000 // 128)
   tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, steps)),
                    pruning.prune_gradually(0.9, begin_step=0,
-                                           end_step=steps // 3, every=100,
+                                           end_step=2 * steps // 5, every=100,
                                            scope="global"))
   state = trained._replace(opt_state=tx.init(trained.params))
   tuned = train.fit(model, tx, ds, epochs=10, batch_size=128, progress=False,
                     state=state)
   after = train.evaluate(model, tuned.state, ds.x_test, ds.y_test)["accuracy"]
   assert pruning.sparsity_report(tuned.state.params)["sparsity"] == pytest.approx(0.9, abs=1e-4)
-  assert after >= before - 0.005, (before, after)
+  # accuracies are counts of 10,000 test images: at most 50 fewer right
+  assert round((before - after) * len(ds.y_test)) <= 50, (before, after)
 
 
 def test_gradual_masks_are_checkpointed_and_resume_exactly(digits, tmp_path):

@@ -184,7 +184,7 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
                 schedule="one-shot", epochs=0, min_steps=0, learning_rate=1e-3):
   """Prunes to `sparsity`: at once ("one-shot", then `epochs` of fine-tuning
   with the masks held), or "gradual"ly along the cubic schedule over the
-  first third of `epochs` of fine-tuning (Zhu & Gupta 2017); at least
+  first 40% of `epochs` of fine-tuning (Zhu & Gupta 2017); at least
   `min_steps` steps of fine-tuning when there are any."""
   if epochs:
     epochs = _epochs(epochs, min_steps, data, settings)
@@ -194,7 +194,7 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
   adam = optim.cosine_adam(learning_rate, max(n_steps, 1))
   if schedule == "gradual":
     tx = optax.chain(adam, pruning.prune_gradually(
-        sparsity, begin_step=0, end_step=max(n_steps // 3, 1),
+        sparsity, begin_step=0, end_step=max(2 * n_steps // 5, 1),
         every=max(1, min(100, n_steps // 20)), scope=scope, pattern=pattern,
         seed=settings.seed))
     variables = _fine_tune(model, variables, data, tx, epochs, settings)
