@@ -339,7 +339,6 @@ def _read_npy(path: pathlib.Path):
 
 def cmd_predict(args) -> None:
   import numpy as np
-  from jaxaccel.errors import DataError
   path = pathlib.Path(args.input)
   if args.artifact:
     from jaxaccel import export
@@ -350,14 +349,7 @@ def cmd_predict(args) -> None:
     from jaxaccel import data, train
     from jaxaccel.checkpoint import RunDir
     model, variables, config = train.load_run(args.run)
-    x = _read_npy(path)
-    want = tuple(config["input_shape"])
-    if x.shape[1:] != want and x.shape[1:] + (1,) == want:
-      x = x[..., None]
-    if x.ndim < 1 or x.shape[1:] != want:
-      raise DataError(f"{path} holds an array of shape {x.shape}, but the run "
-                      f"takes rows of shape {want}: give an array of shape "
-                      f"(n, {', '.join(map(str, want))})")
+    x = data.check_rows(_read_npy(path), config["input_shape"], "the run")
     stats = RunDir(args.run).read_normalization() or {"scale": 1.0}
     logits = train.predict(model, variables, data.preprocess(x, stats))
     num_classes = config["num_classes"]

@@ -231,6 +231,20 @@ def standardize(x_train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):
   return out, (mean.astype(np.float32), std.astype(np.float32))
 
 
+def check_rows(x: np.ndarray, shape, source: str) -> np.ndarray:
+  """x as rows of `shape` (a missing trailing channel axis of 1 is added);
+  a DataError naming both shapes and `source` (what takes the rows)."""
+  x = np.asarray(x)
+  want = tuple(shape)
+  if x.shape[1:] != want and x.shape[1:] + (1,) == want:
+    x = x[..., None]
+  if x.ndim < 1 or x.shape[1:] != want:
+    raise DataError(f"the input has shape {x.shape}, but {source} takes rows "
+                    f"of shape {want}: give an array of shape "
+                    f"(n, {', '.join(map(str, want))})")
+  return x
+
+
 def preprocess(x_raw: np.ndarray, stats: dict) -> np.ndarray:
   """Applies a data set's normalization (`Dataset.stats`) to raw inputs."""
   x = np.asarray(x_raw, np.float32) / np.float32(stats["scale"])

@@ -61,15 +61,9 @@ class Artifact:
   def check_input(self, x: np.ndarray) -> np.ndarray:
     """x as float32 rows of the artifact's input shape (a missing trailing
     channel axis of 1 is added); a DataError naming both shapes otherwise."""
-    x = np.asarray(x)
-    want = self.input_shape
-    if x.shape[1:] != want and x.shape[1:] + (1,) == want:
-      x = x[..., None]
-    if x.ndim < 1 or x.shape[1:] != want:
-      raise DataError(f"the input has shape {x.shape}, but {self.path.name} "
-                      f"takes rows of shape {want}: give an array of shape "
-                      f"(n, {', '.join(map(str, want))})")
-    return x.astype(np.float32)
+    from jaxaccel import data
+    return data.check_rows(x, self.input_shape, self.path.name).astype(
+        np.float32)
 
   def __call__(self, x) -> np.ndarray:
     return self.run(self.check_input(x))
