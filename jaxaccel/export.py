@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxaccel.errors import CheckpointError, ConfigError, DataError
+from jaxaccel.errors import ConfigError, DataError
 
 FORMATS = ("stablehlo", "onnx")
 MAGIC = b"JAXACCEL-STABLEHLO 1\n"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.extend.core as jcore
