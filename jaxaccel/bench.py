@@ -474,6 +474,7 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                        full: bool = False, epochs: int | None = None,
                        seeds: int | None = None, share: float | None = None,
                        teacher_widths=(1200, 1200), latency_rounds: int = 5,
+                       latency_repeats: int = 20, stage_latency: bool = True,
                        progress: bool = True) -> dict:
   """Measures the compression targets with the shipped recipes.
 
@@ -492,6 +493,8 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
     epochs, seeds, share: override the dense epochs, the student seeds and
       the share of the recipes' fine-tuning.
     latency_rounds: interleaved rounds of the CNN's int8/float32 timing.
+    latency_repeats: timed batch-1024 calls of each side a round.
+    stage_latency: each stage record's batch-1 and batch-1024 latency.
   """
   from jaxaccel.compress import stages as cstages
   share = share or (1.0 if full else REDUCED)
@@ -499,7 +502,8 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   seeds = seeds or (3 if full else 1)
   ds = bench_data(dataset, normalize="standardize")
   per_epoch = len(ds.x_train) // BATCH
-  settings = cstages.Settings(batch_size=BATCH, progress=False)
+  settings = cstages.Settings(batch_size=BATCH, progress=False,
+                              latency=stage_latency)
   out = {"suite": "compress", "dataset": ds.name, "batch_size": BATCH,
          "epochs": epochs, "seeds": seeds, "full": full,
          "recipe_share": share, "backend": jax.default_backend(),
@@ -590,7 +594,9 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
     f32 = jax.jit(lambda x: models.adapt(cnn).logits(cnn_vars, x))
     xb = np.resize(ds.x_test, (1024, *ds.input_shape))
     by_round = [_interleaved_ms({"float32": (f32, xb),
-                                 "int8": (program.forward, xb)}, repeats=20)
+                                 "int8": (program.forward, xb)},
+                               repeats=latency_repeats,
+                               block=min(10, latency_repeats))
                 for _ in range(latency_rounds)]
     ms = {k: statistics.median(r[k] for r in by_round) for k in by_round[0]}
     figures.update(

@@ -39,7 +39,8 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
 def test_compress_suite_runs_the_shipped_recipes():
   report = bench.run_compress_suite(dataset="digits", epochs=2, seeds=1,
                                     share=0.1, teacher_widths=(64, 64),
-                                    latency_rounds=1, progress=False)
+                                    latency_rounds=1, latency_repeats=2,
+                                    stage_latency=False, progress=False)
   m = report["mlp"]
   assert not report["full"] and report["recipe_share"] == 0.1
   # each recipe's figures are its last stage's against the dense model's
