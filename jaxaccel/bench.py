@@ -408,8 +408,9 @@ def format_sweep_report(report: dict) -> str:
 
 # ------------------------------------------------------------ compress suite
 
-def _interleaved_ms(sides: dict, repeats: int = 30, block: int = 10) -> dict:
-  """Median ms per call of each side, name -> (fn, input), jitted.
+def interleaved_ms(calls: dict, *, repeats: int = 30, block: int = 10) -> dict:
+  """Median ms a call of each side, name -> a callable of no arguments that
+  returns when its result is ready.
 
   The sides take turns in blocks of `block` timed calls, each block after
   one untimed call: turns spread a disturbance of the shared machine over
@@ -417,16 +418,20 @@ def _interleaved_ms(sides: dict, repeats: int = 30, block: int = 10) -> dict:
   other out of the figures (on XLA:CPU the first call after the other
   side's runs up to 1.5x slower: a model serving requests runs back to
   back)."""
-  compiled = {k: (jax.jit(f), jnp.asarray(x)) for k, (f, x) in sides.items()}
-  times = {k: [] for k in sides}
+  times = {k: [] for k in calls}
   for _ in range(max(1, repeats // block)):
-    for k, (f, x) in compiled.items():
-      f(x).block_until_ready()
+    for k, f in calls.items():
+      f()
       for _ in range(block):
         t = time.perf_counter()
-        f(x).block_until_ready()
+        f()
         times[k].append(time.perf_counter() - t)
   return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def _jitted_call(fn, x):
+  f, x = jax.jit(fn), jnp.asarray(x)
+  return lambda: f(x).block_until_ready()
 
 
 def _cosine_adam(epochs: int, steps_per_epoch: int, lr: float = 1e-3):
@@ -593,8 +598,8 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
         ds.x_train), percentile=99.99)
     f32 = jax.jit(lambda x: models.adapt(cnn).logits(cnn_vars, x))
     xb = np.resize(ds.x_test, (1024, *ds.input_shape))
-    by_round = [_interleaved_ms({"float32": (f32, xb),
-                                 "int8": (program.forward, xb)},
+    by_round = [interleaved_ms({"float32": _jitted_call(f32, xb),
+                                "int8": _jitted_call(program.forward, xb)},
                                repeats=latency_repeats,
                                block=min(10, latency_repeats))
                 for _ in range(latency_rounds)]

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-import statistics
 import tempfile
-import time
-from typing import Callable
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxaccel import core, data, export, models, onnx_graph, optim, train
-from jaxaccel.compress import int8
+from jaxaccel import bench, core, data, export, models, onnx_graph, optim, train
+from jaxaccel.compress import int8, report
 
 BATCHES = (1, 1024)
 EPOCHS = {"mlp": 10, "cnn": 2}
@@ -33,22 +30,6 @@ SPECS = {"mlp": dict(widths=(300, 100)), "cnn": dict(features=(32, 64),
 # Calls a timed block makes, by batch size: enough that a block lasts tens
 # of milliseconds at batch 1.
 BLOCK = {1: 200, 1024: 10}
-
-
-def interleaved_ms(sides: dict[str, Callable[[], object]], *, block: int,
-                   rounds: int = 5) -> dict[str, float]:
-  """Median ms a call of each side (name -> argument-free callable). The
-  sides take turns in blocks of `block` calls, each block after one untimed
-  call, so a disturbance of the shared machine is spread over all sides."""
-  times = {k: [] for k in sides}
-  for _ in range(rounds):
-    for k, f in sides.items():
-      f()
-      t = time.perf_counter()
-      for _ in range(block):
-        f()
-      times[k].append((time.perf_counter() - t) / block)
-  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def torch_mirror(params: dict, input_shape):
@@ -84,9 +65,8 @@ def torch_mirror(params: dict, input_shape):
 
 
 def _accuracy(fn, x, y, batch: int = 1024) -> float:
-  hits = sum(int((np.asarray(fn(x[i:i + batch])).argmax(-1)
-                  == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-  return hits / len(x)
+  return report.accuracy(np.concatenate(
+      [fn(x[i:i + batch]) for i in range(0, len(x), batch)]), y)
 
 
 def _sides(name: str, model, variables, ds, folder: pathlib.Path,
@@ -140,7 +120,6 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   model: `accuracy` per side, `bytes` per artifact, and per batch size
   `ms` per side and `speedup_vs_torch_dynamic_int8` (jaxaccel's fastest int8
   side against PyTorch's dynamic int8)."""
-  from jaxaccel import bench
   torch_peer = torch_peer and bench.torch_available()
   ds = bench.bench_data(dataset)
   # raw inputs, as a user's request brings them (bench data is only scaled)
@@ -170,9 +149,10 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
       for b in BATCHES:
         bar.set_postfix(model=name, stage=f"batch {b}")
         x = np.resize(raw_test, (b, *ds.input_shape)).astype(np.float32)
-        ms = interleaved_ms({k: (lambda f: lambda: f(x))(f)
-                             for k, (f, _) in sides.items()},
-                            block=BLOCK.get(b, 10), rounds=rounds)
+        block = BLOCK.get(b, 10)
+        ms = bench.interleaved_ms({k: (lambda f: lambda: f(x))(f)
+                                   for k, (f, _) in sides.items()},
+                                  repeats=rounds * block, block=block)
         entry = {"ms": {k: round(v, 4) for k, v in ms.items()}}
         if torch_peer:
           ours = min(v for k, v in ms.items() if k.startswith("jaxaccel int8"))

@@ -370,12 +370,9 @@ def cmd_predict(args) -> None:
 
 def cmd_export(args) -> None:
   from jaxaccel import export
-  if args.format not in export.FORMATS:
-    raise ConfigError(f"unknown export format {args.format!r}; choose one of "
-                      f"{', '.join(export.FORMATS)}")
   out = export.export_run(args.run, format=args.format, int8=args.int8,
                           out=args.out)
-  payload = {**export.describe(export.load(out)), "out": str(out)}
+  payload = {**export.describe(out), "out": str(out)}
   layers = (f", int8 layers: {', '.join(payload['int8_layers'])}"
             + (f"; float: {', '.join(payload['float_layers'])}"
                if payload["float_layers"] else "")

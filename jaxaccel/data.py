@@ -245,9 +245,12 @@ def check_rows(x: np.ndarray, shape, source: str) -> np.ndarray:
   return x
 
 
-def preprocess(x_raw: np.ndarray, stats: dict) -> np.ndarray:
-  """Applies a data set's normalization (`Dataset.stats`) to raw inputs."""
-  x = np.asarray(x_raw, np.float32) / np.float32(stats["scale"])
+def preprocess(x_raw, stats: dict):
+  """Applies a data set's normalization (`Dataset.stats`) to raw inputs:
+  numpy in, numpy out; a jax array (as inside an exported function) in, a
+  jax array out, by the same operations."""
+  x = (x_raw.astype(np.float32) if isinstance(x_raw, jax.Array)
+       else np.asarray(x_raw, np.float32)) / np.float32(stats["scale"])
   if "mean" in stats:
     x = (x - stats["mean"]) / stats["std"]
   return x.astype(np.float32)

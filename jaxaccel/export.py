@@ -70,29 +70,28 @@ class Artifact:
 
 
 def _normalizer(stats: dict | None) -> Callable:
-  """The run's input normalization as a jax function of raw inputs."""
-  import jax.numpy as jnp
-  stats = stats or {}
-  scale = np.float32(stats.get("scale", 1.0))
-  mean = stats.get("mean")
-  std = stats.get("std")
-
-  def normalize(x):
-    x = x.astype(jnp.float32) / scale
-    if mean is not None:
-      x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return x
-  return normalize
+  """The run's input normalization (`data.preprocess`) as a function of raw
+  inputs that an exported program can trace."""
+  from jaxaccel import data
+  return ((lambda x: data.preprocess(x, stats)) if stats
+          else (lambda x: x.astype(np.float32)))
 
 
 def calibration_inputs(x_train: np.ndarray, stats: dict | None,
                        rows: int = CALIBRATION_ROWS) -> list[np.ndarray]:
-  """Normalized training rows for the int8 input scales, in batches of 256."""
+  """The first `rows` training inputs, normalized, in batches of 256 (what
+  `compress.quantization.calibration_batches` takes)."""
+  from jaxaccel import data
+  from jaxaccel.compress import quantization
   x = np.asarray(x_train[:rows], np.float32)
-  if stats:
-    from jaxaccel import data
-    x = data.preprocess(x, stats)
-  return [x[i:i + 256] for i in range(0, len(x), 256)]
+  return quantization.calibration_batches(
+      data.preprocess(x, stats) if stats else x, examples=rows, batch_size=256)
+
+
+def _check_format(format: str) -> None:
+  if format not in FORMATS:
+    raise ConfigError(f"unknown export format {format!r}; choose one of "
+                      f"{', '.join(FORMATS)}")
 
 
 def _header(fmt: str, input_shape, num_classes: int, stats: dict | None,
@@ -138,9 +137,7 @@ def export(model, variables: dict, *, input_shape, num_classes: int,
     ConfigError: an unknown format, int8 without calibration batches, or a
       model with no quantizable layer (said by `compress.int8.convert`).
   """
-  if format not in FORMATS:
-    raise ConfigError(f"unknown export format {format!r}; choose one of "
-                      f"{', '.join(FORMATS)}")
+  _check_format(format)
   if int8 and not calibration:
     raise ConfigError("int8 export needs calibration batches of training "
                       "inputs (export.calibration_inputs)")
@@ -157,7 +154,7 @@ def export(model, variables: dict, *, input_shape, num_classes: int,
   if format == "onnx":
     from jaxaccel import onnx_graph
     onnx_graph.write(model, variables, input_shape=input_shape, out=out,
-                     normalization=normalization, program=program,
+                     prepare=_normalizer(normalization), program=program,
                      metadata=header)
     return out
   import jax
@@ -185,9 +182,7 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
   `train.load_run`."""
   from jaxaccel import train
   from jaxaccel.checkpoint import RunDir
-  if format not in FORMATS:
-    raise ConfigError(f"unknown export format {format!r}; choose one of "
-                      f"{', '.join(FORMATS)}")
+  _check_format(format)      # before the run is loaded
   model, variables, config = train.load_run(run, model=model)
   stats = RunDir(run).read_normalization() or None
   calibration = None
@@ -199,38 +194,45 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
                 normalization=stats, int8=int8, calibration=calibration)
 
 
-def load(path) -> Artifact:
-  """Loads an artifact written by `export`; a DataError names a missing,
-  corrupt or foreign file."""
+def _read(path) -> tuple[pathlib.Path, str, dict, bytes]:
+  """(path, format, header, raw bytes) of an artifact written by `export`;
+  a DataError names a missing, corrupt or foreign file."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise DataError(f"artifact {path} does not exist; write one with "
                     "`jaxaccel export`")
   raw = path.read_bytes()
   if raw.startswith(MAGIC):
-    return _load_stablehlo(path, raw)
+    end = raw.find(b"\n", len(MAGIC))
+    try:
+      return path, "stablehlo", json.loads(raw[len(MAGIC):end]), raw[end + 1:]
+    except ValueError as e:
+      raise DataError(f"{path} is a corrupt StableHLO artifact "
+                      f"({type(e).__name__}); export it again") from None
   if raw.startswith(b"JAXACCEL-"):
     raise DataError(f"{path} is a jaxaccel artifact of a newer kind than this "
                     f"version reads ({raw.split(b' ')[0].decode(errors='replace')})")
   from jaxaccel import onnx_graph
-  return onnx_graph.load(path, raw)
+  return path, "onnx", onnx_graph.header(path, raw), raw
 
 
-def _load_stablehlo(path: pathlib.Path, raw: bytes) -> Artifact:
+def load(path) -> Artifact:
+  """Loads an artifact written by `export`, ready to run."""
+  path, fmt, header, payload = _read(path)
+  if fmt == "onnx":
+    from jaxaccel import onnx_graph
+    return Artifact(path, fmt, header, onnx_graph.runner(payload))
   import jax
-  end = raw.find(b"\n", len(MAGIC))
   try:
-    header = json.loads(raw[len(MAGIC):end])
-    exported = jax.export.deserialize(bytearray(raw[end + 1:]))
+    exported = jax.export.deserialize(bytearray(payload))
   except Exception as e:
     raise DataError(f"{path} is a corrupt StableHLO artifact "
                     f"({type(e).__name__}); export it again") from None
   call = jax.jit(exported.call)
-  return Artifact(path, "stablehlo", header,
-                  lambda x: np.asarray(call(x)))
+  return Artifact(path, fmt, header, lambda x: np.asarray(call(x)))
 
 
-def describe(artifact: Artifact) -> dict[str, Any]:
-  """The header plus the file's size, for the command line."""
-  return {**artifact.header, "path": str(artifact.path),
-          "bytes": artifact.path.stat().st_size}
+def describe(path) -> dict[str, Any]:
+  """An artifact's header plus its size, without loading it to run."""
+  path, _, header, _ = _read(path)
+  return {**header, "path": str(path), "bytes": path.stat().st_size}

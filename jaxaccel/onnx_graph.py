@@ -432,14 +432,13 @@ class _Emitter:
     return g.node("Mul", [out, g.const(scale, "scale")])
 
 
-def build(model, variables: dict, *, input_shape, normalization=None,
+def build(model, variables: dict, *, input_shape, prepare=None,
           program=None, metadata: dict | None = None):
-  """The ONNX ModelProto of the model's eval forward pass on raw inputs."""
-  from jaxaccel.export import _normalizer
+  """The ONNX ModelProto of the model's eval forward pass; `prepare` (the
+  run's normalization, a jax function) runs on the inputs first."""
   onnx = _onnx()
   helper = onnx.helper
-  trace, leaves, _ = int8_lib._traced(model, variables,
-                                      prepare=_normalizer(normalization))
+  trace, leaves, _ = int8_lib._traced(model, variables, prepare=prepare)
   batch, = jax.export.symbolic_shape("batch")
   jaxpr, consts = trace(jax.ShapeDtypeStruct((batch, *input_shape),
                                              np.float32))
@@ -467,11 +466,10 @@ def build(model, variables: dict, *, input_shape, normalization=None,
   return proto
 
 
-def write(model, variables: dict, *, input_shape, out, normalization=None,
+def write(model, variables: dict, *, input_shape, out, prepare=None,
           program=None, metadata: dict | None = None) -> None:
-  proto = build(model, variables, input_shape=input_shape,
-                normalization=normalization, program=program,
-                metadata=metadata)
+  proto = build(model, variables, input_shape=input_shape, prepare=prepare,
+                program=program, metadata=metadata)
   out = pathlib.Path(out)
   tmp = out.with_name(out.name + ".tmp")
   tmp.write_bytes(proto.SerializeToString())
@@ -492,9 +490,9 @@ def session(data: bytes, threads: int | None = None):
   return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def load(path: pathlib.Path, raw: bytes):
-  """An `export.Artifact` of an ONNX file written by `write`."""
-  from jaxaccel.export import Artifact
+def header(path: pathlib.Path, raw: bytes) -> dict:
+  """The jaxaccel header of an ONNX file written by `write`; a DataError
+  for any other file."""
   onnx = _onnx()
   try:
     proto = onnx.load_model_from_string(raw)
@@ -505,7 +503,10 @@ def load(path: pathlib.Path, raw: bytes):
     raise DataError(f"{path} is not an artifact of `jaxaccel export` (neither "
                     "StableHLO nor ONNX with jaxaccel's header); export the "
                     "run again")
-  header = json.loads(props["jaxaccel"])
+  return json.loads(props["jaxaccel"])
+
+
+def runner(raw: bytes) -> Callable[[np.ndarray], np.ndarray]:
+  """Logits of raw inputs through ONNX Runtime."""
   sess = session(raw)
-  return Artifact(path, "onnx", header,
-                  lambda x: sess.run([OUTPUT], {INPUT: x})[0])
+  return lambda x: sess.run([OUTPUT], {INPUT: x})[0]

@@ -83,13 +83,14 @@ def fashion_lenet(tmp_path_factory):
   """LeNet-300-100 trained 10 epochs on standardized Fashion-MNIST (Adam,
   cosine decay from 1e-3, batch 128): (model, data, train state), shared by
   the slow real-data tests. Trained once per session: the first worker to
-  get here trains it and saves the state beside the workers' temp dirs; the
-  others wait on the lock and load it."""
+  get here trains it into a run directory beside the workers' temp dirs;
+  the others wait on the lock and restore its checkpoint."""
   import fcntl
 
   if not fashion_mnist_available():
     pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
   from jaxaccel import core, models, optim, train
+  from jaxaccel.checkpoint import RunDir
   ds = data.load("fashion_mnist", validation=0.0, normalize="standardize")
   model = models.create("mlp", num_classes=10, widths=(300, 100))
   steps = 10 * (60000 // 128)
@@ -97,20 +98,12 @@ def fashion_lenet(tmp_path_factory):
   shared = tmp_path_factory.getbasetemp().parent
   with open(shared / "fashion_lenet.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    saved = shared / "fashion_lenet.npz"
-    if saved.exists():
+    run = RunDir(shared / "fashion_lenet")
+    if run.latest_epoch() == 10:
       template = core.init_state(model, optim.build(spec), ds.input_shape)
-      leaves, treedef = jax.tree.flatten(template)
-      with np.load(saved) as arrays:
-        loaded = [jax.random.wrap_key_data(arrays[str(i)])
-                  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-                  else jax.numpy.asarray(arrays[str(i)])
-                  for i, leaf in enumerate(leaves)]
-      return model, ds, jax.tree.unflatten(treedef, loaded)
+      state, _ = run.restore(template)
+      run.close()
+      return model, ds, state
     state = train.fit(model, spec, ds, epochs=10, batch_size=128,
-                      progress=False).state
-    np.savez(saved, **{str(i): np.asarray(
-        jax.random.key_data(leaf) if jax.dtypes.issubdtype(
-            leaf.dtype, jax.dtypes.prng_key) else leaf)
-        for i, leaf in enumerate(jax.tree.leaves(state))})
+                      out=run.path, progress=False).state
     return model, ds, state

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import model_zoo as zoo
-from jaxaccel import export, models, onnx_graph, train
+from jaxaccel import data, export, models, onnx_graph, train
 from jaxaccel.compress import int8
 from jaxaccel.errors import ConfigError, DataError
 
@@ -86,7 +86,8 @@ def test_int8_artifacts_predict_what_the_int8_path_predicts(name, raw, digits,
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   # the ONNX graph runs integer products on int8 weights and no float kernel
   proto = onnx_graph.build(model, variables, input_shape=raw.shape[1:],
-                           normalization=STATS, program=program)
+                           prepare=lambda x: data.preprocess(x, STATS),
+                           program=program)
   ops = [n.op_type for n in proto.graph.node]
   assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 2
   assert "Conv" not in ops and "MatMul" not in ops
