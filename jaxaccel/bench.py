@@ -31,10 +31,15 @@ from jaxaccel import core, data, models, optim, sweep, train
 BATCH = 128
 LEARNING_RATE = 1e-3
 # Steps per timed epoch: long enough that per-epoch dispatch is noise.
+# ResNet-18 takes seconds a step on 2 cores: two timed steps, one epoch.
 BENCH_MODELS = {
-    "mlp": dict(name="mlp", kwargs={"widths": (300, 100)}, steps=400),
-    "cnn": dict(name="cnn", kwargs={}, steps=60),
+    "mlp": dict(name="mlp", kwargs={"widths": (300, 100)}, steps=400, epochs=3),
+    "cnn": dict(name="cnn", kwargs={}, steps=60, epochs=3),
+    "resnet18": dict(name="resnet18", kwargs={}, steps=2, epochs=2),
 }
+# Batch sizes of the scaling table (one run per side each; BATCH's figures
+# come from the main, repeated runs).
+SCALING_BATCHES = (32, 128, 512)
 
 
 def bench_data(dataset: str, *, normalize: str = "unit") -> data.Dataset:
@@ -48,7 +53,8 @@ def bench_data(dataset: str, *, normalize: str = "unit") -> data.Dataset:
 
 
 def bench_model(name: str, ds: data.Dataset):
-  """A benchmark model by name, checked against the data: (model, steps)."""
+  """A benchmark model by name, checked against the data: (model, steps,
+  epochs) with the steps per timed epoch at batch `BATCH`."""
   if name not in BENCH_MODELS:
     from jaxaccel.errors import ConfigError
     raise ConfigError(f"unknown bench model {name!r}: use "
@@ -56,7 +62,7 @@ def bench_model(name: str, ds: data.Dataset):
   spec = BENCH_MODELS[name]
   models.check_input(spec["name"], ds.input_shape)
   return (models.create(spec["name"], num_classes=ds.num_classes,
-                        **spec["kwargs"]), spec["steps"])
+                        **spec["kwargs"]), spec["steps"], spec["epochs"])
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
@@ -92,49 +98,59 @@ def _steps_per_second(steps: int, epoch_times: list[float]) -> float:
 
 
 def time_jaxaccel(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
-                  skip_nonfinite: bool = True) -> float:
+                  skip_nonfinite: bool = True, batch: int = BATCH) -> float:
   """Steps/s of `fit` over epochs of exactly `steps` steps (first excluded)."""
-  sub = _subset(ds, steps * BATCH)
+  sub = _subset(ds, steps * batch)
   result = train.fit(model, optax.adam(LEARNING_RATE), sub, epochs=epochs,
-                     batch_size=BATCH, progress=False,
+                     batch_size=batch, progress=False,
                      skip_nonfinite=skip_nonfinite)
   return result.steps_per_second
 
 
-def time_plain_jax(model, ds: data.Dataset, steps: int, epochs: int = 3) -> float:
-  """Steps/s of the hand-written jit + lax.scan loop a JAX user would write."""
-  x = jnp.asarray(ds.x_train[:steps * BATCH])
-  y = jnp.asarray(ds.y_train[:steps * BATCH])
-  params = model.init(jax.random.key(0), x[:1])["params"]
+def time_plain_jax(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
+                   batch: int = BATCH) -> float:
+  """Steps/s of the hand-written jit + lax.scan loop a JAX user would write
+  for a linen model `(x, *, train)`, batch statistics included."""
+  x = jnp.asarray(ds.x_train[:steps * batch])
+  y = jnp.asarray(ds.y_train[:steps * batch])
+  variables = model.init(jax.random.key(0), x[:1])
+  params = variables["params"]
+  extra = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.adam(LEARNING_RATE)
   opt_state = tx.init(params)
 
-  def loss_fn(params, xb, yb):
-    logits = model.apply({"params": params}, xb)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+  def loss_fn(params, extra, xb, yb):
+    logits, updated = model.apply({"params": params, **extra}, xb, train=True,
+                                  mutable=list(extra))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    return loss, updated
 
   @jax.jit
-  def epoch(params, opt_state, key):
-    perm = jax.random.permutation(key, x.shape[0]).reshape(steps, BATCH)
+  def epoch(params, extra, opt_state, key):
+    perm = jax.random.permutation(key, x.shape[0]).reshape(steps, batch)
 
     def body(carry, idx):
-      params, opt_state = carry
-      loss, grads = jax.value_and_grad(loss_fn)(params, x[idx], y[idx])
+      params, extra, opt_state = carry
+      (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, extra, x[idx], y[idx])
       updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss
-    (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), perm)
-    return params, opt_state, losses
+      return (optax.apply_updates(params, updates), extra, opt_state), loss
+    (params, extra, opt_state), losses = jax.lax.scan(
+        body, (params, extra, opt_state), perm)
+    return params, extra, opt_state, losses
 
   times = []
   for e in range(epochs):
     t = time.perf_counter()
-    params, opt_state, losses = epoch(params, opt_state, jax.random.key(e))
+    params, extra, opt_state, losses = epoch(params, extra, opt_state,
+                                             jax.random.key(e))
     losses.block_until_ready()
     times.append(time.perf_counter() - t)
   return _steps_per_second(steps, times)
 
 
 def torch_model(name: str):
+  """The bench models in PyTorch, layer for layer (NCHW)."""
   import torch.nn as tnn
   if name == "mlp":
     return tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 300), tnn.ReLU(),
@@ -145,25 +161,62 @@ def torch_model(name: str):
         tnn.Conv2d(32, 64, 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2),
         tnn.Flatten(), tnn.Linear(64 * 7 * 7, 128), tnn.ReLU(),
         tnn.Linear(128, 10))
+  if name == "resnet18":
+    return _torch_resnet18()
   raise ValueError(name)
 
 
-def time_torch(name: str, ds: data.Dataset, steps: int, epochs: int = 3) -> float:
+def _torch_resnet18(width: int = 64, num_classes: int = 10):
+  """`models.ResNet`'s layout: 3x3 stem, no max pool, four stages of two
+  basic blocks, batch norm with flax's momentum 0.9 (PyTorch's 0.1)."""
+  import torch.nn as tnn
+
+  def bn(c):
+    return tnn.BatchNorm2d(c, momentum=0.1, eps=1e-5)
+
+  class Block(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = bn(cout)
+      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = bn(cout)
+      self.shortcut = (tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      bn(cout))
+                       if stride != 1 or cin != cout else tnn.Identity())
+
+    def forward(self, x):
+      y = self.bn1(self.conv1(x)).relu()
+      return (self.bn2(self.conv2(y)) + self.shortcut(x)).relu()
+
+  layers = [tnn.Conv2d(1, width, 3, 1, 1, bias=False), bn(width), tnn.ReLU()]
+  cin = width
+  for i in range(4):
+    for j in range(2):
+      cout = width * 2 ** i
+      layers.append(Block(cin, cout, 2 if i > 0 and j == 0 else 1))
+      cin = cout
+  layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, num_classes)]
+  return tnn.Sequential(*layers)
+
+
+def time_torch(name: str, ds: data.Dataset, steps: int, epochs: int = 3, *,
+               batch: int = BATCH) -> float:
   """Steps/s of the usual PyTorch eager loop on the CPU."""
   import torch
   torch.manual_seed(0)
   net = torch_model(name)
   opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
   x = torch.from_numpy(np.ascontiguousarray(
-      ds.x_train[:steps * BATCH].transpose(0, 3, 1, 2)))   # NCHW
-  y = torch.from_numpy(ds.y_train[:steps * BATCH].astype(np.int64))
+      ds.x_train[:steps * batch].transpose(0, 3, 1, 2)))   # NCHW
+  y = torch.from_numpy(ds.y_train[:steps * batch].astype(np.int64))
   loss_fn = torch.nn.CrossEntropyLoss()
   times = []
   for _ in range(epochs):
     perm = torch.randperm(len(x))
     t = time.perf_counter()
     for i in range(steps):
-      idx = perm[i * BATCH:(i + 1) * BATCH]
+      idx = perm[i * batch:(i + 1) * batch]
       opt.zero_grad(set_to_none=True)
       loss = loss_fn(net(x[idx]), y[idx])
       loss.backward()
@@ -186,20 +239,34 @@ def torch_available() -> bool:
     return False
 
 
-def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
-                    steps: int | None = None, repeats: int = 3, torch_peer: bool = True,
+def _time_side(side: str, name: str, model, ds: data.Dataset, steps: int,
+               epochs: int, batch: int) -> float:
+  if side.startswith("jaxaccel"):
+    return time_jaxaccel(model, ds, steps, epochs, batch=batch,
+                         skip_nonfinite=side == "jaxaccel")
+  if side == "plain_jax":
+    return time_plain_jax(model, ds, steps, epochs, batch=batch)
+  return time_torch(name, ds, steps, epochs, batch=batch)
+
+
+def run_train_suite(*, dataset: str = "auto",
+                    model_names=("mlp", "cnn", "resnet18"),
+                    steps: int | None = None, repeats: int = 3,
+                    batch_sizes=SCALING_BATCHES, torch_peer: bool = True,
                     progress: bool = True) -> dict:
   """Measures training throughput of jaxaccel against its peers.
 
-  Each side runs `repeats` times, interleaved, and keeps its best: the
-  machine is shared, so the best run is the one least disturbed.
+  At batch `BATCH` each side runs `repeats` times, interleaved, and keeps
+  its best: the machine is shared, so the best run is the one least
+  disturbed. The other `batch_sizes` run each side once, for the scaling
+  table, over about as many examples per epoch.
   """
   ds = bench_data(dataset)
   use_torch = torch_peer and torch_available()
   peak = matmul_gflops()
   report = {"suite": "train", "dataset": ds.name, "batch_size": BATCH,
             "optimizer": f"adam(learning_rate={LEARNING_RATE})",
-            "repeats": repeats,
+            "repeats": repeats, "batch_sizes": list(batch_sizes),
             "backend": jax.default_backend(), "devices": jax.device_count(),
             "cpu_count": os.cpu_count(), "matmul_gflops": round(peak, 2),
             "torch": use_torch, "models": {}}
@@ -208,22 +275,20 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                       "for the torch column")
   sides = (["jaxaccel", "jaxaccel_unguarded", "plain_jax"]
            + (["torch"] if use_torch else []))
-  total = len(model_names) * repeats * len(sides)
+  scaling_sides = [s for s in sides if s != "jaxaccel_unguarded"]
+  others = [b for b in batch_sizes if b != BATCH]
+  total = len(model_names) * (repeats * len(sides)
+                              + len(others) * len(scaling_sides))
   bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
   for name in model_names:
-    model, default_steps = bench_model(name, ds)
+    model, default_steps, epochs = bench_model(name, ds)
     n_steps = min(steps or default_steps, len(ds.x_train) // BATCH)
     runs = {s: [] for s in sides}
     for _ in range(repeats):
       for side in sides:
         bar.set_postfix(model=name, side=side)
-        if side.startswith("jaxaccel"):
-          runs[side].append(time_jaxaccel(
-              model, ds, n_steps, skip_nonfinite=side == "jaxaccel"))
-        elif side == "plain_jax":
-          runs[side].append(time_plain_jax(model, ds, n_steps))
-        else:
-          runs[side].append(time_torch(name, ds, n_steps))
+        runs[side].append(_time_side(side, name, model, ds, n_steps, epochs,
+                                     BATCH))
         bar.update()
     sps = {s: max(v) for s, v in runs.items()}
     flops = step_flops(model, optax.adam(LEARNING_RATE), ds.input_shape)
@@ -242,6 +307,23 @@ def run_train_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
     entry["fraction_of_matmul_peak"] = round(entry["achieved_gflops"] / peak, 3)
     if use_torch:
       entry["ratio_vs_torch"] = round(sps["jaxaccel"] / sps["torch"], 3)
+    scaling = {}
+    for b in batch_sizes:
+      if b == BATCH:
+        at = {s: sps[s] for s in scaling_sides}
+      else:
+        b_steps = max(1, min(n_steps * BATCH // b, len(ds.x_train) // b))
+        at = {}
+        for side in scaling_sides:
+          bar.set_postfix(model=name, side=side, batch=b)
+          at[side] = _time_side(side, name, model, ds, b_steps, epochs, b)
+          bar.update()
+      scaling[str(b)] = {
+          "steps_per_second": {s: round(v, 2) for s, v in at.items()},
+          "examples_per_second": {s: round(v * b, 1) for s, v in at.items()}}
+      if use_torch:
+        scaling[str(b)]["ratio_vs_torch"] = round(at["jaxaccel"] / at["torch"], 3)
+    entry["batch_scaling"] = scaling
     report["models"][name] = entry
   bar.close()
   return report
@@ -255,7 +337,8 @@ def _aligned(header: list, rows: list) -> list[str]:
 
 
 def format_train_report(report: dict) -> str:
-  """The train suite as a table for people."""
+  """The train suite as tables for people: throughput at the bench batch,
+  then examples/s at each batch size."""
   sides = (["jaxaccel", "jaxaccel_unguarded", "plain_jax"]
            + (["torch"] if report["torch"] else []))
   head = (f"train throughput, {report['dataset']}, batch {report['batch_size']}, "
@@ -276,6 +359,19 @@ def format_train_report(report: dict) -> str:
   lines.append("jaxaccel: fit with its default guard that skips non-finite "
                "steps; jaxaccel_unguarded: fit(skip_nonfinite=False). Ratios "
                "use the guarded figure.")
+  scaling_sides = [s for s in sides if s != "jaxaccel_unguarded"]
+  header = (["model", "batch"] + [f"{s} ex/s" for s in scaling_sides]
+            + (["vs torch"] if report["torch"] else []))
+  rows = []
+  for name, e in report["models"].items():
+    for b, at in e.get("batch_scaling", {}).items():
+      rows.append([name, b] + [f"{at['examples_per_second'][s]:.0f}"
+                               for s in scaling_sides]
+                  + ([f"{at['ratio_vs_torch']:.2f}x"] if report["torch"] else []))
+  if rows:
+    lines += ["", "examples/s by batch size (batch "
+              f"{report['batch_size']}: the best of the runs above; others: "
+              "one run each)"] + _aligned(header, rows)
   if "note" in report:
     lines.append(report["note"])
   return "\n".join(lines)
@@ -750,7 +846,7 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
   bar = tqdm(total=len(model_names) * repeats * len(sides), desc="bench",
              disable=not progress, leave=False)
   for name in model_names:
-    model, default_steps = bench_model(name, ds)
+    model, default_steps, _ = bench_model(name, ds)
     n_steps = min(steps or default_steps, len(ds.x_train) // batch)
     runs = {side: [] for side in (*PARALLEL_MODES, "none_bf16", "jit",
                                   "sharded_1")}

@@ -219,9 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                  default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
-  p.add_argument("--models", default="mlp,cnn", help="comma-separated")
+  p.add_argument("--models", help="comma-separated (default: mlp,cnn,resnet18 "
+                                  "for the train suite, mlp,cnn otherwise)")
   p.add_argument("--steps", type=_positive_int,
-                 help="steps per timed epoch (default: 400 for mlp, 60 for cnn)")
+                 help="steps per timed epoch at batch 128 (default: 400 for "
+                      "mlp, 60 for cnn, 2 for resnet18)")
   p.add_argument("--repeats", type=_positive_int, default=3,
                  help="runs per side, interleaved; the best is kept")
   p.add_argument("--no-torch", action="store_true",
@@ -574,6 +576,8 @@ def cmd_compress(args) -> None:
 
 def cmd_bench(args) -> None:
   from jaxaccel import bench
+  if args.models is None:
+    args.models = "mlp,cnn,resnet18" if args.suite == "train" else "mlp,cnn"
   if args.suite == "sweep":
     report = bench.run_sweep_suite(progress=not args.no_progress,
                                    repeats=args.repeats)

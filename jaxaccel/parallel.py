@@ -50,7 +50,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxaccel import optim, precision as precision_lib
-from jaxaccel.core import cross_entropy, make_train_step
+from jaxaccel.core import compiled, cross_entropy, make_train_step
 from jaxaccel.errors import ConfigError
 from jaxaccel.models import ModelAdapter, adapt
 
@@ -326,7 +326,7 @@ class Placement:
   def compile(self, fn: Callable, placed) -> Callable:
     """`fn(state, *args) -> (state, metrics)` compiled, the state donated."""
     del placed
-    return jax.jit(fn, donate_argnums=0)
+    return compiled.jit(fn, donate_argnums=0)
 
   def resident(self, x: np.ndarray):
     """`x` on the devices for a whole-epoch scan."""
@@ -375,7 +375,7 @@ class Pmap(Placement):
 
   def compile(self, fn, placed):
     del placed
-    return jax.pmap(fn, axis_name=DATA_AXIS, donate_argnums=0)
+    return compiled.pmap(fn, axis_name=DATA_AXIS, donate_argnums=0)
 
   def resident(self, x):   # one full copy per device
     return self._replicate(x)
@@ -421,7 +421,7 @@ class Sharded(Placement):
   def compile(self, fn, placed):
     out = (jax.tree.map(lambda a: a.sharding, placed),
            NamedSharding(self.mesh, P()))
-    return jax.jit(fn, out_shardings=out, donate_argnums=0)
+    return compiled.jit(fn, out_shardings=out, donate_argnums=0)
 
   def resident(self, x):   # replicated: any row can be gathered anywhere
     return jax.device_put(x, NamedSharding(self.mesh, P()))

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxaccel import core, optim, train
+from jaxaccel.core import compiled
 from jaxaccel.data import Dataset
 from jaxaccel.errors import ConfigError, SpecError
 
@@ -79,7 +80,7 @@ def _make_epoch(model, train_step):
                             val_batches)
       return state, jnp.sum(correct)
     return jax.vmap(one)(states, orders)
-  return jax.jit(run_epoch, donate_argnums=0)
+  return compiled.jit(run_epoch, donate_argnums=0)
 
 
 def _stacked_val_batches(data: Dataset) -> dict:

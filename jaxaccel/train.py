@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from jaxaccel import data as data_lib, models, optim, parallel as parallel_lib
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
-                           RunDirectory, TrainState, cross_entropy, init_state,
-                           make_eval_step, variables_of)
+                           RunDirectory, TrainState, compiled, cross_entropy,
+                           init_state, make_eval_step, variables_of)
 from jaxaccel.data import Dataset, check_labels
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
 from jaxaccel.models import adapt
+
 
 def _padded_batches(x: np.ndarray, batch_size: int):
   """Fixed-size batches (the last one padded) so one compile serves all."""
@@ -51,12 +52,12 @@ def _padded_batches(x: np.ndarray, batch_size: int):
 
 @functools.lru_cache(maxsize=16)
 def _jitted_eval_step(model):
-  return jax.jit(make_eval_step(model))
+  return compiled.jit(make_eval_step(model))
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_logits(model):
-  return jax.jit(model.logits)
+  return compiled.jit(model.logits)
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
@@ -228,18 +229,20 @@ def scan_pays(model, state: TrainState, sample) -> bool:
   """Whether a compiled `lax.scan` epoch beats streaming steps for `model`.
 
   It does except on the CPU for a model whose training forward pass has a
-  `conv_general_dilated`: XLA:CPU runs a convolution's gradient several
-  times slower inside a compiled loop than in a step of its own (the flax
-  examples' MNIST CNN on 8x8 digits, batch 32: 0.82 s per epoch scanned,
-  0.13 s streamed, on the 2-core development machine). jaxaccel's own CNN
-  and ResNet compute their convolutions as matmuls and scan.
+  `conv_general_dilated` that JAX differentiates itself: XLA:CPU runs that
+  gradient many times slower inside a compiled loop than in a step of its
+  own (the flax examples' MNIST CNN on 8x8 digits, batch 32: 0.82 s per
+  epoch scanned, 0.13 s streamed, on the 2-core development machine).
+  Convolutions with their own gradient, such as `models.conv2d` in
+  jaxaccel's CNN and ResNet, scan.
   """
   if jax.default_backend() != "cpu":
     return True
   apply = lambda p, s, x, rng: model.apply(p, s, x, train=True, rng=rng)[0]
   jaxpr = jax.make_jaxpr(apply)(state.params, state.model_state,
                                 jnp.asarray(sample), state.rng)
-  return "conv_general_dilated" not in models.primitive_names(jaxpr.jaxpr)
+  names = models.primitive_names(jaxpr.jaxpr, opaque=("custom_vjp",))
+  return "conv_general_dilated" not in names
 
 
 def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,

@@ -5,7 +5,8 @@ from jaxaccel import bench
 
 def test_train_suite_reports_consistent_ratios():
   report = bench.run_train_suite(dataset="digits", model_names=["mlp"], steps=4,
-                                 repeats=1, torch_peer=False, progress=False)
+                                 repeats=1, batch_sizes=(32, 128),
+                                 torch_peer=False, progress=False)
   entry = report["models"]["mlp"]
   sps = entry["steps_per_second"]
   assert set(sps) == {"jaxaccel", "jaxaccel_unguarded", "plain_jax"}
@@ -18,7 +19,16 @@ def test_train_suite_reports_consistent_ratios():
   # layer but the first layer's input gradient: 33.6 MFLOP, plus Adam.
   assert 0.0336 <= entry["gflop_per_step"] < 0.037
   assert report["matmul_gflops"] > 0
-  assert "jaxaccel" in bench.format_train_report(report)
+  # The scaling table: batch 128 is the main run's; examples = steps x batch.
+  scaling = entry["batch_scaling"]
+  assert set(scaling) == {"32", "128"}
+  assert scaling["128"]["steps_per_second"] == {
+      s: sps[s] for s in ("jaxaccel", "plain_jax")}
+  for b, at in scaling.items():
+    for side, v in at["steps_per_second"].items():
+      assert at["examples_per_second"][side] == pytest.approx(v * int(b), rel=1e-3)
+  text = bench.format_train_report(report)
+  assert "jaxaccel" in text and "examples/s by batch size" in text
 
 
 def test_sweep_suite_reports_both_sides_of_the_same_configurations():

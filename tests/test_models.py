@@ -45,11 +45,16 @@ def test_tiny_resnet_train_vs_eval_mode(key):
 
 
 def test_reshape_max_pool_equals_flax_max_pool(key):
+  """Values and gradients, also where the window holds ties."""
   x = jax.random.normal(key, (2, 7, 6, 3))
   np.testing.assert_array_equal(models.max_pool_2x2(x),
                                 nn.max_pool(x, (2, 2), (2, 2)))
   g1 = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2))(x)
   g2 = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2))(x)
+  np.testing.assert_array_equal(g1, g2)
+  ties = jnp.maximum(x, 0).at[:, :2].set(1.0)     # zeros and equal rows
+  g1 = jax.grad(lambda x: jnp.sum(jnp.sin(models.max_pool_2x2(x))))(ties)
+  g2 = jax.grad(lambda x: jnp.sum(jnp.sin(nn.max_pool(x, (2, 2), (2, 2)))))(ties)
   np.testing.assert_array_equal(g1, g2)
 
 
@@ -75,16 +80,23 @@ def test_describe_round_trip():
     ((2, 8, 8, 3), (3, 3), 1), ((2, 7, 9, 2), (3, 3), 2), ((1, 6, 6, 4), (1, 1), 2),
     ((2, 5, 5, 1), (3, 3), 1),
 ])
-def test_matmul_conv_equals_flax_conv(key, shape, kernel, strides):
+def test_conv_equals_flax_conv(key, shape, kernel, strides):
+  """Values and gradients (conv2d's own, in a compiled scan as fit runs it)
+  equal nn.Conv's."""
   x = jax.random.normal(key, shape)
   ours = models.Conv(5, kernel, strides)
   ref = nn.Conv(5, kernel, (strides, strides), padding="SAME")
   v = ours.init(key, x)
   v = jax.tree.map(lambda p: p + 0.1, v)    # a non-zero bias too
-  np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(ours.apply(v, x, matmul=False), ref.apply(v, x),
-                             rtol=1e-5, atol=1e-5)
-  g1 = jax.grad(lambda v: jnp.sum(jnp.sin(ours.apply(v, x))))(v)
-  g2 = jax.grad(lambda v: jnp.sum(jnp.sin(ref.apply(v, x))))(v)
+  for train in (False, True):
+    np.testing.assert_allclose(ours.apply(v, x, train=train), ref.apply(v, x),
+                               rtol=1e-5, atol=1e-5)
+
+  def scanned_grads(apply):
+    loss = lambda v, x: jnp.sum(jnp.sin(apply(v, x)))
+    body = lambda c, x: (c, jax.grad(loss, argnums=(0, 1))(v, x))
+    return jax.jit(lambda xs: jax.lax.scan(body, 0, xs)[1])(x[None])
+  g1 = scanned_grads(lambda v, x: ours.apply(v, x, train=True))
+  g2 = scanned_grads(ref.apply)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                g1, g2)

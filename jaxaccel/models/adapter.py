@@ -126,13 +126,16 @@ class CastModel(ModelAdapter):
 RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 
-def primitive_names(jaxpr) -> set[str]:
-  """Names of the primitives in a jaxpr and in every jaxpr nested in it."""
+def primitive_names(jaxpr, *, opaque: tuple[str, ...] = ()) -> set[str]:
+  """Names of the primitives in a jaxpr and in every jaxpr nested in it,
+  except inside primitives whose names start with one of `opaque`."""
   names = set()
   for eqn in jaxpr.eqns:
     names.add(eqn.primitive.name)
+    if eqn.primitive.name.startswith(opaque or ("\0",)):
+      continue
     for sub in jcore.jaxprs_in_params(eqn.params):
-      names |= primitive_names(sub)
+      names |= primitive_names(sub, opaque=opaque)
   return names
 
 
