@@ -20,6 +20,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -50,15 +51,16 @@ def _max_pool_fwd(x):
 def _max_pool_bwd(residuals, g):
   x, y = residuals
   n, h, w, c = x.shape
-  taken = jnp.zeros(y.shape, bool)
-  parts = []
-  for i in range(2):          # the window in row-major order
-    for j in range(2):
-      hit = (x[:, i::2, j::2, :] == y) & ~taken
-      taken = taken | hit
-      parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
-  grad = jnp.stack(parts).reshape(2, 2, n, h // 2, w // 2, c)
-  return (grad.transpose(2, 3, 0, 4, 1, 5).reshape(n, h, w, c),)
+  # On the (n, h/2, 2, w/2, 2, c) view: a window element takes the gradient
+  # when it equals the maximum and no element before it (row-major) does.
+  hit = x.reshape(n, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
+  before = jnp.zeros(hit.shape, bool)
+  for i, j in ((0, 0), (0, 1), (1, 0)):
+    later = np.zeros((1, 1, 2, 1, 2, 1), bool)
+    later.reshape(4)[2 * i + j + 1:] = True
+    before = before | (hit[:, :, i:i + 1, :, j:j + 1, :] & later)
+  grad = jnp.where(hit & ~before, g[:, :, None, :, None, :], 0)
+  return (grad.reshape(n, h, w, c).astype(g.dtype),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
