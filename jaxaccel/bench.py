@@ -294,7 +294,7 @@ def run_train_suite(*, dataset: str = "auto",
     flops = step_flops(model, optax.adam(LEARNING_RATE), ds.input_shape)
     entry = {
         "steps_per_epoch": n_steps,
-        "steps_per_second": {s: round(v, 2) for s, v in sps.items()},
+        "steps_per_second": {s: round(v, 4) for s, v in sps.items()},
         "examples_per_second": {s: round(v * BATCH, 1) for s, v in sps.items()},
         "spread": {s: round(statistics.pstdev(v) / statistics.mean(v), 4)
                    for s, v in runs.items()},
@@ -319,7 +319,7 @@ def run_train_suite(*, dataset: str = "auto",
           at[side] = _time_side(side, name, model, ds, b_steps, epochs, b)
           bar.update()
       scaling[str(b)] = {
-          "steps_per_second": {s: round(v, 2) for s, v in at.items()},
+          "steps_per_second": {s: round(v, 4) for s, v in at.items()},
           "examples_per_second": {s: round(v * b, 1) for s, v in at.items()}}
       if use_torch:
         scaling[str(b)]["ratio_vs_torch"] = round(at["jaxaccel"] / at["torch"], 3)
@@ -336,6 +336,11 @@ def _aligned(header: list, rows: list) -> list[str]:
   return [line(header)] + [line(r) for r in rows]
 
 
+def _rate(v: float) -> str:
+  """Steps/s with three significant digits (ResNet-18 runs under one)."""
+  return f"{v:.1f}" if v >= 100 else f"{v:.3g}"
+
+
 def format_train_report(report: dict) -> str:
   """The train suite as tables for people: throughput at the bench batch,
   then examples/s at each batch size."""
@@ -350,7 +355,7 @@ def format_train_report(report: dict) -> str:
             + ["GFLOP/s", "of peak"])
   rows = []
   for name, e in report["models"].items():
-    rows.append([name] + [f"{e['steps_per_second'][s]:.1f}" for s in sides]
+    rows.append([name] + [_rate(e['steps_per_second'][s]) for s in sides]
                 + [f"{e['ratio_vs_plain_jax']:.2f}x"]
                 + ([f"{e['ratio_vs_torch']:.2f}x"] if report["torch"] else [])
                 + [f"{e['achieved_gflops']:.1f}",
@@ -895,7 +900,7 @@ def format_parallel_report(report: dict) -> str:
                "sharded overhead, 1 device"])
   rows = []
   for name, e in report["models"].items():
-    rows.append([name] + [f"{e['steps_per_second'][s]:.1f}" for s in sides]
+    rows.append([name] + [_rate(e['steps_per_second'][s]) for s in sides]
                 + [f"{e['ratio_vs_none']['pmap']:.2f}x",
                    f"{e['ratio_vs_none']['sharded']:.2f}x",
                    f"{e['bf16_vs_fp32']:.2f}x",
