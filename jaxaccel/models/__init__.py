@@ -12,12 +12,14 @@ from jaxaccel.models.adapter import (CastModel, FunctionModel, LinenModel,
 from jaxaccel.models.registry import (IMAGE_MODELS, MODELS, check_input,
                                       count_params, create, describe,
                                       from_description, parse_model_spec)
-from jaxaccel.models.zoo import CNN, MLP, BasicBlock, Conv, ResNet, max_pool_2x2
+from jaxaccel.models.zoo import (CNN, MLP, BasicBlock, Conv, ResNet, add_bias,
+                                 conv2d, max_pool_2x2)
 
 __all__ = [
     "BasicBlock", "CNN", "CastModel", "Conv", "FunctionModel", "IMAGE_MODELS",
     "LinenModel", "MLP", "MODELS", "ModelAdapter", "NNXModel", "ResNet",
-    "adapt", "check_input", "count_params", "create", "describe",
+    "adapt", "add_bias", "check_input", "conv2d", "count_params", "create",
+    "describe",
     "from_description", "from_functions", "max_pool_2x2", "output_classes",
     "parse_model_spec", "primitive_names",
 ]
