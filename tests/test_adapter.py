@@ -92,8 +92,9 @@ def test_one_device_pmap_and_sharded_agree(name, digits):
     params[mode, rate] = result.state.params
   # 8 rows per device sum a convolution's kernel gradient in another order
   # than 64 rows on one device: after 8 steps at learning rate 0.1 the NNX
-  # CNN's parameters differed by up to 1.4e-5 (Eigen's kernels).
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5)
+  # CNN's parameters (magnitudes ~0.1) differed by up to 1.4e-5 and 3.2e-5
+  # in two runs with Eigen's kernels; a wrong average would be off by 1e-2.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
   jax.tree.map(close, params["sharded", 0.1], params["none", 0.1])
   jax.tree.map(close, params["pmap", 0.0],
                params["none", 0.0 if has_dropout else 0.1])
