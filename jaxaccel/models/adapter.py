@@ -131,11 +131,11 @@ def primitive_names(jaxpr, *, opaque: tuple[str, ...] = ()) -> set[str]:
   except inside primitives whose names start with one of `opaque`."""
   names = set()
   for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    if eqn.primitive.name.startswith(opaque or ("\0",)):
-      continue
-    for sub in jcore.jaxprs_in_params(eqn.params):
-      names |= primitive_names(sub, opaque=opaque)
+    name = eqn.primitive.name
+    names.add(name)
+    if not (opaque and name.startswith(opaque)):
+      for sub in jcore.jaxprs_in_params(eqn.params):
+        names |= primitive_names(sub, opaque=opaque)
   return names
 
 
