@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--int8", action="store_true",
                  help="int8 x int8 -> int32 products for every matmul and "
                       "convolution on a weight, calibrated on training inputs")
-  p.add_argument("--out", required=True, help="the file to write")
+  p.add_argument("--out", required=True,
+                 help="the file to write; a name ending in .gz writes it "
+                      "gzip compressed (pruned weights shrink most)")
 
   p = sub.add_parser("compress", help="prune, quantize or distill a trained run")
   common(p)
@@ -379,7 +381,9 @@ def cmd_export(args) -> None:
             + (f"; float: {', '.join(payload['float_layers'])}"
                if payload["float_layers"] else "")
             if payload["int8"] else "")
-  human = (f"{args.format} artifact {out}: {payload['bytes']:,} bytes, input "
+  encoding = " gzip" if payload["encoding"] == "gzip" else ""
+  human = (f"{args.format} artifact {out}: {payload['bytes']:,} bytes"
+           f"{encoding}, input "
            f"(batch, {', '.join(map(str, payload['input_shape']))}) float32 "
            f"raw, {payload['num_classes']} logits{layers}\n"
            f"run it: jaxaccel predict --artifact {out} --input X.npy")

@@ -466,16 +466,6 @@ def build(model, variables: dict, *, input_shape, prepare=None,
   return proto
 
 
-def write(model, variables: dict, *, input_shape, out, prepare=None,
-          program=None, metadata: dict | None = None) -> None:
-  proto = build(model, variables, input_shape=input_shape, prepare=prepare,
-                program=program, metadata=metadata)
-  out = pathlib.Path(out)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_bytes(proto.SerializeToString())
-  tmp.replace(out)
-
-
 def session(data: bytes, threads: int | None = None):
   """An ONNX Runtime session on the CPU."""
   try:

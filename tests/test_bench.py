@@ -101,5 +101,8 @@ def test_deploy_suite_serves_one_model_every_way():
   assert all(v > 0 for b in (1, 1024) for v in m[f"batch_{b}"]["ms"].values())
   b = m["bytes"]
   assert b["onnx int8"] < 0.3 * b["onnx"] and b["stablehlo int8"] < 0.3 * b["stablehlo"]
+  assert m["pruned_int8_gzip_vs_onnx_float32"] == pytest.approx(
+      b["onnx"] / b[bench_deploy.PRUNED], abs=0.01)
+  assert b[bench_deploy.PRUNED] < b["onnx int8"] / 2
   text = bench_deploy.format_deploy_report(report)
   assert "jaxaccel int8 (ONNX Runtime)" in text and "onnx int8" in text
