@@ -562,6 +562,68 @@ def _scaled(stages: list[dict], share: float) -> list[dict]:
   return out
 
 
+def qwix_int8(model, variables: dict, ds: data.Dataset):
+  """The same post-training int8 done with qwix, the JAX quantization
+  library a user would otherwise pick: int8 weights (per output channel,
+  absmax) and int8 activations quantized per batch (qwix's dynamic-range
+  PTQ; jaxaccel's int8 recipe calibrates static activation scales instead).
+  Returns ({accuracy, seconds, version}, jitted forward), or None when qwix
+  is not installed (`pip install 'jaxaccel[bench]'`)."""
+  try:
+    import qwix
+  except ImportError:
+    return None
+  from importlib.metadata import version
+  t = time.perf_counter()
+  rules = [qwix.QtRule(module_path=".*", weight_qtype="int8",
+                       act_qtype="int8")]
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+  abstract = jax.eval_shape(qmodel.init, jax.random.key(0), ds.x_train[:1])
+  qparams = qwix.quantize_params(variables["params"], abstract["params"])
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  forward = jax.jit(lambda x: qmodel.apply({"params": qparams, **rest}, x))
+  logits = np.concatenate([np.asarray(forward(ds.x_test[i:i + 1024]))
+                           for i in range(0, len(ds.x_test), 1024)])
+  figures = {"accuracy": round(float(np.mean(logits.argmax(-1) == ds.y_test)), 4),
+             "seconds": round(time.perf_counter() - t, 2),
+             "version": version("qwix")}
+  return figures, forward
+
+
+def polynomial_schedule_gap(params, schedule: dict, target: float) -> dict:
+  """`prune_gradually`'s realized global sparsity after each mask update
+  against jaxpruner's published schedule (its PolynomialSchedule: Zhu &
+  Gupta's s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t1 - t0))^3, power 3,
+  written here from the formula: jaxpruner is not on the package index).
+  The weights get no gradient, so the masks alone move the sparsity."""
+  from jaxaccel.compress import pruning
+  t0, t1, every = schedule["begin_step"], schedule["end_step"], schedule["every"]
+  tx = pruning.prune_gradually(target, begin_step=t0, end_step=t1, every=every,
+                               scope="global")
+  kernels = lambda p: [k for k in jax.tree.leaves(p) if k.ndim >= 2]
+  total = sum(k.size for k in kernels(params))
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  @jax.jit
+  def run(params):
+    def body(carry, _):
+      p, st = carry
+      u, st = tx.update(zeros, st, p)
+      p = optax.apply_updates(p, u)
+      return (p, st), sum(jnp.sum(k == 0) for k in kernels(p)) / total
+    return jax.lax.scan(body, (params, tx.init(params)), None,
+                        length=t1 + 1)[1]
+  realized = np.asarray(run(params))
+  updates = range(t0, t1 + 1, every)
+  published = [target * (1 - (1 - (t - t0) / max(t1 - t0, 1)) ** 3)
+               for t in updates]
+  gap = max(abs(float(realized[t]) - s) for t, s in zip(updates, published))
+  return {"updates": len(updates), "max_abs_difference": gap,
+          "final_sparsity": round(float(realized[t1]), 6),
+          "by_update": [[t, round(float(realized[t]), 6), round(s, 6)]
+                        for t, s in zip(updates, published)]}
+
+
 def _recipe_figures(records: list[dict], base: dict) -> dict:
   """One recipe's figures from `compress.run`'s records: the last stage's
   against the dense model's."""
@@ -574,6 +636,40 @@ def _recipe_figures(records: list[dict], base: dict) -> dict:
           "latency_ms": last["latency_ms"],
           "seconds": round(sum(r.get("seconds", 0) for r in records), 1),
           "stages": records[1:]}
+
+
+def _peer_figures(model, variables, ds, figures: dict, rounds: int,
+                  repeats: int) -> dict:
+  """jaxaccel beside the peer libraries: the int8 recipe against qwix's PTQ
+  (accuracy, seconds, batch-1024 ms in interleaved rounds), the prune-90
+  recipe's schedule against jaxpruner's formula."""
+  from jaxaccel.compress import int8, quantization
+  out = {}
+  prune = figures["prune-90"]["stages"][0]
+  out["jaxpruner_schedule"] = polynomial_schedule_gap(
+      variables["params"], prune["schedule"], prune["options"]["sparsity"])
+  peer = qwix_int8(model, variables, ds)
+  if peer is None:
+    out["qwix_int8"] = None
+    return out
+  qwix_figures, qwix_forward = peer
+  program = int8.convert(model, variables, quantization.calibration_batches(
+      ds.x_train), percentile=99.99)
+  xb = jnp.asarray(np.resize(ds.x_test, (1024, *ds.input_shape)))
+  f32 = jax.jit(lambda x: models.adapt(model).logits(variables, x))
+  calls = {"float32": f32, "jaxaccel int8": program.forward,
+           "qwix int8": qwix_forward}
+  calls = {k: (lambda f: lambda: f(xb).block_until_ready())(f)
+           for k, f in calls.items()}
+  by_round = [interleaved_ms(calls, repeats=repeats, block=min(10, repeats))
+              for _ in range(rounds)]
+  ms = {k: round(statistics.median(r[k] for r in by_round), 3) for k in calls}
+  out["qwix_int8"] = {"qwix": qwix_figures,
+                      "jaxaccel": {"accuracy": figures["int8"]["accuracy"],
+                                   "seconds": figures["int8"]["seconds"]},
+                      "float32_accuracy": figures["dense"]["accuracy"],
+                      "latency_ms_batch_1024": ms}
+  return out
 
 
 def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
@@ -614,7 +710,8 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
          "epochs": epochs, "seeds": seeds, "full": full,
          "recipe_share": share, "backend": jax.default_backend(),
          "cpu_count": os.cpu_count()}
-  todo = (["dense"] + list(MLP_RECIPES) + ["labels only", "teacher", "distill"]
+  todo = (["dense"] + list(MLP_RECIPES) + ["peers", "labels only", "teacher",
+                                           "distill"]
           + (["cnn", "cnn int8"] if "cnn" in model_names else []))
   bar = tqdm(total=len(todo), desc="compress bench", disable=not progress,
              leave=False)
@@ -646,6 +743,9 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
     out["mlp"][name] = _recipe_figures(records, base)
   out["mlp"]["dense"] = {k: base[k] for k in ("accuracy", "size_bytes",
                                               "parameters", "latency_ms")}
+  bar.set_postfix(stage="peers")
+  out["mlp"]["peers"] = _peer_figures(lenet, dense, ds, out["mlp"],
+                                      latency_rounds, latency_repeats)
 
   # Distillation: a 784-64-64-10 student taught by a wide MLP against the
   # same student trained on labels alone (its best mean over 1x, 2x and 4x
@@ -746,6 +846,27 @@ def format_compress_report(r: dict) -> str:
                  f"({f['loss_points']:+.2f} pt), {f['size_bytes']:,} bytes = "
                  f"{f['ratio']:.1f}x smaller, {f['parameters']:,} parameters"
                  f"{speed}{target} [{f['seconds']:.0f} s]")
+  peers = m["peers"]
+  q = peers["qwix_int8"]
+  if q is None:
+    lines.append("  peer int8: qwix not installed (pip install "
+                 "'jaxaccel[bench]')")
+  else:
+    ms = q["latency_ms_batch_1024"]
+    lines.append(
+        f"  peer int8 PTQ: jaxaccel {q['jaxaccel']['accuracy']:.4f} in "
+        f"{q['jaxaccel']['seconds']:.1f} s (static calibrated scales), "
+        f"{ms['jaxaccel int8']:.2f} ms at batch 1024; qwix "
+        f"{q['qwix']['version']} {q['qwix']['accuracy']:.4f} in "
+        f"{q['qwix']['seconds']:.1f} s (per-batch activation scales), "
+        f"{ms['qwix int8']:.2f} ms; float32 {q['float32_accuracy']:.4f}, "
+        f"{ms['float32']:.2f} ms")
+  sched = peers["jaxpruner_schedule"]
+  lines.append(
+      f"  peer pruning schedule: prune-90's sparsity after each of its "
+      f"{sched['updates']} mask updates against jaxpruner's polynomial "
+      f"schedule (power 3): largest difference {sched['max_abs_difference']:.1e}"
+      f" (jaxpruner is not on the package index: the formula, not its code)")
   d = m["distill"]
   gap = d["gap_closed"]
   lines.append(

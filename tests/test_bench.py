@@ -66,6 +66,16 @@ def test_compress_suite_runs_the_shipped_recipes():
   assert m["prune-90"]["sparsity"] == pytest.approx(0.9, abs=0.01)
   assert 3.8 < m["int8"]["ratio"] < 4.0   # int8 values, a float32 scale a channel
   assert m["shrink-50"]["parameters"] < 0.55 * m["dense"]["parameters"]
+  sched = m["peers"]["jaxpruner_schedule"]
+  # 200 steps: pruning ends at 80, masks every 10 steps; the count of zeros
+  # is exact, so the published formula holds to one weight in 50,000
+  assert sched["updates"] == 9 and sched["max_abs_difference"] < 1e-4
+  assert sched["final_sparsity"] == pytest.approx(0.9, abs=1e-4)
+  q = m["peers"]["qwix_int8"]
+  assert q["jaxaccel"]["accuracy"] == m["int8"]["accuracy"]
+  assert abs(q["qwix"]["accuracy"] - m["dense"]["accuracy"]) < 0.02
+  assert set(q["latency_ms_batch_1024"]) == {"float32", "jaxaccel int8",
+                                             "qwix int8"}
   d = m["distill"]
   means = {int(e): sum(v) / len(v) for e, v in d["labels_only_by_epochs"].items()}
   assert set(means) == {2, 4, 8} and d["labels_only_epochs"] == max(means, key=means.get)
@@ -83,6 +93,7 @@ def test_compress_suite_runs_the_shipped_recipes():
   text = bench.format_compress_report(report)
   assert "--recipe shrink-50" in text and "CNN --recipe int8" in text
   assert "0.1 of each recipe's fine-tuning" in text
+  assert "peer int8 PTQ: jaxaccel" in text and "jaxpruner's polynomial" in text
 
 
 def test_deploy_suite_serves_one_model_every_way():

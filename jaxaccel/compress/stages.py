@@ -192,13 +192,15 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
   rest = {k: v for k, v in variables.items() if k != "params"}
   n_steps = epochs * (len(data.x_train) // settings.batch_size)
   adam = optim.cosine_adam(learning_rate, max(n_steps, 1))
+  extra = {}
   if schedule == "gradual":
+    steps = dict(begin_step=0, end_step=max(2 * n_steps // 5, 1),
+                 every=max(1, min(100, n_steps // 20)))
     tx = optax.chain(adam, pruning.prune_gradually(
-        sparsity, begin_step=0, end_step=max(2 * n_steps // 5, 1),
-        every=max(1, min(100, n_steps // 20)), scope=scope, pattern=pattern,
-        seed=settings.seed))
+        sparsity, **steps, scope=scope, pattern=pattern, seed=settings.seed))
     variables = _fine_tune(model, variables, data, tx, epochs, settings)
     label = f"pruned {sparsity:g} gradually over {epochs} ep"
+    extra["schedule"] = {**steps, "steps": n_steps}
   else:
     grads = None
     if method in ("saliency", "taylor"):
@@ -219,7 +221,8 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
       tx = optax.chain(adam, pruning.keep_masks(masks))
       variables = _fine_tune(model, variables, data, tx, epochs, settings)
       label += f" +{epochs} ep"
-  return model, variables, _measure(label, model, variables, data, settings)
+  return model, variables, {**_measure(label, model, variables, data, settings),
+                            **extra}
 
 
 def _check_finetune(*, epochs, min_steps, learning_rate):
