@@ -13,7 +13,9 @@ complete, so a run killed at any moment leaves the last complete one intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pathlib
 from typing import Any
 
@@ -35,6 +37,18 @@ def _to_storable(state):
 
 def _from_storable(state, impl):
   return state._replace(rng=jax.random.wrap_key_data(state.rng, impl=impl))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """Holds back absl's warnings (orbax logs through it) for a moment."""
+  log = logging.getLogger("absl")
+  level = log.level
+  log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
 
 
 class RunDir:
@@ -152,14 +166,24 @@ class RunDir:
     impl = jax.random.key_impl(like.rng)
     return _from_storable(out.state, impl), dict(out.progress)
 
+  def save_variables(self, variables: dict) -> None:
+    """Saves inference variables alone (`{"params", **model_state}`, no
+    optimizer), readable by `restore_variables`: a compressed model."""
+    variables = dict(variables)
+    state = {"params": variables.pop("params"), "model_state": variables}
+    self.manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state)), force=True)
+    self.manager.wait_until_finished()
+
   def restore_variables(self) -> dict:
     """Restores only params and model state, with no optimizer needed."""
     epoch = self._require_checkpoint()
     try:
       # Host arrays shaped from the metadata: a run saved from many devices
       # (or processes) is then readable on any number of devices.
-      meta = ocp.StandardCheckpointer().metadata(
-          (self.path / "checkpoint" / str(epoch) / "state").absolute())
+      with _quiet_absl():   # "Metadata file does not exist": harmless
+        meta = ocp.StandardCheckpointer().metadata(
+            (self.path / "checkpoint" / str(epoch) / "state").absolute())
       target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
                             meta.item_metadata)
       out = self.manager.restore(epoch, args=ocp.args.Composite(

@@ -206,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="epochs of fine-tuning with the pruning masks held")
   p.add_argument("--learning-rate", type=float, default=1e-3)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", help="write params.npz and report.json here")
+  p.add_argument("--out", help="write params.npz, report.json and the "
+                 "compressed model as a run directory (for predict --run and "
+                 "export --run) here")
   p.add_argument("--plot", metavar="PATH",
                  help="save an accuracy-vs-size chart of every stage")
 
@@ -563,8 +565,12 @@ def cmd_compress(args) -> None:
           seed=args.seed, progress=not args.no_progress))
   result["recipe"] = args.recipe or recipe
   params = result.pop("compressed_params")
+  model = result.pop("compressed_model")
+  variables = result.pop("compressed_variables")
   if args.out:
     report.save_compressed(args.out, params, result)
+    stages.write_run(args.out, args.from_dir, model, variables,
+                     result["recipe"])
     result["out"] = args.out
   if args.plot:
     report.plot_accuracy_vs_size(result["stages"], args.plot,

@@ -195,6 +195,34 @@ def test_prune_90_int8_recipe_on_the_command_line(capsys, trained_run, tmp_path)
   saved = json.loads((tmp_path / "c" / "report.json").read_text())
   assert [s["stage"] for s in saved["stages"][1:]] == ["prune", "quantize"]
 
+  # The output is a run directory too: predict --run and export --run take it.
+  from jaxaccel import data, train
+  model, variables, config = train.load_run(tmp_path / "c")
+  assert config["compressed_from"] == str(trained_run)
+  kernels = [v["kernel"] for v in variables["params"].values()]
+  zeros = sum(int((np.asarray(k) == 0).sum()) for k in kernels)
+  assert zeros / sum(k.size for k in kernels) == pytest.approx(0.9, abs=2e-3)
+  ds = data.load("digits", validation=0.1, seed=0)
+  raw = ds.x_test * ds.stats["scale"]
+  np.save(tmp_path / "x.npy", raw)
+  accuracy = lambda classes: float(np.mean(np.asarray(classes) == ds.y_test))
+  code, out, _ = run_cli(capsys, "predict", "--run", str(tmp_path / "c"),
+                         "--input", str(tmp_path / "x.npy"), "--json")
+  assert code == 0
+  # float products of the int8 weights against the int8 products: 5 of 594
+  # test images may differ
+  by_run = accuracy(json.loads(out.strip().splitlines()[-1])["predictions"])
+  assert abs(by_run - result["test_accuracy_after"]) <= 5 / len(ds.y_test)
+  code, out, err = run_cli(capsys, "export", "--run", str(tmp_path / "c"),
+                           "--format", "onnx", "--int8", "--out",
+                           str(tmp_path / "c.onnx.gz"), "--json")
+  assert code == 0, err
+  code, out, _ = run_cli(capsys, "predict", "--artifact",
+                         str(tmp_path / "c.onnx.gz"), "--input",
+                         str(tmp_path / "x.npy"), "--json")
+  by_artifact = accuracy(json.loads(out.strip().splitlines()[-1])["predictions"])
+  assert abs(by_artifact - result["test_accuracy_after"]) <= 5 / len(ds.y_test)
+
 
 def test_compress_missing_run(capsys, tmp_path):
   code, _, err = run_cli(capsys, "compress", "--from", str(tmp_path / "none"),

@@ -571,5 +571,28 @@ def compress_run(run_dir, stages: list, *,
                                   settings=settings)
   payload = creport.compare(records[0], records[-1])
   payload.update(stages=records, dataset=data.name,
-                 compressed_params=variables["params"])
+                 compressed_params=variables["params"],
+                 compressed_model=model, compressed_variables=variables)
   return payload
+
+
+def write_run(out, source_dir, model, variables: dict, recipe) -> None:
+  """Writes the compressed model as a run directory beside `params.npz`:
+  config.json (the source run's, with the compressed model's description
+  and the recipe), the source's normalization and a checkpoint of the
+  inference variables (quantized weights as their float values, zeros
+  kept), so `predict --run`, `load_run` and `export --run` take it."""
+  from jaxaccel.checkpoint import RunDir
+  source = RunDir(source_dir)
+  config = source.read_config()
+  config.update(model=train.describe_model(model),
+                model_spec=models.describe(model),
+                compressed_from=str(source_dir), recipe=recipe)
+  run_dir = RunDir(out)
+  run_dir.write_config(config)
+  stats = source.read_normalization()
+  if stats:
+    run_dir.write_normalization(**stats)
+  run_dir.save_variables({**variables, "params": quantization.dequantize(
+      variables["params"])})
+  run_dir.close()
