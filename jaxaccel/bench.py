@@ -843,7 +843,7 @@ def format_compress_report(r: dict) -> str:
     speed = (f", batch-1024 {m['dense']['latency_ms']['batch_1024'] / lat['batch_1024']:.2f}x"
              " the dense latency" if lat and m["dense"]["latency_ms"] else "")
     lines.append(f"  --recipe {name}: {f['accuracy']:.4f} "
-                 f"({f['loss_points']:+.2f} pt), {f['size_bytes']:,} bytes = "
+                 f"({-f['loss_points']:+.2f} pt), {f['size_bytes']:,} bytes = "
                  f"{f['ratio']:.1f}x smaller, {f['parameters']:,} parameters"
                  f"{speed}{target} [{f['seconds']:.0f} s]")
   peers = m["peers"]
@@ -882,7 +882,7 @@ def format_compress_report(r: dict) -> str:
     c = r["cnn"]["int8"]
     lines.append(
         f"  CNN --recipe int8: {c['accuracy']:.4f} against "
-        f"{r['cnn']['dense']['accuracy']:.4f} ({c['loss_points']:+.2f} pt; "
+        f"{r['cnn']['dense']['accuracy']:.4f} ({-c['loss_points']:+.2f} pt; "
         f"target <= 1: {yes(c['loss_points'] <= 1.0)}); integer layers "
         f"{', '.join(c['int8_layers'])}"
         + (f"; float: {', '.join(c['float_layers'])}" if c["float_layers"] else "")
