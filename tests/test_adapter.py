@@ -56,6 +56,7 @@ def trained(digits):
   return get
 
 
+@pytest.mark.xdist_group("zoo_trained")   # one worker trains each model once
 @pytest.mark.parametrize("name", list(ZOO))
 def test_each_zoo_model_trains_and_predicts(name, trained, digits):
   model, result = trained(name)
@@ -117,6 +118,7 @@ def test_resume_ends_with_the_uninterrupted_parameters(name, digits, tmp_path):
   assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
 
+@pytest.mark.xdist_group("zoo_trained")   # one worker trains each model once
 def test_nnx_batch_norm_statistics_live_in_the_model_state(trained):
   model, result = trained("nnx_cnn_bn_dropout")
   stats = result.state.model_state["bn1"]
@@ -159,6 +161,7 @@ def test_linen_mode_arguments_are_found(key):
   assert 0.3 < dropped < 0.7
 
 
+@pytest.mark.xdist_group("zoo_trained")   # one worker trains each model once
 def test_pruning_and_quantization_on_nnx_and_transformer_params(trained, digits):
   for name, sparsity in (("nnx_cnn_bn_dropout", 0.5), ("nnx_vit", 0.3)):
     model, result = trained(name)
@@ -194,6 +197,7 @@ def test_gradual_pruning_and_qat_train_an_nnx_model(digits):
   assert acc >= 0.93
 
 
+@pytest.mark.xdist_group("zoo_trained")   # one worker trains each model once
 def test_distillation_between_nnx_and_linen(trained, digits):
   from jaxaccel.compress import distillation
   nnx_teacher, nnx_result = trained("nnx_mlp")
@@ -212,6 +216,7 @@ def test_distillation_between_nnx_and_linen(trained, digits):
     assert acc >= 0.9
 
 
+@pytest.mark.xdist_group("zoo_trained")   # one worker trains each model once
 def test_distillation_pmap_and_sharded_equal_one_device(trained, digits):
   from jaxaccel.compress import distillation
   teacher, result = trained("nnx_mlp")
@@ -273,3 +278,19 @@ def test_a_model_that_cannot_take_the_data_says_so(digits):
   with pytest.raises(ConfigError, match=r"cannot take inputs of shape \(8, 8, 1\)"):
     train.fit(zoo.NNXMLP(10, (8,), 10, rngs=nnx.Rngs(0)), "adam(1e-3)", digits,
               epochs=1, progress=False)
+
+
+@pytest.mark.xdist_group("zoo_trained")   # one worker trains each model once
+def test_shrink_stage_on_the_trained_transformer(trained, digits):
+  from jaxaccel import compress
+  model, result = trained("nnx_vit")
+  _, _, records = compress.run(
+      model, core.variables_of(result.state), digits,
+      [{"stage": "shrink", "fraction": 0.5, "epochs": 3}],
+      settings=compress.Settings(latency=False))
+  record = records[-1]
+  assert record["name"] == "shrunk to 0.5 of each hidden layer +3 ep"
+  # half of the two MLP blocks' hidden units: 2 x (32 x 32 + 32 + 32 x 32)
+  assert record["parameters_before"] - record["parameters"] == 4160
+  assert record["flops"] < record["flops_before"]
+  assert record["accuracy"] >= records[0]["accuracy"] - 0.02, records

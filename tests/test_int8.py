@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import model_zoo as zoo
 from jaxaccel import compress, core, models, train
 from jaxaccel.compress import int8, quantization, shrink
 from jaxaccel.errors import ConfigError
@@ -220,13 +221,44 @@ def test_shrink_stage_halves_the_mlp_and_keeps_its_accuracy(digits):
 
 @pytest.mark.parametrize("model,message", [
     (models.create("resnet18", num_classes=10, width=4), "got resnet18"),
-    (NNXCNN(nnx.Rngs(0)), "got NNXCNN")])
+    (zoo.ExamplesCNN(), "got ExamplesCNN")])
 def test_shrink_refuses_models_whose_units_it_cannot_remove(digits, model,
                                                             message):
   with pytest.raises(ConfigError, match=f"stage 1 \\(shrink\\): shrink removes "
                                         f"units of jaxaccel's mlp and cnn "
+                                        f"models and of NNX and plain-function "
                                         f"models; {message}"):
     compress.run(model, {"params": {}}, digits, [{"stage": "shrink"}])
+
+
+def test_shrink_finds_the_mlp_blocks_of_a_transformer():
+  model = zoo.ViT(rngs=nnx.Rngs(0))
+  params, state = models.adapt(model).init(jax.random.key(0), IMAGES[:1])
+  variables = {"params": params, **state}
+  layers = shrink.hidden_layers(model, variables, IMAGES[:1])
+  # the two MLP blocks; attention's kernels are 3-D and its output is read
+  # by the residual sum, so nothing else qualifies
+  assert layers == [(f"blocks/{i}/mlp_in/kernel", f"blocks/{i}/mlp_in/bias",
+                     f"blocks/{i}/mlp_out/kernel") for i in (0, 1)]
+  # hidden units whose outgoing weights are zero carry nothing: removing
+  # them leaves the logits as they were
+  params = jax.tree.map(np.array, params)
+  for block in params["blocks"].values():
+    block["mlp_out"]["kernel"][1::2] = 0
+    block["mlp_in"]["kernel"][:, ::2] *= 3      # the kept units score higher
+  variables = {"params": params, **state}
+  same, small = shrink.shrink(model, variables, 0.5, sample=IMAGES[:1])
+  assert same is model
+  block = small["params"]["blocks"][0]
+  assert block["mlp_in"]["kernel"].shape == (32, 32)
+  assert block["mlp_in"]["bias"].shape == (32,)
+  assert block["mlp_out"]["kernel"].shape == (32, 32)
+  logits = lambda v: models.adapt(model).logits(v, IMAGES[:8])
+  np.testing.assert_allclose(logits(small), logits(variables), rtol=1e-5,
+                             atol=1e-5)
+  assert shrink.flops(model, small, IMAGES[:1]) < shrink.flops(
+      model, variables, IMAGES[:1])
+
 
 
 def test_a_transformer_runs_its_linear_layers_int8_and_lists_attention():

@@ -304,12 +304,15 @@ def shrink_stage(model, variables, data, settings, *, fraction=0.5, epochs=10,
   sample = data.x_test[:1]
   before = {"parameters_before": models.count_params(variables["params"]),
             "flops_before": shrinking.flops(model, variables, sample)}
-  model, variables = shrinking.shrink(model, variables, fraction)
+  model, variables = shrinking.shrink(model, variables, fraction,
+                                      sample=sample)
   if epochs:
     epochs = _epochs(epochs, min_steps, data, settings)
     variables = _cosine_fine_tune(model, variables, data, epochs,
                                   learning_rate, settings)
-  spec = ",".join(map(str, _widths(model)))
+  desc = models.describe(model)
+  spec = (",".join(map(str, _widths(desc))) if desc
+          else f"{1 - fraction:g} of each hidden layer")
   label = f"shrunk to {spec}" + (f" +{epochs} ep" if epochs else "")
   record = _measure(label, model, variables, data, settings)
   record.update(before, flops=shrinking.flops(model, variables, sample),
@@ -317,8 +320,8 @@ def shrink_stage(model, variables, data, settings, *, fraction=0.5, epochs=10,
   return model, variables, record
 
 
-def _widths(model) -> list[int]:
-  kwargs = models.describe(model)["kwargs"]
+def _widths(desc: dict) -> list[int]:
+  kwargs = desc["kwargs"]
   return list(kwargs.get("widths") or [*kwargs["features"], kwargs["hidden"]])
 
 
