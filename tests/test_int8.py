@@ -114,6 +114,37 @@ def test_int8_convolution_as_matmul_equals_the_int8_convolution(strides, padding
   np.testing.assert_array_equal(got, expected)
 
 
+class MaxPoolCNN(nn.Module):
+  """nn.max_pool (a reduce_window) after a biased conv and ReLU."""
+  @nn.compact
+  def __call__(self, x):
+    x = nn.max_pool(nn.relu(nn.Conv(8, (3, 3))(x)), (2, 2), (2, 2))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("model", [
+    models.create("cnn", num_classes=4, features=(8, 16), hidden=16),
+    MaxPoolCNN()], ids=["zoo_cnn", "nn_max_pool"])
+def test_pooling_the_int32_sums_first_changes_no_bit(model, monkeypatch):
+  """A conv's rescale waits through its bias, ReLU and max-pool (each step
+  non-decreasing): the logits equal those of rescaling at once."""
+  variables = model.init(jax.random.key(0), IMAGES[:1])
+  steps, step = [], int8._deferred_step
+
+  def recording(eqn, *args):
+    out = step(eqn, *args)
+    if out is not None:
+      steps.append(eqn.primitive.name)
+    return out
+  monkeypatch.setattr(int8, "_deferred_step", recording)
+  deferred = np.asarray(int8.convert(model, variables, [IMAGES])(IMAGES))
+  assert {"add", "max"} <= set(steps)
+  assert {"reduce_max", "reduce_window_max"} & set(steps)
+  monkeypatch.setattr(int8, "_deferred_step", lambda *a: None)
+  np.testing.assert_array_equal(
+      deferred, np.asarray(int8.convert(model, variables, [IMAGES])(IMAGES)))
+
+
 def test_a_product_of_two_activations_stays_float_and_is_listed():
   def init_fn(key, x):
     return {"w": jax.random.normal(key, (6, 6))}
