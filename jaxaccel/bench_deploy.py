@@ -1,8 +1,9 @@
-"""`jaxaccel bench --suite deploy`: one trained model served six ways.
+"""`jaxaccel bench --suite deploy`: one trained model served eight ways.
 
 The same trained LeNet-300-100 (and CNN) is run by flax in float32, by
 jaxaccel's int8 program on XLA, by jaxaccel's ONNX artifacts (float32 and
-int8) in ONNX Runtime, and by PyTorch in float32 and with its dynamic int8
+int8) in ONNX Runtime, by its StableHLO artifacts (float32 and int8) loaded
+as `jaxaccel predict --artifact` loads them, and by PyTorch in float32 and with its dynamic int8
 quantization (`torch.ao.quantization.quantize_dynamic`, Linear layers), the
 PyTorch side holding the very same weights. Each side is timed at batch 1
 and batch 1024 in interleaved blocks in this process (median ms a call) and
@@ -96,6 +97,9 @@ def _sides(name: str, model, variables, ds, folder: pathlib.Path,
     sess = onnx_graph.session(paths["onnx", q].read_bytes())
     sides[label] = ((lambda s: lambda x: s.run(None, {"x": x})[0])(sess),
                     paths["onnx", q])
+  for q, label in ((True, "jaxaccel int8 (StableHLO artifact)"),
+                   (False, "StableHLO float32 artifact")):
+    sides[label] = (export.load(paths["stablehlo", q]), paths["stablehlo", q])
   if torch_peer:
     import torch
     net = torch_mirror(variables["params"], ds.input_shape)
@@ -175,6 +179,11 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                                    for k, (f, _) in sides.items()},
                                   repeats=rounds * block, block=block)
         entry = {"ms": {k: round(v, 4) for k, v in ms.items()}}
+        entry["int8_artifact_speedup"] = {
+            "stablehlo": round(ms["StableHLO float32 artifact"]
+                               / ms["jaxaccel int8 (StableHLO artifact)"], 3),
+            "onnx": round(ms["ONNX Runtime float32"]
+                          / ms["jaxaccel int8 (ONNX Runtime)"], 3)}
         if torch_peer:
           ours = min(v for k, v in ms.items() if k.startswith("jaxaccel int8"))
           entry["speedup_vs_torch_dynamic_int8"] = round(
@@ -202,6 +211,9 @@ def format_deploy_report(r: dict) -> str:
       lines.append("  " + "  ".join(str(c).ljust(w) for c, w in
                                      zip(row, widths)))
     for b in BATCHES:
+      a = m[f"batch_{b}"]["int8_artifact_speedup"]
+      lines.append(f"  batch {b}: int8 artifact / float32 artifact speed: "
+                   f"StableHLO {a['stablehlo']:.2f}x, ONNX {a['onnx']:.2f}x")
       s = m[f"batch_{b}"].get("speedup_vs_torch_dynamic_int8")
       if s is not None:
         lines.append(f"  batch {b}: jaxaccel's fastest int8 / PyTorch dynamic "

@@ -108,7 +108,14 @@ def test_deploy_suite_serves_one_model_every_way():
   assert acc["ONNX Runtime float32"] == acc["flax float32"]
   assert acc["jaxaccel int8 (ONNX Runtime)"] == acc["jaxaccel int8 (XLA)"]
   assert abs(acc["jaxaccel int8 (XLA)"] - acc["flax float32"]) <= 0.01
-  assert set(m["batch_1"]["ms"]) == set(acc) and len(acc) == 4
+  assert acc["jaxaccel int8 (StableHLO artifact)"] == acc["jaxaccel int8 (XLA)"]
+  assert acc["StableHLO float32 artifact"] == acc["flax float32"]
+  assert set(m["batch_1"]["ms"]) == set(acc) and len(acc) == 6
+  a = m["batch_1024"]["int8_artifact_speedup"]
+  ms = m["batch_1024"]["ms"]
+  assert a["stablehlo"] == pytest.approx(
+      ms["StableHLO float32 artifact"] / ms["jaxaccel int8 (StableHLO artifact)"],
+      rel=1e-2)
   assert all(v > 0 for b in (1, 1024) for v in m[f"batch_{b}"]["ms"].values())
   b = m["bytes"]
   assert b["onnx int8"] < 0.3 * b["onnx"] and b["stablehlo int8"] < 0.3 * b["stablehlo"]

@@ -274,12 +274,15 @@ def native_int8_convolution(eqn) -> bool:
   with int32 sums to a fast kernel here. XLA:CPU hands large ones to
   YNNPACK (51.6 ms against 76.7 ms for float32 on a 1024x14x14x32 -> 64 3x3
   layer) and runs small ones (batch 1, a few channels) through a generic
-  loop, where the im2col matmul is faster."""
+  loop, where the im2col matmul is faster. A symbolic batch (an exported
+  artifact) is judged at batch 256."""
   if jax.default_backend() != "cpu":
     return True
   lhs, rhs = (v.aval for v in eqn.invars)
+  # A symbolic batch (an exported artifact) is judged at a serving batch.
+  concrete = lambda shape: tuple(d if isinstance(d, int) else 256 for d in shape)
   params = tuple(sorted((k, str(v)) for k, v in eqn.params.items()))
-  return _native_conv(lhs.shape, rhs.shape, params, eqn)
+  return _native_conv(concrete(lhs.shape), concrete(rhs.shape), params, eqn)
 
 
 _NATIVE: dict = {}
