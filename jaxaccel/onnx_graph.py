@@ -404,6 +404,27 @@ class _Emitter:
     g = self.g
     act = vals[1 - site.weight_side][1]
     s = np.float32(site.input_scale)
+    dense = site.kind != "conv_general_dilated"
+    if dense:
+      (lc, rc), _ = eqn.params["dimension_numbers"]
+      lhs_nd = eqn.invars[0].aval.ndim
+      if not (site.weight_side == 1 and list(lc) == [lhs_nd - 1]
+              and list(rc) == [0] and site.values.ndim == 2):
+        raise ConfigError(f"cannot export the int8 product of {site.name} "
+                          "to ONNX (only x @ W with W 2-D)")
+    if dense and site.unsigned:
+      # An input never negative in calibration: round(x / s) clipped to
+      # [0, 127], as compress.int8 computes it, times the int8 weights.
+      # ONNX Runtime's u8 x s8 kernel is 2.3x faster than u8 x u8 here
+      # (1024x784 @ 784x300: 0.29 vs 0.66 ms) and exact while the u8
+      # values stay below 128 (its int16 pair sums cannot overflow).
+      zp = g.const(np.uint8(0), "zero_point")
+      q = g.node("QuantizeLinear", [act, g.const(s, "input_scale"), zp])
+      q = g.node("Clip", [q, g.const(np.uint8(0), "lo"),
+                          g.const(np.uint8(127), "hi")])
+      acc = g.node("MatMulInteger", [q, g.const(site.values, "kernel_int8"),
+                                     zp, g.const(np.int8(0), "zero_point")])
+      return self._rescale(eqn, site, acc)
     zp = g.const(np.uint8(128), "zero_point")
     # round(x / s) clipped to [-127, 127], as compress.int8 computes it
     # (QuantizeLinear saturates at -128), plus 128.
@@ -411,23 +432,23 @@ class _Emitter:
     q = g.node("Clip", [q, g.const(np.uint8(1), "lo"),
                         g.const(np.uint8(255), "hi")])
     shifted = (site.values.astype(np.int16) + 128).astype(np.uint8)
-    if site.kind == "conv_general_dilated":
+    if not dense:
       rhs = eqn.params["dimension_numbers"].rhs_spec
       w = g.const(np.transpose(shifted, rhs), "kernel_int8")
       acc = g.node("ConvInteger", [_to_nchw(g, eqn, q), w, zp, zp],
                    **_conv_attrs(eqn))
       acc = _from_nchw(g, eqn, acc)
     else:
-      (lc, rc), _ = eqn.params["dimension_numbers"]
-      lhs_nd = eqn.invars[0].aval.ndim
-      if not (site.weight_side == 1 and list(lc) == [lhs_nd - 1]
-              and list(rc) == [0] and site.values.ndim == 2):
-        raise ConfigError(f"cannot export the int8 product of {site.name} "
-                          "to ONNX (only x @ W with W 2-D)")
       acc = g.node("MatMulInteger", [q, g.const(shifted, "kernel_int8"),
                                      zp, zp])
+    return self._rescale(eqn, site, acc)
+
+  def _rescale(self, eqn, site, acc) -> str:
+    """The int32 sums to float: times the input and weight scales."""
+    g = self.g
     out = g.node("Cast", [acc], to=_dtype(np.float32))
-    scale = _ranked((s * site.weight_scale).astype(np.float32),
+    scale = _ranked((np.float32(site.input_scale)
+                     * site.weight_scale).astype(np.float32),
                     eqn.outvars[0].aval.ndim)
     return g.node("Mul", [out, g.const(scale, "scale")])
 

@@ -91,18 +91,27 @@ def test_int8_artifacts_predict_what_the_int8_path_predicts(name, raw, digits,
   ops = [n.op_type for n in proto.graph.node]
   assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 2
   assert "Conv" not in ops and "MatMul" not in ops
+  # convolutions: u8 x u8 (int8 + 128, TensorProto.UINT8); the dense layers
+  # read ReLU outputs, never negative: u8 x s8 (TensorProto.INT8)
+  assert [s.unsigned for s in program.sites][2:] == [True, True]
   assert {i.data_type for i in proto.graph.initializer
-          if i.name.startswith("kernel")} == {2}     # TensorProto.UINT8
+          if i.name.startswith("kernel")} == {2, 3}
 
 
-def test_int8_onnx_keeps_the_integer_arithmetic_exact():
+@pytest.mark.parametrize("sign", ["signed", "unsigned"])
+def test_int8_onnx_keeps_the_integer_arithmetic_exact(sign):
   """Weights and inputs at the edges of the int8 range: ONNX Runtime's
-  u8 x s8 kernel saturates here, the u8 x u8 one the graph uses does not."""
+  u8 x s8 kernel saturates on u8 values above 127, so signed inputs go
+  through u8 x u8; inputs never negative in calibration take [0, 127] and
+  the u8 x s8 kernel, exact there."""
   import flax.linen as nn
   model = nn.Dense(16)
   x = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)
+  if sign == "unsigned":
+    x = np.abs(x)
   variables = model.init(jax.random.key(0), x)
   program = int8.convert(model, variables, [x], percentile=90.0)
+  assert program.sites[0].unsigned == (sign == "unsigned")
   proto = onnx_graph.build(model, variables, input_shape=(256,),
                            program=program)
   got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]

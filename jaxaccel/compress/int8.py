@@ -67,6 +67,10 @@ class Site:
   values: np.ndarray | None = None     # int8 weight, the operand's layout
   weight_scale: np.ndarray | None = None  # broadcasts against the output
   input_scale: float | None = None
+  # No calibration input was negative: the input is quantized to [0, 127]
+  # (the same values as [-127, 127] for such inputs), which lets ONNX
+  # Runtime use its faster unsigned x signed kernel without overflow.
+  unsigned: bool = False
 
   @property
   def description(self) -> str:
@@ -188,6 +192,7 @@ class _Pass:
     self.sites = sites if sites is not None else []
     self.percentile = percentile
     self.ranges: list = []
+    self.minima: list = []
     self.weights: list = []
     self.count = 0
 
@@ -244,12 +249,14 @@ class _Pass:
       self.weights.append(vals[site.weight_side])
     act = vals[1 - site.weight_side]
     if self.mode == "calibrate":
+      self.minima.append(jnp.min(act.astype(jnp.float32)))
       self.ranges.append(jnp.percentile(jnp.abs(act.astype(jnp.float32)),
                                         self.percentile))
     if self.mode != "run":
       return eqn.primitive.bind(*vals, **eqn.params)
     s = jnp.float32(site.input_scale)
-    q = jnp.clip(jnp.round(act.astype(jnp.float32) / s), -127, 127
+    q = jnp.clip(jnp.round(act.astype(jnp.float32) / s),
+                 0 if site.unsigned else -127, 127
                  ).astype(jnp.int8)
     operands = [q, q]
     operands[site.weight_side] = jnp.asarray(site.values)
@@ -467,10 +474,13 @@ def convert(model, variables: dict, batches: Iterable, *,
     p = _Pass("calibrate", scan.sites, percentile)
     jaxpr, consts = trace(x)
     p.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
-    return p.ranges
-  amax = np.mean([np.asarray(ranges(b)) for b in batches], axis=0)
-  for site, a in zip(quantized, amax):
+    return p.ranges, p.minima
+  measured = [ranges(b) for b in batches]
+  amax = np.mean([np.asarray(r) for r, _ in measured], axis=0)
+  lowest = np.min([np.asarray(m) for _, m in measured], axis=0)
+  for site, a, low in zip(quantized, amax, lowest):
     site.input_scale = float(a if a > 0 else 1.0) / 127.0
+    site.unsigned = bool(low >= 0)
 
   @jax.jit
   def forward(x):
