@@ -7,8 +7,10 @@ to a jaxpr and evaluated again with one change: at each `dot_general` or
 (a Dense/Linear kernel, a Conv kernel, or a kernel reshaped for an im2col
 matmul) and whose other operand is an activation, the weight is quantized
 per output channel, the activation per tensor with a scale calibrated on
-training inputs, and the product runs on int8 operands with int32 sums,
-rescaled to float. Everything else (biases, batch norm, pooling, the
+training inputs (to [-127, 127], or to [0, 127] when no calibration input
+was negative), and the product runs on int8 operands with int32 sums,
+rescaled to float. A convolution's rescale waits through its bias, ReLU
+and max-pool, which then run on the int32 sums (the same result, cheaper). Everything else (biases, batch norm, pooling, the
 activations between layers) runs as before, so linen, NNX and plain-function
 models take the same path. A product it cannot quantize (two activations, as
 in attention, or batched weights) stays float and is listed in `float_sites`.
