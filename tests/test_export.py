@@ -118,6 +118,18 @@ def test_int8_onnx_keeps_the_integer_arithmetic_exact(sign):
   np.testing.assert_allclose(got, np.asarray(program(x)), atol=1e-5)
 
 
+def test_the_zoo_max_pool_exports_as_one_onnx_max_pool():
+  model = models.create("cnn", num_classes=10, features=(8, 16), hidden=16)
+  x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x[:1])
+  proto = onnx_graph.build(model, variables, input_shape=(8, 8, 1))
+  ops = [n.op_type for n in proto.graph.node]
+  assert ops.count("MaxPool") == 2 and "ReduceMax" not in ops
+  got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
+  np.testing.assert_allclose(got, model.apply(variables, x), atol=1e-5,
+                             rtol=1e-5)
+
+
 def test_pruned_int8_lenet_gzip_onnx_is_over_8x_smaller(tmp_path):
   """LeNet-300-100 at 90% sparsity: int8 gives 4x, gzip on the zero runs
   the rest; the .gz artifact predicts what the plain one predicts."""
