@@ -454,11 +454,12 @@ class _Emitter:
                                      zp, g.const(np.int8(0), "zero_point")])
       return self._rescale(eqn, site, acc)
     zp = g.const(np.uint8(128), "zero_point")
-    # round(x / s) clipped to [-127, 127], as compress.int8 computes it
-    # (QuantizeLinear saturates at -128), plus 128.
+    # round(x / s) clipped to [-127, 127] ([0, 127] for an unsigned input),
+    # as compress.int8 computes it (QuantizeLinear saturates at -128), plus
+    # 128.
     q = g.node("QuantizeLinear", [act, g.const(s, "input_scale"), zp])
-    q = g.node("Clip", [q, g.const(np.uint8(1), "lo"),
-                        g.const(np.uint8(255), "hi")])
+    lo = np.uint8(128 if site.unsigned else 1)
+    q = g.node("Clip", [q, g.const(lo, "lo"), g.const(np.uint8(255), "hi")])
     shifted = (site.values.astype(np.int16) + 128).astype(np.uint8)
     if not dense:
       rhs = eqn.params["dimension_numbers"].rhs_spec

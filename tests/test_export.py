@@ -105,17 +105,22 @@ def test_int8_onnx_keeps_the_integer_arithmetic_exact(sign):
   through u8 x u8; inputs never negative in calibration take [0, 127] and
   the u8 x s8 kernel, exact there."""
   import flax.linen as nn
-  model = nn.Dense(16)
-  x = np.random.default_rng(0).normal(size=(64, 256)).astype(np.float32)
-  if sign == "unsigned":
-    x = np.abs(x)
-  variables = model.init(jax.random.key(0), x)
-  program = int8.convert(model, variables, [x], percentile=90.0)
-  assert program.sites[0].unsigned == (sign == "unsigned")
-  proto = onnx_graph.build(model, variables, input_shape=(256,),
-                           program=program)
-  got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
-  np.testing.assert_allclose(got, np.asarray(program(x)), atol=1e-5)
+  rng = np.random.default_rng(0)
+  conv = nn.Sequential([nn.Conv(16, (3, 3)), lambda y: y.reshape(y.shape[0], -1)])
+  for model, shape in ((nn.Dense(16), (256,)), (conv, (8, 8, 4))):
+    x = rng.normal(size=(64, *shape)).astype(np.float32)
+    calibration = np.abs(x) if sign == "unsigned" else x
+    variables = model.init(jax.random.key(0), x)
+    program = int8.convert(model, variables, [calibration], percentile=90.0)
+    assert program.sites[0].unsigned == (sign == "unsigned")
+    proto = onnx_graph.build(model, variables, input_shape=shape,
+                             program=program)
+    run = onnx_graph.session(proto.SerializeToString())
+    # inputs never seen in calibration (negative ones for an unsigned
+    # input, clipped to 0 by both) give the same logits too
+    for inputs in (calibration, x):
+      np.testing.assert_allclose(run.run(None, {"x": inputs})[0],
+                                 np.asarray(program(inputs)), atol=1e-4)
 
 
 def test_the_zoo_max_pool_exports_as_one_onnx_max_pool():
