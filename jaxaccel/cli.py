@@ -560,6 +560,8 @@ def cmd_compress(args) -> None:
                 if s["stage"] == "distill" else s for s in recipe]
   else:
     recipe = stages.recipe_from_flags(**flags)
+  if args.out:
+    stages.check_out(args.out)
   result = stages.compress_run(
       args.from_dir, recipe, settings=stages.Settings(
           seed=args.seed, progress=not args.no_progress))

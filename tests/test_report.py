@@ -140,12 +140,15 @@ def test_compress_distills_a_student(capsys, trained_run):
     (["--recipe", "RECIPE:after_quantize"],
      r"stage 2 \(finetune\) follows quantize, which must come last"),
     (["--recipe", "RECIPE:unknown_stage"], "stage 1: unknown stage 'grow'"),
+    (["--quantize", "int8", "--out", "FROM"], "holds a training run; give "
+                                             "compress a new directory"),
 ])
 def test_compress_bad_inputs(capsys, trained_run, tmp_path, args, message):
   if args and args[-1].startswith("RECIPE:"):
     path = tmp_path / "bad.toml"
     path.write_text(BAD_RECIPES[args[-1][len("RECIPE:"):]])
     args = [*args[:-1], str(path)]
+  args = [str(trained_run) if a == "FROM" else a for a in args]
   before = sorted(p.name for p in trained_run.rglob("*"))
   code, out, err = run_cli(capsys, "compress", "--from", str(trained_run),
                            "--no-progress", *args)

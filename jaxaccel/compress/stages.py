@@ -579,6 +579,18 @@ def compress_run(run_dir, stages: list, *,
   return payload
 
 
+def check_out(out) -> None:
+  """A ConfigError when `out` holds a training run: `write_run` would put
+  the compressed model over it (a directory of an earlier compress is
+  rewritten)."""
+  from jaxaccel.checkpoint import RunDir
+  run = RunDir(out)
+  if run.has_config() and "compressed_from" not in run.read_config():
+    raise ConfigError(f"--out {out} holds a training run; give compress a new "
+                      "directory (it writes the compressed model there as a "
+                      "run directory)")
+
+
 def write_run(out, source_dir, model, variables: dict, recipe) -> None:
   """Writes the compressed model as a run directory beside `params.npz`:
   config.json (the source run's, with the compressed model's description
