@@ -582,9 +582,10 @@ def qwix_int8(model, variables: dict, ds: data.Dataset):
   qparams = qwix.quantize_params(variables["params"], abstract["params"])
   rest = {k: v for k, v in variables.items() if k != "params"}
   forward = jax.jit(lambda x: qmodel.apply({"params": qparams, **rest}, x))
+  from jaxaccel.compress.report import accuracy
   logits = np.concatenate([np.asarray(forward(ds.x_test[i:i + 1024]))
                            for i in range(0, len(ds.x_test), 1024)])
-  figures = {"accuracy": round(float(np.mean(logits.argmax(-1) == ds.y_test)), 4),
+  figures = {"accuracy": round(accuracy(logits, ds.y_test), 4),
              "seconds": round(time.perf_counter() - t, 2),
              "version": version("qwix")}
   return figures, forward
@@ -638,12 +639,33 @@ def _recipe_figures(records: list[dict], base: dict) -> dict:
           "stages": records[1:]}
 
 
+def int8_against_float32(model, variables, ds: data.Dataset, *, rounds: int,
+                         repeats: int, extra: dict | None = None) -> list[dict]:
+  """Batch-1024 ms of the model's float32 forward pass ("float32") and of
+  its int8 program ("int8"; calibrated as the int8 recipe calibrates),
+  plus any `extra` jitted forward passes, in `rounds` of interleaved
+  timing in this process: one {side: ms} dict a round."""
+  from jaxaccel.compress import int8, quantization
+  program = int8.convert(model, variables, quantization.calibration_batches(
+      ds.x_train), percentile=99.99)
+  f32 = jax.jit(lambda x: models.adapt(model).logits(variables, x))
+  xb = np.resize(ds.x_test, (1024, *ds.input_shape))
+  calls = {k: _jitted_call(f, xb) for k, f in
+           {"float32": f32, "int8": program.forward, **(extra or {})}.items()}
+  return [interleaved_ms(calls, repeats=repeats, block=min(10, repeats))
+          for _ in range(rounds)]
+
+
+def _median_ms(by_round: list[dict]) -> dict:
+  return {k: round(statistics.median(r[k] for r in by_round), 3)
+          for k in by_round[0]}
+
+
 def _peer_figures(model, variables, ds, figures: dict, rounds: int,
                   repeats: int) -> dict:
   """jaxaccel beside the peer libraries: the int8 recipe against qwix's PTQ
   (accuracy, seconds, batch-1024 ms in interleaved rounds), the prune-90
   recipe's schedule against jaxpruner's formula."""
-  from jaxaccel.compress import int8, quantization
   out = {}
   prune = figures["prune-90"]["stages"][0]
   out["jaxpruner_schedule"] = polynomial_schedule_gap(
@@ -653,17 +675,10 @@ def _peer_figures(model, variables, ds, figures: dict, rounds: int,
     out["qwix_int8"] = None
     return out
   qwix_figures, qwix_forward = peer
-  program = int8.convert(model, variables, quantization.calibration_batches(
-      ds.x_train), percentile=99.99)
-  xb = jnp.asarray(np.resize(ds.x_test, (1024, *ds.input_shape)))
-  f32 = jax.jit(lambda x: models.adapt(model).logits(variables, x))
-  calls = {"float32": f32, "jaxaccel int8": program.forward,
-           "qwix int8": qwix_forward}
-  calls = {k: (lambda f: lambda: f(xb).block_until_ready())(f)
-           for k, f in calls.items()}
-  by_round = [interleaved_ms(calls, repeats=repeats, block=min(10, repeats))
-              for _ in range(rounds)]
-  ms = {k: round(statistics.median(r[k] for r in by_round), 3) for k in calls}
+  ms = _median_ms(int8_against_float32(model, variables, ds, rounds=rounds,
+                                       repeats=repeats,
+                                       extra={"qwix int8": qwix_forward}))
+  ms["jaxaccel int8"] = ms.pop("int8")
   out["qwix_int8"] = {"qwix": qwix_figures,
                       "jaxaccel": {"accuracy": figures["int8"]["accuracy"],
                                    "seconds": figures["int8"]["seconds"]},
@@ -793,17 +808,9 @@ def run_compress_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
     bar.update()
     figures = _recipe_figures(records, records[0])
     # int8 against float32 at batch 1024, interleaved rounds in this process.
-    from jaxaccel.compress import int8, quantization
     q = records[-1]
-    program = int8.convert(cnn, cnn_vars, quantization.calibration_batches(
-        ds.x_train), percentile=99.99)
-    f32 = jax.jit(lambda x: models.adapt(cnn).logits(cnn_vars, x))
-    xb = np.resize(ds.x_test, (1024, *ds.input_shape))
-    by_round = [interleaved_ms({"float32": _jitted_call(f32, xb),
-                                "int8": _jitted_call(program.forward, xb)},
-                               repeats=latency_repeats,
-                               block=min(10, latency_repeats))
-                for _ in range(latency_rounds)]
+    by_round = int8_against_float32(cnn, cnn_vars, ds, rounds=latency_rounds,
+                                    repeats=latency_repeats)
     ms = {k: statistics.median(r[k] for r in by_round) for k in by_round[0]}
     figures.update(
         int8_layers=q["int8_layers"], float_layers=q["float_layers"],

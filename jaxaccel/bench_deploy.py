@@ -3,9 +3,9 @@
 The same trained LeNet-300-100 (and CNN) is run by flax in float32, by
 jaxaccel's int8 program on XLA, by jaxaccel's ONNX artifacts (float32 and
 int8) in ONNX Runtime, by its StableHLO artifacts (float32 and int8) loaded
-as `jaxaccel predict --artifact` loads them, and by PyTorch in float32 and with its dynamic int8
-quantization (`torch.ao.quantization.quantize_dynamic`, Linear layers), the
-PyTorch side holding the very same weights. Each side is timed at batch 1
+as `jaxaccel predict --artifact` loads them, and by PyTorch in float32 and
+with its dynamic int8 quantization (`torch.ao.quantization.quantize_dynamic`,
+Linear layers), the PyTorch side holding the very same weights. Each side is timed at batch 1
 and batch 1024 in interleaved blocks in this process (median ms a call) and
 scored on the whole test set. The ONNX and StableHLO artifacts' sizes are
 reported too, and the size of the int8 ONNX artifact of the same model
@@ -72,12 +72,11 @@ def _accuracy(fn, x, y, batch: int = 1024) -> float:
       [fn(x[i:i + batch]) for i in range(0, len(x), batch)]), y)
 
 
-def _sides(name: str, model, variables, ds, folder: pathlib.Path,
-           torch_peer: bool):
+def _sides(name: str, model, variables, ds, calibration,
+           folder: pathlib.Path, torch_peer: bool):
   """name -> (call on raw inputs, artifact path or None)."""
   adapter = models.adapt(model)
   normalize = lambda x: data.preprocess(x, ds.stats)
-  calibration = export.calibration_inputs(ds.x_train, None)
   program = int8.convert(model, variables, calibration)
   flax_f32 = jax.jit(lambda x: adapter.logits(variables, x))
   sides = {
@@ -122,7 +121,8 @@ def _sides(name: str, model, variables, ds, folder: pathlib.Path,
 PRUNED = "onnx int8 90%-pruned gzip"
 
 
-def _pruned_int8_gzip(model, variables, ds, out: pathlib.Path) -> int:
+def _pruned_int8_gzip(model, variables, ds, calibration,
+                      out: pathlib.Path) -> int:
   """Bytes of the int8 ONNX artifact of `variables` pruned to 90% (global
   magnitude), written as `.onnx.gz`."""
   from jaxaccel.compress import pruning
@@ -130,8 +130,7 @@ def _pruned_int8_gzip(model, variables, ds, out: pathlib.Path) -> int:
   return export.export(
       model, {**variables, "params": pruned}, input_shape=ds.input_shape,
       num_classes=ds.num_classes, format="onnx", normalization=ds.stats,
-      int8=True, calibration=export.calibration_inputs(ds.x_train, None),
-      out=out).stat().st_size
+      int8=True, calibration=calibration, out=out).stat().st_size
 
 
 def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
@@ -158,7 +157,8 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
       result = train.fit(model, optim.cosine_adam(1e-3, steps), ds,
                          epochs=n_epochs, batch_size=128, progress=False)
       variables = core.variables_of(result.state)
-      sides, paths, program = _sides(name, model, variables, ds,
+      calibration = export.calibration_inputs(ds.x_train, None)
+      sides, paths, program = _sides(name, model, variables, ds, calibration,
                                      pathlib.Path(folder), torch_peer)
       figures = {
           "int8_layers": program.summary()["int8"],
@@ -167,7 +167,8 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
           "bytes": {f"{fmt}{' int8' if q else ''}": p.stat().st_size
                     for (fmt, q), p in paths.items()}}
       figures["bytes"][PRUNED] = _pruned_int8_gzip(
-          model, variables, ds, pathlib.Path(folder) / f"{name}-p90.onnx.gz")
+          model, variables, ds, calibration,
+          pathlib.Path(folder) / f"{name}-p90.onnx.gz")
       figures["pruned_int8_gzip_vs_onnx_float32"] = round(
           figures["bytes"]["onnx"] / figures["bytes"][PRUNED], 2)
       bar.update()

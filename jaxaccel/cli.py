@@ -566,11 +566,10 @@ def cmd_compress(args) -> None:
       args.from_dir, recipe, settings=stages.Settings(
           seed=args.seed, progress=not args.no_progress))
   result["recipe"] = args.recipe or recipe
-  params = result.pop("compressed_params")
   model = result.pop("compressed_model")
   variables = result.pop("compressed_variables")
   if args.out:
-    report.save_compressed(args.out, params, result)
+    report.save_compressed(args.out, variables["params"], result)
     stages.write_run(args.out, args.from_dir, model, variables,
                      result["recipe"])
     result["out"] = args.out

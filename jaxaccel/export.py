@@ -212,14 +212,16 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
 
 
 def _read(path) -> tuple[pathlib.Path, str, dict, bytes]:
-  """(path, format, header, raw bytes) of an artifact written by `export`;
-  a DataError names a missing, corrupt or foreign file."""
+  """(path, format, header, raw bytes) of an artifact written by `export`,
+  the header with the file's `encoding` ("gzip" or "none") added; a
+  DataError names a missing, corrupt or foreign file."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise DataError(f"artifact {path} does not exist; write one with "
                     "`jaxaccel export`")
   raw = path.read_bytes()
-  if raw.startswith(GZIP_MAGIC):
+  encoding = "gzip" if raw.startswith(GZIP_MAGIC) else "none"
+  if encoding == "gzip":
     try:
       raw = gzip.decompress(raw)
     except (OSError, EOFError) as e:
@@ -228,15 +230,17 @@ def _read(path) -> tuple[pathlib.Path, str, dict, bytes]:
   if raw.startswith(MAGIC):
     end = raw.find(b"\n", len(MAGIC))
     try:
-      return path, "stablehlo", json.loads(raw[len(MAGIC):end]), raw[end + 1:]
+      header = json.loads(raw[len(MAGIC):end])
     except ValueError as e:
       raise DataError(f"{path} is a corrupt StableHLO artifact "
                       f"({type(e).__name__}); export it again") from None
+    return path, "stablehlo", {**header, "encoding": encoding}, raw[end + 1:]
   if raw.startswith(b"JAXACCEL-"):
     raise DataError(f"{path} is a jaxaccel artifact of a newer kind than this "
                     f"version reads ({raw.split(b' ')[0].decode(errors='replace')})")
   from jaxaccel import onnx_graph
-  return path, "onnx", onnx_graph.header(path, raw), raw
+  return path, "onnx", {**onnx_graph.header(path, raw),
+                        "encoding": encoding}, raw
 
 
 def load(path) -> Artifact:
@@ -259,7 +263,4 @@ def describe(path) -> dict[str, Any]:
   """An artifact's header plus its size on disk and its encoding ("gzip"
   or "none"), without loading it to run."""
   path, _, header, _ = _read(path)
-  with open(path, "rb") as f:
-    gz = f.read(2) == GZIP_MAGIC
-  return {**header, "path": str(path), "bytes": path.stat().st_size,
-          "encoding": "gzip" if gz else "none"}
+  return {**header, "path": str(path), "bytes": path.stat().st_size}

@@ -10,9 +10,10 @@ per output channel, the activation per tensor with a scale calibrated on
 training inputs (to [-127, 127], or to [0, 127] when no calibration input
 was negative), and the product runs on int8 operands with int32 sums,
 rescaled to float. A convolution's rescale waits through its bias, ReLU
-and max-pool, which then run on the int32 sums (the same result, cheaper). Everything else (biases, batch norm, pooling, the
-activations between layers) runs as before, so linen, NNX and plain-function
-models take the same path. A product it cannot quantize (two activations, as
+and max-pool, which then run on the int32 sums (the same result, cheaper).
+Everything else (biases, batch norm, pooling, the activations between
+layers) runs as before, so linen, NNX and plain-function models take the
+same path. A product it cannot quantize (two activations, as
 in attention, or batched weights) stays float and is listed in `float_sites`.
 
 Examples:
@@ -266,10 +267,7 @@ class _Pass:
     if conv and _as_matmul(eqn) and not native_int8_convolution(eqn):
       acc = _conv_as_int8_matmul(eqn, q, site.values)
     else:
-      params = dict(eqn.params, preferred_element_type=jnp.int32)
-      if "precision" in params:
-        params["precision"] = None
-      acc = eqn.primitive.bind(*operands, **params)
+      acc = eqn.primitive.bind(*operands, **_int32_params(eqn))
     scale = s * jnp.asarray(site.weight_scale)
     out_dtype = eqn.outvars[0].aval.dtype
     if (conv and out_dtype == jnp.float32
@@ -278,13 +276,20 @@ class _Pass:
     return (acc.astype(jnp.float32) * scale).astype(out_dtype)
 
 
+def _int32_params(eqn) -> dict:
+  """The product's parameters for int8 operands summed in int32."""
+  params = dict(eqn.params, preferred_element_type=jnp.int32)
+  if "precision" in params:
+    params["precision"] = None
+  return params
+
+
 def native_int8_convolution(eqn) -> bool:
   """Whether XLA compiles this int8 convolution (its shapes and options)
   with int32 sums to a fast kernel here. XLA:CPU hands large ones to
   YNNPACK (51.6 ms against 76.7 ms for float32 on a 1024x14x14x32 -> 64 3x3
   layer) and runs small ones (batch 1, a few channels) through a generic
-  loop, where the im2col matmul is faster. A symbolic batch (an exported
-  artifact) is judged at batch 256."""
+  loop, where the im2col matmul is faster."""
   if jax.default_backend() != "cpu":
     return True
   lhs, rhs = (v.aval for v in eqn.invars)
@@ -307,9 +312,7 @@ _NATIVE: dict = {}
 def _native_conv(lhs_shape, rhs_shape, key_params, eqn) -> bool:
   key = (lhs_shape, rhs_shape, key_params)
   if key not in _NATIVE:
-    params = dict(eqn.params, preferred_element_type=jnp.int32)
-    if "precision" in params:
-      params["precision"] = None
+    params = _int32_params(eqn)
     conv = jax.jit(lambda x, k: eqn.primitive.bind(x, k, **params))
     try:
       _NATIVE[key] = "ynn" in conv.lower(

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel import models
+from jaxaccel.compress import int8
 from jaxaccel.errors import ConfigError
 
 PyTree = Any
@@ -116,23 +117,16 @@ def _is_var(v) -> bool:
   return not isinstance(v, jcore.Literal)
 
 
-def _inner(eqn):
-  """The jaxpr a call-like equation (jit, custom_jvp/vjp) runs, or None."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    inner = eqn.params.get(key)
-    if inner is not None:
-      return getattr(inner, "jaxpr", inner)
-  return None
-
-
 def _pointwise(eqn) -> bool:
+  """Whether `eqn` acts on each element alone (a call, such as jitted gelu
+  or custom-jvp relu, when its body does)."""
   if eqn.primitive.name in _POINTWISE:
     return True
-  inner = _inner(eqn)
-  return inner is not None and all(
+  body = int8._inner(eqn)
+  return body is not None and all(
       _pointwise(e) or (e.primitive.name == "broadcast_in_dim"
                         and e.invars[0].aval.ndim == 0)
-      for e in inner.eqns)
+      for e in body[0].eqns)
 
 
 def hidden_layers(model, variables: dict, sample) -> list[tuple[str, str | None, str]]:
@@ -140,7 +134,6 @@ def hidden_layers(model, variables: dict, sample) -> list[tuple[str, str | None,
   units shrink can remove, found in the traced eval forward pass: a 2-D
   kernel's output, plus a bias over its units and any pointwise activation,
   read only by one other 2-D kernel (leaf names as `pruning.leaf_names`)."""
-  from jaxaccel.compress import int8
   trace, leaves, names = int8._traced(model, variables)
   jaxpr, _ = trace(jnp.asarray(sample))
   n = len(leaves)
@@ -171,6 +164,7 @@ def hidden_layers(model, variables: dict, sample) -> list[tuple[str, str | None,
       return param[rhs]
     return None
 
+  scalar = lambda v: not _is_var(v) or v.aval.ndim == 0
   found = []
   outputs = {v for v in jaxpr.outvars if _is_var(v)}
   for i, eqn in enumerate(jaxpr.eqns):
@@ -179,21 +173,21 @@ def hidden_layers(model, variables: dict, sample) -> list[tuple[str, str | None,
       continue
     out = eqn.outvars[0]
     units = shape[k_in][1]
+    over_units = lambda v: (_is_var(v) and v in param
+                            and shape[param[v]] == (units,))
     group, bias, k_out, ok = {out}, None, None, True
     for e in jaxpr.eqns[i + 1:]:
       if not any(_is_var(v) and v in group for v in e.invars):
         continue
       others = [v for v in e.invars
                 if not (_is_var(v) and v in group)]
-      if kernel_of(e) is not None and e.invars[0] in group and not others[1:]:
-        if k_out is not None or shape[kernel_of(e)][0] != units:
+      k_next = kernel_of(e)
+      if k_next is not None and e.invars[0] in group and not others[1:]:
+        if k_out is not None or shape[k_next][0] != units:
           ok = False
           break
-        k_out = kernel_of(e)
+        k_out = k_next
         continue
-      scalar = lambda v: not _is_var(v) or v.aval.ndim == 0
-      over_units = lambda v: (_is_var(v) and v in param
-                              and shape[param[v]] == (units,))
       if (_pointwise(e) and e.outvars[0].aval.shape == out.aval.shape
           and all(scalar(v) or (bias is None and e.primitive.name == "add"
                                 and over_units(v)) for v in others)):
@@ -227,15 +221,15 @@ def _shrink_traced(model, variables: dict, fraction: float, sample):
         "(units read by anything else cannot be removed)")
   params = variables["params"]
   leaves, treedef = jax.tree.flatten(params)
-  by_name = dict(zip(leaf_names(params), (np.asarray(v) for v in leaves)))
+  names = leaf_names(params)
+  by_name = dict(zip(names, (np.asarray(v) for v in leaves)))
   for k_in, bias, k_out in layers:
     keep = _keep(_norm(by_name[k_in], 1) * _norm(by_name[k_out], 0), fraction)
     by_name[k_in] = by_name[k_in][:, keep]
     by_name[k_out] = by_name[k_out][keep, :]
     if bias is not None:
       by_name[bias] = by_name[bias][keep]
-  new = jax.tree.unflatten(treedef, [jnp.asarray(by_name[name])
-                                     for name in leaf_names(params)])
+  new = jax.tree.unflatten(treedef, [jnp.asarray(by_name[n]) for n in names])
   return model, {**variables, "params": new}
 
 

@@ -564,8 +564,8 @@ def compress_run(run_dir, stages: list, *,
 
   The stages are checked before the run is loaded. The result holds the
   `jaxaccel compress` keys (before = the trained run, after = the last
-  stage), `stages` (one record each) and `compressed_params` (what
-  `report.save_compressed` stores).
+  stage), `stages` (one record each), `compressed_model` and
+  `compressed_variables` (whose params `report.save_compressed` stores).
   """
   check_recipe(stages)
   model, variables, config = train.load_run(run_dir)
@@ -574,7 +574,6 @@ def compress_run(run_dir, stages: list, *,
                                   settings=settings)
   payload = creport.compare(records[0], records[-1])
   payload.update(stages=records, dataset=data.name,
-                 compressed_params=variables["params"],
                  compressed_model=model, compressed_variables=variables)
   return payload
 
