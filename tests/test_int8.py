@@ -50,11 +50,15 @@ def _plain_model():
   return models.from_functions(init_fn, apply_fn)
 
 
-def _int32_products(program, x) -> int:
-  """Products in the lowered program taking int8 operands to int32 sums."""
-  text = program.forward.lower(jnp.asarray(x)).as_text()
-  return sum(1 for line in text.splitlines()
-             if "dot_general" in line and "xi8>" in line and "i32>" in line)
+def _products(program, x) -> dict:
+  """The lowered program's products: int8 x int8 -> int32 matmuls and
+  convolutions ("int32"), float ones ("float"), and int32 multiplies (the
+  taps of a direct int8 convolution, "int32_taps")."""
+  text = program.forward.lower(jnp.asarray(x)).as_text().splitlines()
+  product = [ln for ln in text if "dot_general" in ln or "convolution" in ln]
+  return {"int32": sum("xi8>" in ln and "i32>" in ln for ln in product),
+          "float": sum("xi8>" not in ln for ln in product),
+          "int32_taps": sum("multiply" in ln and "xi32>" in ln for ln in text)}
 
 
 @pytest.mark.parametrize("kind", ["linen", "nnx", "functions"])
@@ -70,8 +74,12 @@ def test_every_layer_of_any_model_runs_int8(kind):
               "functions": ["w1", "w2"]}[kind]
   assert [s.name for s in program.sites] == expected
   assert program.float_sites == []
-  # every product is an int8 x int8 -> int32 matmul (convolutions as im2col)
-  assert _int32_products(program, IMAGES) == len(expected)
+  # Every product is int8 x int8 -> int32: the one-channel first
+  # convolutions (9 inputs per output) as nine int32 multiply-adds, the
+  # others as one int8 matmul or convolution each.
+  direct = {"linen": 1, "nnx": 1, "functions": 0}[kind]
+  assert _products(program, IMAGES) == {
+      "int32": len(expected) - direct, "float": 0, "int32_taps": 9 * direct}
   ref = np.asarray(adapter.logits(variables, IMAGES))
   got = np.asarray(program(IMAGES))
   # random weights and inputs: 8 bits keep each logit within 10% of the
@@ -94,11 +102,12 @@ def test_an_int8_dense_layer_equals_its_integer_arithmetic():
   np.testing.assert_allclose(program(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["matmul", "direct"])
 @pytest.mark.parametrize("strides,padding,layout", [
     ((1, 1), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
     ((2, 2), ((0, 1), (1, 0)), ("NCHW", "OIHW", "NCHW"))])
-def test_int8_convolution_as_matmul_equals_the_int8_convolution(strides, padding,
-                                                                layout):
+def test_int8_convolution_forms_equal_the_int8_convolution(strides, padding,
+                                                           layout, form):
   x = jnp.asarray(RNG.integers(-127, 128, (2, 3, 9, 9)), jnp.int8)
   w = RNG.integers(-127, 128, (5, 3, 3, 3)).astype(np.int8)
   if layout[0] == "NHWC":
@@ -109,7 +118,7 @@ def test_int8_convolution_as_matmul_equals_the_int8_convolution(strides, padding
   eqn = jax.make_jaxpr(lambda a, b: jax.lax.conv_general_dilated(
       a, b, strides, padding, dimension_numbers=layout))(
           x.astype(jnp.float32), jnp.asarray(w, jnp.float32)).jaxpr.eqns[0]
-  got = int8._conv_as_int8_matmul(eqn, x, w)
+  got = int8._conv_int32(eqn, x, w, form)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, expected)
 

@@ -264,8 +264,9 @@ class _Pass:
     operands = [q, q]
     operands[site.weight_side] = jnp.asarray(site.values)
     conv = site.kind == "conv_general_dilated"
-    if conv and _as_matmul(eqn) and not native_int8_convolution(eqn):
-      acc = _conv_as_int8_matmul(eqn, q, site.values)
+    form = conv_form(eqn) if conv else "native"
+    if form != "native":
+      acc = _conv_int32(eqn, q, site.values, form)
     else:
       acc = eqn.primitive.bind(*operands, **_int32_params(eqn))
     scale = s * jnp.asarray(site.weight_scale)
@@ -284,22 +285,36 @@ def _int32_params(eqn) -> dict:
   return params
 
 
+def inputs_per_output(eqn) -> int:
+  """A convolution's products summed into each output (kh * kw * c_in)."""
+  rhs = eqn.invars[1].aval
+  out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
+  return int(np.prod(rhs.shape)) // rhs.shape[out_feature]
+
+
+# At most this many inputs per output (a first layer on one to three
+# channels: 9 or 27), a convolution runs as shifted multiply-adds.
+DIRECT_INPUTS = 32
+
+
+def conv_form(eqn) -> str:
+  """How the int8 program runs a convolution with int32 sums:
+  "direct" (shifted multiply-adds, few inputs per output), "matmul"
+  (im2col and one int8 matmul) or "native" (XLA's int8 convolution)."""
+  if jax.default_backend() != "cpu" or not _plain_2d(eqn):
+    return "native"
+  if inputs_per_output(eqn) < DIRECT_INPUTS:
+    return "direct"
+  return "native" if native_int8_convolution(eqn) else "matmul"
+
+
 def native_int8_convolution(eqn) -> bool:
   """Whether XLA compiles this int8 convolution (its shapes and options)
   with int32 sums to a fast kernel here. XLA:CPU hands large ones to
-  YNNPACK (51.6 ms against 76.7 ms for float32 on a 1024x14x14x32 -> 64 3x3
-  layer) and runs small ones (batch 1, a few channels) through a generic
-  loop, where the im2col matmul is faster."""
-  if jax.default_backend() != "cpu":
-    return True
+  YNNPACK (a 1024x14x14x32 -> 64 3x3 layer: 49 ms, against 55 ms as the
+  im2col matmul) and runs small ones (batch 1) through a generic loop,
+  where the im2col matmul is faster."""
   lhs, rhs = (v.aval for v in eqn.invars)
-  # Few inputs per output (a first layer on one channel: 3x3x1 = 9): the
-  # int8 kernel writes its large int32 output slowly, and the im2col
-  # matmul was faster (zoo CNN at batch 1024, whole model: 72-78 ms
-  # against 92-97 ms with its first convolution native).
-  out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
-  if np.prod(rhs.shape) // rhs.shape[out_feature] < 32:
-    return False
   # A symbolic batch (an exported artifact) is judged at a serving batch.
   concrete = lambda shape: tuple(d if isinstance(d, int) else 256 for d in shape)
   params = tuple(sorted((k, str(v)) for k, v in eqn.params.items()))
@@ -323,18 +338,25 @@ def _native_conv(lhs_shape, rhs_shape, key_params, eqn) -> bool:
   return _NATIVE[key]
 
 
-def _as_matmul(eqn) -> bool:
-  """Whether a convolution is a plain 2-D one `_conv_as_int8_matmul` runs."""
+def _plain_2d(eqn) -> bool:
+  """Whether a convolution is a plain 2-D one `_conv_int32` runs."""
   p = eqn.params
   return (len(p["window_strides"]) == 2 and p["feature_group_count"] == 1
           and set(p["lhs_dilation"]) == {1} and set(p["rhs_dilation"]) == {1})
 
 
-def _conv_as_int8_matmul(eqn, q: jax.Array, kernel: np.ndarray) -> jax.Array:
-  """A 2-D convolution of int8 inputs as shifted slices and one int8 x int8
-  -> int32 matmul (im2col), in the equation's layouts. XLA:CPU runs an int8
-  `conv_general_dilated` through a slow generic loop; its int8 matmul is
-  faster than the float one."""
+def _conv_int32(eqn, q: jax.Array, kernel: np.ndarray, form: str) -> jax.Array:
+  """A 2-D convolution of int8 inputs with int32 sums, in the equation's
+  layouts, from its shifted input windows: each window times its kernel
+  tap, summed in int32 ("direct"), or all windows side by side in one int8
+  x int8 -> int32 matmul ("matmul", im2col).
+
+  XLA:CPU runs an int8 `conv_general_dilated` it cannot give YNNPACK
+  through a slow generic loop; its int8 matmul is faster than the float
+  one. With few inputs per output the matmul is slower still: a one-channel
+  3x3 layer at batch 1024 (28x28, 32 filters) took 34 ms as im2col and
+  5.9 ms as nine multiply-adds that XLA fuses with the pooling after it.
+  """
   p = eqn.params
   dn = p["dimension_numbers"]
   lhs, rhs, out = dn.lhs_spec, dn.rhs_spec, dn.out_spec
@@ -346,12 +368,17 @@ def _conv_as_int8_matmul(eqn, q: jax.Array, kernel: np.ndarray) -> jax.Array:
   x = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
   oh = (x.shape[1] - kh) // sh + 1
   ow = (x.shape[2] - kw) // sw + 1
-  cols = jnp.concatenate(
-      [x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
-       for i in range(kh) for j in range(kw)], axis=-1)
-  acc = jax.lax.dot_general(cols, jnp.asarray(w.reshape(kh * kw * cin, cout)),
-                            (((3,), (0,)), ((), ())),
-                            preferred_element_type=jnp.int32)     # NHWC
+  windows = [x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+             for i in range(kh) for j in range(kw)]
+  if form == "direct":
+    taps = jnp.asarray(w.reshape(kh * kw, cin, cout), jnp.int32)
+    acc = sum(windows[t][..., c:c + 1].astype(jnp.int32) * taps[t, c]
+              for t in range(kh * kw) for c in range(cin))
+  else:
+    acc = jax.lax.dot_general(
+        jnp.concatenate(windows, axis=-1),
+        jnp.asarray(w.reshape(kh * kw * cin, cout)),
+        (((3,), (0,)), ((), ())), preferred_element_type=jnp.int32)  # NHWC
   order = np.argsort([out[0], out[2], out[3], out[1]])
   return jnp.transpose(acc, order)
 
