@@ -8,18 +8,19 @@ stored as an initializer, so the graph holds only the work that depends on
 the input. With an int8 program (`compress.int8.convert`), each quantized
 matmul or convolution becomes QuantizeLinear -> MatMulInteger/ConvInteger ->
 Cast -> Mul with jaxpr's own weight values, weight scales and calibrated
-input scales. Activations and weights both go in as uint8 with zero point
-128 (the int8 value plus 128), so the integer products equal the int8 x int8
-ones. Of ONNX Runtime's three integer kernels on this CPU, u8 x u8 is the
-one that is both exact and fast: for 1024x784 @ 784x300, u8 x u8 took 2.5
-ms (float32 3.1 ms), s8 x s8 13.8 ms, and u8 x s8 2.0 ms but off by up to
-143,814 (it adds pairs of products in int16, which saturate).
+input scales. Activations and weights go in as uint8 with zero point 128
+(the int8 value plus 128), so the integer products equal the int8 x int8
+ones; a dense layer on an input never negative in calibration takes it as
+uint8 with zero point 0 against int8 weights (ONNX Runtime's faster u8 x s8
+kernel, exact below 128). A convolution's rescale waits, as in
+`compress.int8`, until its sums have been max-pooled (`_Pending`).
 
 Primitives without a rule raise a ConfigError naming them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Callable
@@ -337,6 +338,32 @@ _RULES: dict[str, Callable] = {
 }
 
 
+@dataclasses.dataclass
+class _Pending:
+  """An int8 convolution's int32 sums, kept in ONNX's NCHW layout, whose
+  rescale to float waits through its bias, ReLU and max pool, as
+  `compress.int8` waits (the same values: each step is non-decreasing in
+  the sums, per channel). The pool then runs as one MaxPool in NCHW on the
+  sums cast to float, the rescale on a quarter of the values, and the one
+  transpose back to the model's NHWC too. The zoo CNN's int8 graph at batch
+  1024: 105-110 -> NN ms."""
+  acc: str                      # NCHW tensor: int32 sums, float once pooled
+  shape: tuple                  # the NHWC shape it stands for
+  scale: np.ndarray             # (channels,)
+  bias: np.ndarray | None = None
+  relu: bool = False
+  view: tuple | None = None     # a pending reshape to (n, h/2, 2, w/2, 2, c)
+  pooled: bool = False
+
+
+def _channel_vector(c, channels: int) -> np.ndarray | None:
+  """c as a (channels,) vector when it varies along the last axis alone."""
+  shape = np.shape(c)
+  if not shape or shape[-1] != channels or any(d != 1 for d in shape[:-1]):
+    return None
+  return np.asarray(c, np.float32).reshape(channels)
+
+
 class _Emitter:
   """Walks the jaxpr: folds constant work, writes the rest as nodes."""
 
@@ -360,15 +387,95 @@ class _Emitter:
     for eqn in jaxpr.eqns:
       vals = [read(v) for v in eqn.invars]
       body = int8_lib._inner(eqn)
-      if all(kind == "const" for kind, _ in vals):
+      step = None
+      if any(kind == "pending" for kind, _ in vals) and body is None:
+        step = self.pending_step(eqn, vals)
+        if step is None:
+          vals = [self.settle(v) for v in vals]
+      if step is not None:
+        outs = [("pending", step)]
+      elif all(kind == "const" for kind, _ in vals):
         outs = self.fold(eqn, [c for _, c in vals])
       elif body is not None:
         outs = self.walk(body[0], body[1], vals)
       else:
-        outs = [("tensor", self.emit(eqn, vals))]
+        outs = [self.emit(eqn, vals)]
       for v, out in zip(eqn.outvars, outs):
         env[v] = out
     return [read(v) for v in jaxpr.outvars]
+
+  def pending_step(self, eqn, vals) -> _Pending | None:
+    """The next _Pending when `eqn` (on a pending input) is one the rescale
+    waits through, else None: a per-channel constant added before the ReLU,
+    the ReLU, a full slice, and a 2x2 max pool (the zoo's reshape and
+    max, or a reduce_window max over the spatial axes)."""
+    name = eqn.primitive.name
+    d = next(c for kind, c in vals if kind == "pending")
+    n, h, w, channels = d.shape
+    # the other operand, when it is a constant
+    others = [(kind, c) for kind, c in vals if c is not d]
+    const = others[0][1] if len(others) == 1 and others[0][0] == "const" \
+        else None
+    if d.view is not None:
+      if name == "reduce_max" and tuple(eqn.params["axes"]) == (2, 4):
+        return self.pool(d, [2, 2], [2, 2], [0, 0, 0, 0],
+                         tuple(eqn.outvars[0].aval.shape))
+      return None
+    if name == "add" and const is not None and not (d.relu or d.pooled):
+      vec = _channel_vector(const, channels)
+      if vec is not None:
+        return dataclasses.replace(
+            d, bias=vec if d.bias is None else d.bias + vec)
+    if name == "max" and const is not None and np.ndim(const) == 0 \
+        and float(const) == 0.0:
+      return dataclasses.replace(d, relu=True)
+    if name == "slice" and tuple(eqn.params["start_indices"]) == (0,) * 4 \
+        and tuple(eqn.params["limit_indices"]) == tuple(d.shape) \
+        and set(eqn.params["strides"] or [1]) == {1}:
+      return d
+    if name == "reshape" and eqn.params.get("dimensions") is None \
+        and not d.pooled:
+      view = tuple(eqn.params["new_sizes"])
+      if len(view) == 6 and view[2] == view[4] == 2 and view[5] == channels \
+          and isinstance(h, int) and isinstance(w, int) \
+          and (view[1] * 2, view[3] * 2) == (h, w):
+        return dataclasses.replace(d, view=view)
+    if name == "reduce_window_max" and not d.pooled:
+      p = eqn.params
+      window, strides = p["window_dimensions"], p["window_strides"]
+      if (window[0], window[3], strides[0], strides[3]) == (1, 1, 1, 1) \
+          and p["padding"][0] == p["padding"][3] == (0, 0) \
+          and set(p["base_dilation"]) == set(p["window_dilation"]) == {1}:
+        pads = [p["padding"][1][0], p["padding"][2][0],
+                p["padding"][1][1], p["padding"][2][1]]
+        if not any(pads):
+          return self.pool(d, list(window[1:3]), list(strides[1:3]), pads,
+                           tuple(eqn.outvars[0].aval.shape))
+    return None
+
+  def pool(self, d: _Pending, kernel, strides, pads, shape) -> _Pending:
+    g = self.g
+    x = g.node("Cast", [d.acc], to=_dtype(np.float32))
+    y = g.node("MaxPool", [x], kernel_shape=kernel, strides=strides, pads=pads)
+    return dataclasses.replace(d, acc=y, shape=shape, view=None, pooled=True)
+
+  def settle(self, val):
+    """A value as a tensor or constant: a _Pending rescaled, back in NHWC."""
+    kind, d = val
+    if kind != "pending":
+      return val
+    g = self.g
+    y = d.acc if d.pooled else g.node("Cast", [d.acc], to=_dtype(np.float32))
+    channel = lambda v: g.const(v.reshape(1, -1, 1, 1).astype(np.float32))
+    y = g.node("Mul", [y, channel(d.scale)])
+    if d.bias is not None:
+      y = g.node("Add", [y, channel(d.bias)])
+    if d.relu:
+      y = g.node("Relu", [y])
+    y = g.node("Transpose", [y], perm=[0, 2, 3, 1])
+    if d.view is not None:
+      y = g.node("Reshape", [y, g.shape(d.view)])
+    return ("tensor", y)
 
   @staticmethod
   def fold(eqn, consts):
@@ -378,7 +485,7 @@ class _Emitter:
     outs = outs if eqn.primitive.multiple_results else [outs]
     return [("const", np.asarray(o)) for o in outs]
 
-  def emit(self, eqn, vals) -> str:
+  def emit(self, eqn, vals) -> tuple[str, object]:
     name = eqn.primitive.name
     g = self.g
     consts = [c if kind == "const" else None for kind, c in vals]
@@ -389,11 +496,11 @@ class _Emitter:
       if site is not None and site.quantized:
         return self.int8_product(eqn, site, vals)
       if name == "conv_general_dilated":
-        return _conv(g, eqn, vals[0][1], consts)
+        return ("tensor", _conv(g, eqn, vals[0][1], consts))
     if name == "reduce_max" and self.sites is None:
       pooled = self.window_max(eqn, vals[0][1])
       if pooled is not None:
-        return pooled
+        return ("tensor", pooled)
     rule = _RULES.get(name)
     if rule is None:
       raise ConfigError(f"cannot export the primitive {name!r} to ONNX (no "
@@ -406,16 +513,15 @@ class _Emitter:
                         for (kind, c), k in zip(vals, consts)])
     if name == "reshape" and vals[0][0] == "tensor":
       self.views[out] = (vals[0][1], eqn.invars[0].aval.shape)
-    return out
+    return ("tensor", out)
 
   def window_max(self, eqn, x: str) -> str | None:
     """A 2x2, stride-2 max pool written as a reshape of (n, h, w, c) to
     (n, h/2, 2, w/2, 2, c) and a max over axes 2 and 4 (as
     `models.max_pool_2x2` writes it) becomes one MaxPool in a float graph,
     where ONNX Runtime runs it in the blocked layout of the convolution
-    before it: the zoo CNN at batch 1024, 75 -> 64 ms. (In an int8 graph
-    the pool follows a ConvInteger, not a blocked convolution, and MaxPool
-    with its transposes was slower than ReduceMax: 131 vs 105-110 ms.)"""
+    before it: the zoo CNN at batch 1024, 75 -> 64 ms. (An int8 graph
+    pools a convolution's sums before their rescale: `_Pending`.)"""
     if x not in self.views or tuple(eqn.params["axes"]) != (2, 4):
       return None
     source, shape = self.views[x]
@@ -428,7 +534,7 @@ class _Emitter:
                kernel_shape=[2, 2], strides=[2, 2])
     return g.node("Transpose", [y], perm=[0, 2, 3, 1])
 
-  def int8_product(self, eqn, site, vals) -> str:
+  def int8_product(self, eqn, site, vals) -> tuple[str, object]:
     g = self.g
     act = vals[1 - site.weight_side][1]
     s = np.float32(site.input_scale)
@@ -464,6 +570,11 @@ class _Emitter:
       w = g.const(np.transpose(shifted, rhs), "kernel_int8")
       acc = g.node("ConvInteger", [_to_nchw(g, eqn, q), w, zp, zp],
                    **_conv_attrs(eqn))
+      out = eqn.outvars[0].aval
+      if (eqn.params["dimension_numbers"].out_spec == (0, 3, 1, 2)
+          and out.dtype == np.float32):     # NHWC out: the rescale waits
+        return ("pending", _Pending(acc, tuple(out.shape),
+                                    (s * site.weight_scale).reshape(-1)))
       acc = _from_nchw(g, eqn, acc)
     else:
       acc = g.node("MatMulInteger", [q, g.const(shifted, "kernel_int8"),
@@ -471,7 +582,7 @@ class _Emitter:
     out = g.node("Cast", [acc], to=_dtype(np.float32))
     scale = _ranked((s * site.weight_scale).astype(np.float32),
                     eqn.outvars[0].aval.ndim)
-    return g.node("Mul", [out, g.const(scale, "scale")])
+    return ("tensor", g.node("Mul", [out, g.const(scale, "scale")]))
 
 
 def build(model, variables: dict, *, input_shape, prepare=None,
@@ -487,7 +598,7 @@ def build(model, variables: dict, *, input_shape, prepare=None,
   g = _Graph(batch)
   emitter = _Emitter(g, program.all_sites if program is not None else None)
   args = [("const", np.asarray(a)) for a in leaves] + [("tensor", INPUT)]
-  (kind, out), = emitter.walk(jaxpr, consts, args)
+  (kind, out), = [emitter.settle(v) for v in emitter.walk(jaxpr, consts, args)]
   if kind == "const":
     raise ConfigError("the model's output does not depend on its input")
   g.nodes.append(helper.make_node("Identity", [out], [OUTPUT]))

@@ -135,6 +135,24 @@ def test_the_zoo_max_pool_exports_as_one_onnx_max_pool():
                              rtol=1e-5)
 
 
+def test_int8_onnx_pools_the_integer_sums_before_the_rescale():
+  """The zoo CNN's int8 graph: each convolution's sums stay in NCHW, are
+  max-pooled there (one MaxPool), and only the pooled values are rescaled
+  and transposed back, with the logits of the int8 program."""
+  model = models.create("cnn", num_classes=10, features=(8, 16), hidden=16)
+  x = np.random.default_rng(0).uniform(size=(32, 8, 8, 1)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x[:1])
+  program = int8.convert(model, variables, [x])
+  proto = onnx_graph.build(model, variables, input_shape=(8, 8, 1),
+                           program=program)
+  ops = [n.op_type for n in proto.graph.node]
+  assert ops.count("MaxPool") == 2 and "ReduceMax" not in ops
+  # one transpose into each convolution and one out of each pool
+  assert ops.count("ConvInteger") == 2 and ops.count("Transpose") == 4
+  got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
+  np.testing.assert_allclose(got, program(x), atol=1e-5, rtol=1e-5)
+
+
 def test_pruned_int8_lenet_gzip_onnx_is_over_8x_smaller(tmp_path):
   """LeNet-300-100 at 90% sparsity: int8 gives 4x, gzip on the zero runs
   the rest; the .gz artifact predicts what the plain one predicts."""
