@@ -340,20 +340,28 @@ _RULES: dict[str, Callable] = {
 
 @dataclasses.dataclass
 class _Pending:
-  """An int8 convolution's int32 sums, kept in ONNX's NCHW layout, whose
-  rescale to float waits through its bias, ReLU and max pool, as
-  `compress.int8` waits (the same values: each step is non-decreasing in
-  the sums, per channel). The pool then runs as one MaxPool in NCHW on the
-  sums cast to float, the rescale on a quarter of the values, and the one
-  transpose back to the model's NHWC too. The zoo CNN's int8 graph at batch
-  1024: 105-110 -> NN ms."""
-  acc: str                      # NCHW tensor: int32 sums, float once pooled
+  """An int8 convolution's output, kept in ONNX's NCHW layout, whose
+  rescale waits through its bias, ReLU and max pool, as `compress.int8`
+  waits (the same values: each step is non-decreasing in the sums, per
+  channel). The pool runs as one MaxPool in NCHW, the rescale on a quarter
+  of the values, and there is one transpose back to the model's NHWC.
+
+  When the next int8 product reads it (`quantized`), the convolution is a
+  `QLinearConv` whose uint8 output is already that product's quantized
+  input (bias folded in, ReLU by the clip at zero), pooled as uint8.
+  """
+  acc: str                      # NCHW tensor: int32 sums (float once
+                                # pooled), or uint8 when `quantized`
   shape: tuple                  # the NHWC shape it stands for
   scale: np.ndarray             # (channels,)
+  site: int                     # the convolution's product index
   bias: np.ndarray | None = None
   relu: bool = False
   view: tuple | None = None     # a pending reshape to (n, h/2, 2, w/2, 2, c)
   pooled: bool = False
+  flat: tuple | None = None     # a reshape after the transpose back
+  quantized: float | None = None   # the reader's input scale
+  reader: int | None = None     # the product index that reads it
 
 
 def _channel_vector(c, channels: int) -> np.ndarray | None:
@@ -367,11 +375,16 @@ def _channel_vector(c, channels: int) -> np.ndarray | None:
 class _Emitter:
   """Walks the jaxpr: folds constant work, writes the rest as nodes."""
 
-  def __init__(self, g: _Graph, sites: list | None):
+  def __init__(self, g: _Graph, sites: list | None,
+               handoffs: dict | None = None):
     self.g = g
     self.sites = sites          # every product site of the int8 program
     self.products = 0
     self.views: dict = {}       # reshape output -> (its input, input shape)
+    # convolution index -> (reader index, bias): the int8 products that read
+    # a convolution's pending output (found by a first walk)
+    self.handoffs = handoffs or {}
+    self.found: dict = {}
 
   def walk(self, jaxpr, consts, args):
     env: dict = {}
@@ -390,7 +403,7 @@ class _Emitter:
       step = None
       if any(kind == "pending" for kind, _ in vals) and body is None:
         step = self.pending_step(eqn, vals)
-        if step is None:
+        if step is None and eqn.primitive.name not in int8_lib.PRODUCTS:
           vals = [self.settle(v) for v in vals]
       if step is not None:
         outs = [("pending", step)]
@@ -416,6 +429,8 @@ class _Emitter:
     others = [(kind, c) for kind, c in vals if c is not d]
     const = others[0][1] if len(others) == 1 and others[0][0] == "const" \
         else None
+    if name in int8_lib.PRODUCTS or d.flat is not None:
+      return None
     if d.view is not None:
       if name == "reduce_max" and tuple(eqn.params["axes"]) == (2, 4):
         return self.pool(d, [2, 2], [2, 2], [0, 0, 0, 0],
@@ -433,13 +448,15 @@ class _Emitter:
         and tuple(eqn.params["limit_indices"]) == tuple(d.shape) \
         and set(eqn.params["strides"] or [1]) == {1}:
       return d
-    if name == "reshape" and eqn.params.get("dimensions") is None \
-        and not d.pooled:
+    if name == "reshape" and eqn.params.get("dimensions") is None:
       view = tuple(eqn.params["new_sizes"])
       if len(view) == 6 and view[2] == view[4] == 2 and view[5] == channels \
           and isinstance(h, int) and isinstance(w, int) \
-          and (view[1] * 2, view[3] * 2) == (h, w):
+          and (view[1] * 2, view[3] * 2) == (h, w) and not d.pooled:
         return dataclasses.replace(d, view=view)
+      if len(view) == 2 and (view[0] is n or (
+          isinstance(n, int) and view[0] == n)):   # (n, h * w * c)
+        return dataclasses.replace(d, flat=view)
     if name == "reduce_window_max" and not d.pooled:
       p = eqn.params
       window, strides = p["window_dimensions"], p["window_strides"]
@@ -455,7 +472,8 @@ class _Emitter:
 
   def pool(self, d: _Pending, kernel, strides, pads, shape) -> _Pending:
     g = self.g
-    x = g.node("Cast", [d.acc], to=_dtype(np.float32))
+    x = d.acc if d.quantized else g.node("Cast", [d.acc],
+                                         to=_dtype(np.float32))
     y = g.node("MaxPool", [x], kernel_shape=kernel, strides=strides, pads=pads)
     return dataclasses.replace(d, acc=y, shape=shape, view=None, pooled=True)
 
@@ -465,17 +483,29 @@ class _Emitter:
     if kind != "pending":
       return val
     g = self.g
-    y = d.acc if d.pooled else g.node("Cast", [d.acc], to=_dtype(np.float32))
     channel = lambda v: g.const(v.reshape(1, -1, 1, 1).astype(np.float32))
+    if d.quantized:      # read by another than its reader: dequantized
+      y = g.node("Cast", [self.layout(d, self.clip_127(d.acc))],
+                 to=_dtype(np.float32))
+      return ("tensor", g.node("Mul", [y, g.const(np.float32(d.quantized))]))
+    y = d.acc if d.pooled else g.node("Cast", [d.acc], to=_dtype(np.float32))
     y = g.node("Mul", [y, channel(d.scale)])
     if d.bias is not None:
       y = g.node("Add", [y, channel(d.bias)])
     if d.relu:
       y = g.node("Relu", [y])
+    return ("tensor", self.layout(d, y))
+
+  def layout(self, d: _Pending, y: str) -> str:
+    """An NCHW tensor back in the layout the model reads it in."""
+    g = self.g
     y = g.node("Transpose", [y], perm=[0, 2, 3, 1])
-    if d.view is not None:
-      y = g.node("Reshape", [y, g.shape(d.view)])
-    return ("tensor", y)
+    view = d.view or d.flat
+    return y if view is None else g.node("Reshape", [y, g.shape(view)])
+
+  def clip_127(self, x: str) -> str:
+    """uint8 values above 127 to 127: the reader quantizes to [0, 127]."""
+    return self.g.node("Min", [x, self.g.const(np.uint8(127), "hi")])
 
   @staticmethod
   def fold(eqn, consts):
@@ -490,11 +520,12 @@ class _Emitter:
     g = self.g
     consts = [c if kind == "const" else None for kind, c in vals]
     if name in int8_lib.PRODUCTS:
-      site = None
+      site, index = None, self.products
       if self.sites is not None:
-        site, self.products = self.sites[self.products], self.products + 1
+        site, self.products = self.sites[index], index + 1
       if site is not None and site.quantized:
-        return self.int8_product(eqn, site, vals)
+        return self.int8_product(eqn, index, site, vals)
+      vals = [self.settle(v) for v in vals]
       if name == "conv_general_dilated":
         return ("tensor", _conv(g, eqn, vals[0][1], consts))
     if name == "reduce_max" and self.sites is None:
@@ -534,9 +565,9 @@ class _Emitter:
                kernel_shape=[2, 2], strides=[2, 2])
     return g.node("Transpose", [y], perm=[0, 2, 3, 1])
 
-  def int8_product(self, eqn, site, vals) -> tuple[str, object]:
+  def int8_product(self, eqn, index, site, vals) -> tuple[str, object]:
     g = self.g
-    act = vals[1 - site.weight_side][1]
+    kind, act = vals[1 - site.weight_side]
     s = np.float32(site.input_scale)
     dense = site.kind != "conv_general_dilated"
     if dense:
@@ -546,43 +577,86 @@ class _Emitter:
               and list(rc) == [0] and site.values.ndim == 2):
         raise ConfigError(f"cannot export the int8 product of {site.name} "
                           "to ONNX (only x @ W with W 2-D)")
-    # round(x / s) clipped to [-127, 127] ([0, 127] for an input never
-    # negative in calibration), as compress.int8 computes it, plus the zero
-    # point (QuantizeLinear alone would saturate at -128).
-    # A dense layer on an unsigned input multiplies it as uint8 (zero point
-    # 0) by the int8 weights: ONNX Runtime's u8 x s8 kernel is 2.3x faster
-    # than u8 x u8 here (1024x784 @ 784x300: 0.29 vs 0.66 ms) and exact
-    # while the u8 values stay below 128 (its int16 pair sums cannot
-    # overflow). Everything else is u8 x u8 with zero point 128.
-    signed_weights = dense and site.unsigned
-    zero = 0 if signed_weights else 128
+    # round(x / s) clipped to [-127, 127], as compress.int8 computes it,
+    # plus the zero point 128 (QuantizeLinear alone would saturate at
+    # -128); an input never negative in calibration is clipped to [0, 127]
+    # with zero point 0.
+    zero = 0 if site.unsigned else 128
     zp = g.const(np.uint8(zero), "zero_point")
-    q = g.node("QuantizeLinear", [act, g.const(s, "input_scale"), zp])
-    lo = zero + (0 if site.unsigned else -127)
-    q = g.node("Clip", [q, g.const(np.uint8(lo), "lo"),
-                        g.const(np.uint8(zero + 127), "hi")])
+    if kind == "pending" and act.reader == index:
+      q = self.layout(act, self.clip_127(act.acc))
+    else:
+      if kind == "pending":
+        if site.unsigned:
+          self.found[act.site] = (index, act.bias)
+        act = self.settle((kind, act))[1]
+      q = g.node("QuantizeLinear", [act, g.const(s, "input_scale"), zp])
+      q = g.node("Clip", [q, g.const(np.uint8(zero - (not site.unsigned) * 127),
+                                     "lo"),
+                          g.const(np.uint8(zero + 127), "hi")])
+    # int8 weights plus 128 as uint8, zero point 128: u8 x u8 products
+    # equal the int8 x int8 ones.
     shifted = (site.values.astype(np.int16) + 128).astype(np.uint8)
-    if signed_weights:
+    w_zp = g.const(np.uint8(128), "zero_point")
+    if not dense:
+      return self.int8_conv(eqn, index, site, q, zp, shifted, w_zp)
+    if site.unsigned:
+      # A dense layer on an unsigned input multiplies it by the int8
+      # weights: ONNX Runtime's u8 x s8 kernel is 2.3x faster than u8 x u8
+      # here (1024x784 @ 784x300: 0.29 vs 0.66 ms) and exact while the u8
+      # values stay below 128 (its int16 pair sums cannot overflow).
       acc = g.node("MatMulInteger", [q, g.const(site.values, "kernel_int8"),
                                      zp, g.const(np.int8(0), "zero_point")])
-    elif not dense:
-      rhs = eqn.params["dimension_numbers"].rhs_spec
-      w = g.const(np.transpose(shifted, rhs), "kernel_int8")
-      acc = g.node("ConvInteger", [_to_nchw(g, eqn, q), w, zp, zp],
-                   **_conv_attrs(eqn))
-      out = eqn.outvars[0].aval
-      if (eqn.params["dimension_numbers"].out_spec == (0, 3, 1, 2)
-          and out.dtype == np.float32):     # NHWC out: the rescale waits
-        return ("pending", _Pending(acc, tuple(out.shape),
-                                    (s * site.weight_scale).reshape(-1)))
-      acc = _from_nchw(g, eqn, acc)
     else:
       acc = g.node("MatMulInteger", [q, g.const(shifted, "kernel_int8"),
-                                     zp, zp])
+                                     zp, w_zp])
     out = g.node("Cast", [acc], to=_dtype(np.float32))
     scale = _ranked((s * site.weight_scale).astype(np.float32),
                     eqn.outvars[0].aval.ndim)
     return ("tensor", g.node("Mul", [out, g.const(scale, "scale")]))
+
+  def int8_conv(self, eqn, index, site, q, zp, shifted, w_zp):
+    """ConvInteger (u8 x u8), its int32 sums pending; or, when the next
+    int8 product reads the output (a first walk found it) and the input is
+    unsigned, a QLinearConv (u8 x s8) requantizing to that product's input
+    scale: the zoo CNN's second layer at batch 1024 took 28 ms so against
+    92 ms as ConvInteger and 64 ms as a float Conv."""
+    g = self.g
+    s = np.float32(site.input_scale)
+    rhs = eqn.params["dimension_numbers"].rhs_spec
+    out = eqn.outvars[0].aval
+    nhwc = (eqn.params["dimension_numbers"].out_spec == (0, 3, 1, 2)
+            and out.dtype == np.float32)
+    pending = _Pending("", tuple(out.shape),
+                       (s * site.weight_scale).reshape(-1), index)
+    x = _to_nchw(g, eqn, q)
+    handoff = self.handoffs.get(index)
+    if handoff is not None and site.unsigned and nhwc:
+      reader, bias = handoff
+      scale = (s * site.weight_scale).reshape(-1).astype(np.float32)
+      channels = scale.shape[0]
+      b = np.zeros(channels) if bias is None else bias / scale
+      y_scale = np.float32(self.sites[reader].input_scale)
+      acc = g.node("QLinearConv", [
+          x, g.const(s, "input_scale"), zp,
+          g.const(np.transpose(site.values, rhs), "kernel_int8"),
+          g.const(site.weight_scale.reshape(-1).astype(np.float32),
+                  "weight_scale"),
+          g.const(np.zeros(channels, np.int8), "zero_point"),
+          g.const(y_scale, "output_scale"), g.const(np.uint8(0), "zero_point"),
+          g.const(np.round(b).astype(np.int32), "bias_int32")],
+                   **_conv_attrs(eqn))
+      return ("pending", dataclasses.replace(
+          pending, acc=acc, quantized=float(y_scale), reader=reader))
+    acc = g.node("ConvInteger", [x, g.const(np.transpose(shifted, rhs),
+                                            "kernel_int8"), zp, w_zp],
+                 **_conv_attrs(eqn))
+    if nhwc:     # NHWC out: the rescale waits
+      return ("pending", dataclasses.replace(pending, acc=acc))
+    acc = g.node("Cast", [_from_nchw(g, eqn, acc)], to=_dtype(np.float32))
+    scale = _ranked(pending.scale.reshape(site.weight_scale.shape),
+                    out.ndim).astype(np.float32)
+    return ("tensor", g.node("Mul", [acc, g.const(scale, "scale")]))
 
 
 def build(model, variables: dict, *, input_shape, prepare=None,
@@ -595,9 +669,15 @@ def build(model, variables: dict, *, input_shape, prepare=None,
   batch, = jax.export.symbolic_shape("batch")
   jaxpr, consts = trace(jax.ShapeDtypeStruct((batch, *input_shape),
                                              np.float32))
-  g = _Graph(batch)
-  emitter = _Emitter(g, program.all_sites if program is not None else None)
   args = [("const", np.asarray(a)) for a in leaves] + [("tensor", INPUT)]
+  sites = program.all_sites if program is not None else None
+  handoffs = None
+  if sites is not None:    # a first walk finds which products read which conv
+    first = _Emitter(_Graph(batch), sites)
+    [first.settle(v) for v in first.walk(jaxpr, consts, args)]
+    handoffs = first.found
+  g = _Graph(batch)
+  emitter = _Emitter(g, sites, handoffs)
   (kind, out), = [emitter.settle(v) for v in emitter.walk(jaxpr, consts, args)]
   if kind == "const":
     raise ConfigError("the model's output does not depend on its input")
