@@ -79,10 +79,13 @@ def test_describe_round_trip():
 @pytest.mark.parametrize("shape, kernel, strides", [
     ((2, 8, 8, 3), (3, 3), 1), ((2, 7, 9, 2), (3, 3), 2), ((1, 6, 6, 4), (1, 1), 2),
     ((2, 5, 5, 1), (3, 3), 1),
+    # 36 and 72 inputs per output: the kernel gradient as a convolution
+    ((2, 6, 6, 4), (3, 3), 1), ((2, 7, 9, 8), (3, 3), 2),
 ])
 def test_conv_equals_flax_conv(key, shape, kernel, strides):
   """Values and gradients (conv2d's own, in a compiled scan as fit runs it)
-  equal nn.Conv's."""
+  equal nn.Conv's; with fewer than `SMALL_KERNEL_INPUTS` inputs per output
+  the kernel gradient is an im2col matmul."""
   x = jax.random.normal(key, shape)
   ours = models.Conv(5, kernel, strides)
   ref = nn.Conv(5, kernel, (strides, strides), padding="SAME")
