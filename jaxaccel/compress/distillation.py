@@ -168,7 +168,7 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
       teacher's function between the training points, not only on them.
       Needs alpha=1.0: the labels are not mixed. On Fashion-MNIST this is
       what makes distillation pay (see the README's compression figures):
-      temperature=1, alpha=1, mixup=1 and a long schedule (60-100 epochs).
+      temperature=1, alpha=1, mixup=1 and a long schedule (100-200 epochs).
     **fit_kwargs: passed to `fit` (batch_size, seed, out, progress, ...).
 
   Returns:
