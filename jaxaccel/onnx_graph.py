@@ -48,11 +48,12 @@ def _onnx():
 class _Graph:
   """Nodes, initializers and the batch size of one graph under construction."""
 
-  def __init__(self, batch):
+  def __init__(self, batch, keep_weights: bool = True):
     self.onnx = _onnx()
     self.helper = self.onnx.helper
     self.nodes, self.inits, self.count = [], [], 0
     self.batch = batch
+    self.keep_weights = keep_weights     # False: a walk that only looks
     self._batch_dim = None
     self._consts: dict[tuple, str] = {}
 
@@ -71,7 +72,8 @@ class _Graph:
     if len(key[2]) <= 64 and key in self._consts:
       return self._consts[key]
     name = self.name(hint)
-    self.inits.append(self.onnx.numpy_helper.from_array(value, name))
+    if self.keep_weights:
+      self.inits.append(self.onnx.numpy_helper.from_array(value, name))
     if len(key[2]) <= 64:
       self._consts[key] = name
     return name
@@ -300,6 +302,15 @@ def _conv_attrs(eqn) -> dict:
               group=int(p["feature_group_count"]))
 
 
+def _pool_view(view, shape) -> bool:
+  """Whether `view` is the (n, h/2, 2, w/2, 2, c) view of an (n, h, w, c)
+  `shape` that `models.max_pool_2x2` takes a max of over axes 2 and 4."""
+  return (len(shape) == 4 and len(view) == 6
+          and (view[2], view[4], view[5]) == (2, 2, shape[3])
+          and isinstance(shape[1], int) and isinstance(shape[2], int)
+          and (view[1] * 2, view[3] * 2) == tuple(shape[1:3]))
+
+
 def _to_nchw(g, eqn, x):
   lhs = eqn.params["dimension_numbers"].lhs_spec
   return x if tuple(lhs) == tuple(range(len(lhs))) else g.node(
@@ -364,14 +375,6 @@ class _Pending:
   reader: int | None = None     # the product index that reads it
 
 
-def _channel_vector(c, channels: int) -> np.ndarray | None:
-  """c as a (channels,) vector when it varies along the last axis alone."""
-  shape = np.shape(c)
-  if not shape or shape[-1] != channels or any(d != 1 for d in shape[:-1]):
-    return None
-  return np.asarray(c, np.float32).reshape(channels)
-
-
 class _Emitter:
   """Walks the jaxpr: folds constant work, writes the rest as nodes."""
 
@@ -424,7 +427,7 @@ class _Emitter:
     max, or a reduce_window max over the spatial axes)."""
     name = eqn.primitive.name
     d = next(c for kind, c in vals if kind == "pending")
-    n, h, w, channels = d.shape
+    n, channels = d.shape[0], d.shape[-1]
     # the other operand, when it is a constant
     others = [(kind, c) for kind, c in vals if c is not d]
     const = others[0][1] if len(others) == 1 and others[0][0] == "const" \
@@ -437,8 +440,9 @@ class _Emitter:
                          tuple(eqn.outvars[0].aval.shape))
       return None
     if name == "add" and const is not None and not (d.relu or d.pooled):
-      vec = _channel_vector(const, channels)
+      vec = int8_lib._channel_vector(const, channels)
       if vec is not None:
+        vec = np.asarray(vec)
         return dataclasses.replace(
             d, bias=vec if d.bias is None else d.bias + vec)
     if name == "max" and const is not None and np.ndim(const) == 0 \
@@ -450,9 +454,7 @@ class _Emitter:
       return d
     if name == "reshape" and eqn.params.get("dimensions") is None:
       view = tuple(eqn.params["new_sizes"])
-      if len(view) == 6 and view[2] == view[4] == 2 and view[5] == channels \
-          and isinstance(h, int) and isinstance(w, int) \
-          and (view[1] * 2, view[3] * 2) == (h, w) and not d.pooled:
+      if _pool_view(view, d.shape) and not d.pooled:
         return dataclasses.replace(d, view=view)
       if len(view) == 2 and (view[0] is n or (
           isinstance(n, int) and view[0] == n)):   # (n, h * w * c)
@@ -556,9 +558,7 @@ class _Emitter:
     if x not in self.views or tuple(eqn.params["axes"]) != (2, 4):
       return None
     source, shape = self.views[x]
-    view = eqn.invars[0].aval.shape
-    if len(shape) != 4 or len(view) != 6 or (view[2], view[4], view[5]) != (
-        2, 2, shape[3]) or view[1] * 2 != shape[1] or view[3] * 2 != shape[2]:
+    if not _pool_view(eqn.invars[0].aval.shape, shape):
       return None
     g = self.g
     y = g.node("MaxPool", [g.node("Transpose", [source], perm=[0, 3, 1, 2])],
@@ -633,9 +633,8 @@ class _Emitter:
     handoff = self.handoffs.get(index)
     if handoff is not None and site.unsigned and nhwc:
       reader, bias = handoff
-      scale = (s * site.weight_scale).reshape(-1).astype(np.float32)
-      channels = scale.shape[0]
-      b = np.zeros(channels) if bias is None else bias / scale
+      channels = pending.scale.shape[0]
+      b = np.zeros(channels) if bias is None else bias / pending.scale
       y_scale = np.float32(self.sites[reader].input_scale)
       acc = g.node("QLinearConv", [
           x, g.const(s, "input_scale"), zp,
@@ -673,8 +672,8 @@ def build(model, variables: dict, *, input_shape, prepare=None,
   sites = program.all_sites if program is not None else None
   handoffs = None
   if sites is not None:    # a first walk finds which products read which conv
-    first = _Emitter(_Graph(batch), sites)
-    [first.settle(v) for v in first.walk(jaxpr, consts, args)]
+    first = _Emitter(_Graph(batch, keep_weights=False), sites)
+    first.walk(jaxpr, consts, args)
     handoffs = first.found
   g = _Graph(batch)
   emitter = _Emitter(g, sites, handoffs)

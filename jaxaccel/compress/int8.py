@@ -46,6 +46,7 @@ import numpy as np
 from jaxaccel.compress.pruning import leaf_names
 from jaxaccel.errors import ConfigError
 from jaxaccel.models import adapt
+from jaxaccel.models.zoo import shifted_windows
 
 PyTree = Any
 PRODUCTS = ("dot_general", "conv_general_dilated")
@@ -261,13 +262,13 @@ class _Pass:
     q = jnp.clip(jnp.round(act.astype(jnp.float32) / s),
                  0 if site.unsigned else -127, 127
                  ).astype(jnp.int8)
-    operands = [q, q]
-    operands[site.weight_side] = jnp.asarray(site.values)
     conv = site.kind == "conv_general_dilated"
     form = conv_form(eqn) if conv else "native"
     if form != "native":
       acc = _conv_int32(eqn, q, site.values, form)
     else:
+      operands = [q, q]
+      operands[site.weight_side] = jnp.asarray(site.values)
       acc = eqn.primitive.bind(*operands, **_int32_params(eqn))
     scale = s * jnp.asarray(site.weight_scale)
     out_dtype = eqn.outvars[0].aval.dtype
@@ -368,8 +369,7 @@ def _conv_int32(eqn, q: jax.Array, kernel: np.ndarray, form: str) -> jax.Array:
   x = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
   oh = (x.shape[1] - kh) // sh + 1
   ow = (x.shape[2] - kw) // sw + 1
-  windows = [x[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
-             for i in range(kh) for j in range(kw)]
+  windows = shifted_windows(x, (kh, kw), (oh, ow), (sh, sw))
   if form == "direct":
     taps = jnp.asarray(w.reshape(kh * kw, cin, cout), jnp.int32)
     acc = sum(windows[t][..., c:c + 1].astype(jnp.int32) * taps[t, c]

@@ -100,6 +100,14 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 SMALL_KERNEL_INPUTS = 32
 
 
+def shifted_windows(xp: jax.Array, kernel_hw, out_hw, strides) -> list:
+  """The kh * kw windows of a padded NHWC input that a convolution's kernel
+  taps read, row-major over the taps, each (n, out_h, out_w, c)."""
+  (kh, kw), (oh, ow), (sh, sw) = kernel_hw, out_hw, strides
+  return [xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+          for i in range(kh) for j in range(kw)]
+
+
 def _conv(x, kernel, strides, padding, *, lhs_dilation=(1, 1),
           rhs_dilation=(1, 1)):
   return jax.lax.conv_general_dilated(
@@ -144,10 +152,7 @@ def _conv2d_bwd(strides, padding, residuals, dy):
     # gradient as one matmul of the input's shifted windows (im2col, small
     # here) with dy as it is, which the bias gradient reads too; no
     # transpose of dy.
-    windows = jnp.concatenate(
-        [xp[:, i:i + (out[0] - 1) * strides[0] + 1:strides[0],
-            j:j + (out[1] - 1) * strides[1] + 1:strides[1]]
-         for i in range(k[0]) for j in range(k[1])], axis=-1)
+    windows = jnp.concatenate(shifted_windows(xp, k, out, strides), axis=-1)
     dk = jax.lax.dot_general(windows, dy, (((0, 1, 2), (0, 1, 2)), ((), ())),
                              preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
