@@ -360,6 +360,11 @@ class _Pending:
   When the next int8 product reads it (`quantized`), the convolution is a
   `QLinearConv` whose uint8 output is already that product's quantized
   input (bias folded in, ReLU by the clip at zero), pooled as uint8.
+
+  An average pool after the ReLU (flax's `avg_pool`: a window sum, then a
+  division) cannot wait for the rescale, which it does not commute with:
+  the sums are rescaled and pooled in NCHW (or, `quantized`, the uint8
+  values are), and `avg` is the factor the pooled float values still owe.
   """
   acc: str                      # NCHW tensor: int32 sums (float once
                                 # pooled), or uint8 when `quantized`
@@ -373,6 +378,8 @@ class _Pending:
   flat: tuple | None = None     # a reshape after the transpose back
   quantized: float | None = None   # the reader's input scale
   reader: int | None = None     # the product index that reads it
+  avg: float | None = None      # average pooled: the value is acc * avg
+                                # (times `quantized` when quantized)
 
 
 class _Emitter:
@@ -459,17 +466,22 @@ class _Emitter:
       if len(view) == 2 and (view[0] is n or (
           isinstance(n, int) and view[0] == n)):   # (n, h * w * c)
         return dataclasses.replace(d, flat=view)
-    if name == "reduce_window_max" and not d.pooled:
+    if d.avg is not None and name in ("div", "mul") and const is not None \
+        and np.ndim(const) == 0 and float(const) > 0:
+      return dataclasses.replace(
+          d, avg=d.avg / float(const) if name == "div" else d.avg * float(const))
+    if name in ("reduce_window_max", "reduce_window_sum") and not d.pooled:
       p = eqn.params
       window, strides = p["window_dimensions"], p["window_strides"]
       if (window[0], window[3], strides[0], strides[3]) == (1, 1, 1, 1) \
-          and p["padding"][0] == p["padding"][3] == (0, 0) \
+          and not any(np.ravel(p["padding"])) \
           and set(p["base_dilation"]) == set(p["window_dilation"]) == {1}:
-        pads = [p["padding"][1][0], p["padding"][2][0],
-                p["padding"][1][1], p["padding"][2][1]]
-        if not any(pads):
-          return self.pool(d, list(window[1:3]), list(strides[1:3]), pads,
-                           tuple(eqn.outvars[0].aval.shape))
+        kernel, step = list(window[1:3]), list(strides[1:3])
+        shape = tuple(eqn.outvars[0].aval.shape)
+        if name == "reduce_window_max":
+          return self.pool(d, kernel, step, [0] * 4, shape)
+        if d.relu:
+          return self.average(d, kernel, step, shape)
     return None
 
   def pool(self, d: _Pending, kernel, strides, pads, shape) -> _Pending:
@@ -479,24 +491,44 @@ class _Emitter:
     y = g.node("MaxPool", [x], kernel_shape=kernel, strides=strides, pads=pads)
     return dataclasses.replace(d, acc=y, shape=shape, view=None, pooled=True)
 
+  def average(self, d: _Pending, kernel, strides, shape) -> _Pending:
+    """A window sum of the ReLU's output: an AveragePool in NCHW of the
+    rescaled values (of the uint8 ones, `quantized`), owing the window's
+    size."""
+    g = self.g
+    if d.quantized:
+      x = g.node("Cast", [d.acc], to=_dtype(np.float32))
+    else:
+      x = self.rescaled(d)
+    y = g.node("AveragePool", [x], kernel_shape=kernel, strides=strides)
+    return dataclasses.replace(d, acc=y, shape=shape, pooled=True,
+                               avg=float(np.prod(kernel)))
+
+  def rescaled(self, d: _Pending) -> str:
+    """The float values of a pending int32 (or pooled float) NCHW tensor:
+    scale, bias and ReLU applied."""
+    g = self.g
+    channel = lambda v: g.const(v.reshape(1, -1, 1, 1).astype(np.float32))
+    y = d.acc if d.pooled else g.node("Cast", [d.acc], to=_dtype(np.float32))
+    y = g.node("Mul", [y, channel(d.scale)])
+    if d.bias is not None:
+      y = g.node("Add", [y, channel(d.bias)])
+    return g.node("Relu", [y]) if d.relu else y
+
   def settle(self, val):
     """A value as a tensor or constant: a _Pending rescaled, back in NHWC."""
     kind, d = val
     if kind != "pending":
       return val
     g = self.g
-    channel = lambda v: g.const(v.reshape(1, -1, 1, 1).astype(np.float32))
+    if d.avg is not None:
+      factor = np.float32(d.avg * (d.quantized or 1.0))
+      return ("tensor", self.layout(d, g.node("Mul", [d.acc, g.const(factor)])))
     if d.quantized:      # read by another than its reader: dequantized
       y = g.node("Cast", [self.layout(d, self.clip_127(d.acc))],
                  to=_dtype(np.float32))
       return ("tensor", g.node("Mul", [y, g.const(np.float32(d.quantized))]))
-    y = d.acc if d.pooled else g.node("Cast", [d.acc], to=_dtype(np.float32))
-    y = g.node("Mul", [y, channel(d.scale)])
-    if d.bias is not None:
-      y = g.node("Add", [y, channel(d.bias)])
-    if d.relu:
-      y = g.node("Relu", [y])
-    return ("tensor", self.layout(d, y))
+    return ("tensor", self.layout(d, self.rescaled(d)))
 
   def layout(self, d: _Pending, y: str) -> str:
     """An NCHW tensor back in the layout the model reads it in."""
@@ -584,7 +616,11 @@ class _Emitter:
     zero = 0 if site.unsigned else 128
     zp = g.const(np.uint8(zero), "zero_point")
     if kind == "pending" and act.reader == index:
-      q = self.layout(act, self.clip_127(act.acc))
+      q = act.acc
+      if act.avg is not None:   # average pooled uint8 values, rounded
+        q = g.node("QuantizeLinear", [q, g.const(np.float32(1 / act.avg)),
+                                      g.const(np.uint8(0), "zero_point")])
+      q = self.layout(act, self.clip_127(q))
     else:
       if kind == "pending":
         if site.unsigned:

@@ -74,6 +74,7 @@ def test_int8_artifacts_predict_what_the_int8_path_predicts(name, raw, digits,
   calibration = export.calibration_inputs(digits.x_train * 16.0, STATS)
   program = int8.convert(model, variables, calibration)
   want = np.asarray(program(normalized(raw)))
+  floats = np.asarray(adapter.logits(variables, normalized(raw)))
   assert len(program.sites) == 4 and not program.float_sites
   for fmt in export.FORMATS:
     path = export.export(model, variables, input_shape=raw.shape[1:],
@@ -84,13 +85,23 @@ def test_int8_artifacts_predict_what_the_int8_path_predicts(name, raw, digits,
     assert artifact.header["int8"] and artifact.header["int8_layers"] == [
         s.name for s in program.sites]
     got = artifact(raw)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    if fmt == "onnx":
+      # the second convolution, read by an int8 product after a ReLU and
+      # an average pool, is a QLinearConv: requantized, then pooled, so a
+      # value may round differently. The graph stays nearer the int8
+      # program than that is to float32 (near-ties of an untrained model's
+      # logits flip on 1-2% of the images).
+      assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.97
+      assert np.abs(got - want).max() < np.abs(want - floats).max()
+    else:
+      np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
   # the ONNX graph runs integer products on int8 weights and no float kernel
   proto = onnx_graph.build(model, variables, input_shape=raw.shape[1:],
                            prepare=lambda x: data.preprocess(x, STATS),
                            program=program)
   ops = [n.op_type for n in proto.graph.node]
-  assert ops.count("ConvInteger") == 2 and ops.count("MatMulInteger") == 2
+  assert ops.count("ConvInteger") == 1 and ops.count("QLinearConv") == 1
+  assert ops.count("MatMulInteger") == 2
   assert "Conv" not in ops and "MatMul" not in ops
   # convolutions: u8 x u8 (int8 + 128, TensorProto.UINT8); the dense layers
   # read ReLU outputs, never negative: u8 x s8 (TensorProto.INT8)
@@ -164,6 +175,38 @@ def test_int8_onnx_pools_a_convolution_before_its_rescale(sign):
   else:      # the second convolution reads a ReLU output: unsigned
     assert ops.count("ConvInteger") == 1 and ops.count("QLinearConv") == 1
     np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("sign", ["signed", "unsigned"])
+def test_int8_onnx_average_pools_after_the_rescale(sign):
+  """A CNN written as flax's MNIST tutorial writes it, `avg_pool` after each
+  ReLU: each convolution's output is rescaled (or, read by an unsigned int8
+  product, requantized by a QLinearConv) and average-pooled in NCHW, with
+  one transpose in and one out per convolution."""
+  import flax.linen as nn
+  pool = lambda y: nn.avg_pool(y, (2, 2), (2, 2))
+  model = nn.Sequential([nn.Conv(8, (3, 3)), nn.relu, pool,
+                         nn.Conv(16, (3, 3)), nn.relu, pool,
+                         lambda y: y.reshape(y.shape[0], -1), nn.Dense(16),
+                         nn.relu, nn.Dense(10)])
+  x = np.random.default_rng(2).uniform(size=(256, 8, 8, 1)).astype(np.float32)
+  x = x if sign == "unsigned" else x - 0.5
+  variables = model.init(jax.random.key(0), x[:1])
+  program = int8.convert(model, variables, [x])
+  proto = onnx_graph.build(model, variables, input_shape=(8, 8, 1),
+                           program=program)
+  ops = [n.op_type for n in proto.graph.node]
+  assert ops.count("AveragePool") == 2 and ops.count("Transpose") == 4
+  if sign == "unsigned":
+    assert ops.count("QLinearConv") == 2 and "ConvInteger" not in ops
+  else:      # the second convolution reads a ReLU output: unsigned
+    assert ops.count("ConvInteger") == 1 and ops.count("QLinearConv") == 1
+  got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
+  want = np.asarray(program(x))
+  # the graph pools requantized values and rounds again, the int8 program
+  # pools float values: a value may round differently
+  assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.98
+  np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
 
 
 def test_int8_onnx_pooled_integer_sums_keep_the_logits():
