@@ -81,6 +81,8 @@ def test_describe_round_trip():
     ((2, 5, 5, 1), (3, 3), 1),
     # 36 and 72 inputs per output: the kernel gradient as a convolution
     ((2, 6, 6, 4), (3, 3), 1), ((2, 7, 9, 8), (3, 3), 2),
+    # even sizes at stride 2: padding on one side only (a ResNet stage)
+    ((2, 8, 6, 16), (3, 3), 2), ((2, 8, 8, 16), (1, 1), 2),
 ])
 def test_conv_equals_flax_conv(key, shape, kernel, strides):
   """Values and gradients (conv2d's own, in a compiled scan as fit runs it)
