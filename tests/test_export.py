@@ -147,15 +147,29 @@ def test_the_zoo_max_pool_exports_as_one_onnx_max_pool():
                              rtol=1e-5)
 
 
+def _flax_style_cnn():
+  """flax's MNIST tutorial CNN, small: `avg_pool` after each ReLU."""
+  import flax.linen as nn
+  pool = lambda y: nn.avg_pool(y, (2, 2), (2, 2))
+  return nn.Sequential([nn.Conv(8, (3, 3)), nn.relu, pool,
+                        nn.Conv(16, (3, 3)), nn.relu, pool,
+                        lambda y: y.reshape(y.shape[0], -1), nn.Dense(16),
+                        nn.relu, nn.Dense(10)])
+
+
 @pytest.mark.parametrize("sign", ["signed", "unsigned"])
-def test_int8_onnx_pools_a_convolution_before_its_rescale(sign):
-  """The zoo CNN's int8 graph: each convolution's output stays in NCHW and
-  is max-pooled there (one MaxPool), and only the pooled values are
-  rescaled and transposed back. On unsigned inputs each convolution is a
-  QLinearConv requantizing to the next layer's input scale (the two paths
-  may round a value differently); otherwise a ConvInteger whose int32
-  sums give the int8 program's logits."""
-  model = models.create("cnn", num_classes=10, features=(8, 16), hidden=16)
+@pytest.mark.parametrize("pool", ["MaxPool", "AveragePool"])
+def test_int8_onnx_pools_a_convolution_in_nchw(pool, sign):
+  """Each convolution's output stays in NCHW and is pooled there, with one
+  transpose into each convolution and one out of each pool. The zoo CNN's
+  max pool waits for the rescale (only the pooled values are rescaled); an
+  average pool (flax's MNIST tutorial CNN) follows it. On unsigned inputs
+  each convolution is a QLinearConv requantizing to the next layer's input
+  scale, so the graph and the int8 program may round a value differently
+  (an average pool's uint8 mean is rounded again); otherwise a ConvInteger
+  whose int32 sums give the int8 program's logits."""
+  model = (models.create("cnn", num_classes=10, features=(8, 16), hidden=16)
+           if pool == "MaxPool" else _flax_style_cnn())
   x = np.random.default_rng(0).uniform(size=(256, 8, 8, 1)).astype(np.float32)
   x = x if sign == "unsigned" else x - 0.5
   variables = model.init(jax.random.key(0), x[:1])
@@ -163,50 +177,17 @@ def test_int8_onnx_pools_a_convolution_before_its_rescale(sign):
   proto = onnx_graph.build(model, variables, input_shape=(8, 8, 1),
                            program=program)
   ops = [n.op_type for n in proto.graph.node]
-  assert ops.count("MaxPool") == 2 and "ReduceMax" not in ops
-  # one transpose into each convolution and one out of each pool
+  assert ops.count(pool) == 2 and "ReduceMax" not in ops
   assert ops.count("Transpose") == 4
   got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
   want = np.asarray(program(x))
+  agree, bound = (0.995, 0.02) if pool == "MaxPool" else (0.98, 0.03)
   if sign == "unsigned":
     assert ops.count("QLinearConv") == 2 and "ConvInteger" not in ops
-    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.995
-    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= agree
   else:      # the second convolution reads a ReLU output: unsigned
     assert ops.count("ConvInteger") == 1 and ops.count("QLinearConv") == 1
-    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("sign", ["signed", "unsigned"])
-def test_int8_onnx_average_pools_after_the_rescale(sign):
-  """A CNN written as flax's MNIST tutorial writes it, `avg_pool` after each
-  ReLU: each convolution's output is rescaled (or, read by an unsigned int8
-  product, requantized by a QLinearConv) and average-pooled in NCHW, with
-  one transpose in and one out per convolution."""
-  import flax.linen as nn
-  pool = lambda y: nn.avg_pool(y, (2, 2), (2, 2))
-  model = nn.Sequential([nn.Conv(8, (3, 3)), nn.relu, pool,
-                         nn.Conv(16, (3, 3)), nn.relu, pool,
-                         lambda y: y.reshape(y.shape[0], -1), nn.Dense(16),
-                         nn.relu, nn.Dense(10)])
-  x = np.random.default_rng(2).uniform(size=(256, 8, 8, 1)).astype(np.float32)
-  x = x if sign == "unsigned" else x - 0.5
-  variables = model.init(jax.random.key(0), x[:1])
-  program = int8.convert(model, variables, [x])
-  proto = onnx_graph.build(model, variables, input_shape=(8, 8, 1),
-                           program=program)
-  ops = [n.op_type for n in proto.graph.node]
-  assert ops.count("AveragePool") == 2 and ops.count("Transpose") == 4
-  if sign == "unsigned":
-    assert ops.count("QLinearConv") == 2 and "ConvInteger" not in ops
-  else:      # the second convolution reads a ReLU output: unsigned
-    assert ops.count("ConvInteger") == 1 and ops.count("QLinearConv") == 1
-  got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
-  want = np.asarray(program(x))
-  # the graph pools requantized values and rounds again, the int8 program
-  # pools float values: a value may round differently
-  assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.98
-  np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
+  np.testing.assert_allclose(got, want, atol=bound * np.abs(want).max())
 
 
 def test_int8_onnx_pooled_integer_sums_keep_the_logits():
