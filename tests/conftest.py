@@ -112,4 +112,3 @@ def fashion_lenet(tmp_path_factory):
     state = train.fit(model, spec, ds, epochs=10, batch_size=128,
                       out=run.path, progress=False).state
     return model, ds, state
-
