@@ -5,9 +5,9 @@ import os
 import tempfile
 
 # Each of make test's three workers (and each subprocess and notebook kernel)
-# runs its compiled programs on one thread: on a 2-core machine their Eigen
-# thread pools otherwise contend for the cores (the suite took 8:23 with
-# them, 7:20 without, one run each on a quiet machine).
+# runs its compiled programs on one thread: on a 2-core machine three Eigen
+# thread pools would contend for the cores. (Full runs: 7:20, 7:54 and 8:21
+# with this, 7:59 and 8:23 without; the machine's load moves it as much.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8"
                            + " --xla_cpu_multi_thread_eigen=false").strip()
