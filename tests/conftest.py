@@ -4,13 +4,8 @@ for the session, and shared fixtures."""
 import os
 import tempfile
 
-# Each of make test's three workers (and each subprocess and notebook kernel)
-# runs its compiled programs on one thread: on a 2-core machine three Eigen
-# thread pools would contend for the cores. (Full runs: 7:20, 7:54 and 8:21
-# with this, 7:59 and 8:23 without; the machine's load moves it as much.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           + " --xla_cpu_multi_thread_eigen=false").strip()
+                           + " --xla_force_host_platform_device_count=8").strip()
 # Many tests build the same programs (the same small model, optimizer and
 # batch shape) in fresh closures, and subprocesses and notebook kernels build
 # them again: a compilation cache shared by all of them, new for each
