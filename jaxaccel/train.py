@@ -150,7 +150,12 @@ class FitConfig:
 
 @dataclasses.dataclass
 class FitResult:
-  """What `fit` returns: the final state and one record per epoch."""
+  """What `fit` returns: the final state and one record per epoch.
+
+  `steps_per_second` times the epochs after the first, which also compiles
+  the program; a one-epoch fit has only that one to time, compilation
+  included. Time a model's speed with two epochs or more.
+  """
   state: TrainState
   history: list[dict]
   stopped_early: bool
