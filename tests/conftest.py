@@ -2,6 +2,7 @@
 for the session, and shared fixtures."""
 
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -11,8 +12,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 # them again: a compilation cache shared by all of them, new for each
 # session, compiles each program once. Set in the environment, so the
 # command-line subprocesses and notebook kernels use it too.
+# The process that makes the cache (pytest itself, or xdist's controller:
+# its workers inherit the variable) removes it at the end.
+OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxaccel-xla-")
+  OWN_CACHE = tempfile.mkdtemp(prefix="jaxaccel-xla-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = OWN_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -21,6 +26,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxaccel import data  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if OWN_CACHE is not None and not hasattr(config, "workerinput"):
+    shutil.rmtree(OWN_CACHE, ignore_errors=True)
 
 
 def fashion_mnist_available() -> bool:
