@@ -443,8 +443,7 @@ class _Emitter:
       return None
     if d.view is not None:
       if name == "reduce_max" and tuple(eqn.params["axes"]) == (2, 4):
-        return self.pool(d, [2, 2], [2, 2], [0, 0, 0, 0],
-                         tuple(eqn.outvars[0].aval.shape))
+        return self.pool(d, [2, 2], [2, 2], tuple(eqn.outvars[0].aval.shape))
       return None
     if name == "add" and const is not None and not (d.relu or d.pooled):
       vec = int8_lib._channel_vector(const, channels)
@@ -479,16 +478,16 @@ class _Emitter:
         kernel, step = list(window[1:3]), list(strides[1:3])
         shape = tuple(eqn.outvars[0].aval.shape)
         if name == "reduce_window_max":
-          return self.pool(d, kernel, step, [0] * 4, shape)
+          return self.pool(d, kernel, step, shape)
         if d.relu:
           return self.average(d, kernel, step, shape)
     return None
 
-  def pool(self, d: _Pending, kernel, strides, pads, shape) -> _Pending:
+  def pool(self, d: _Pending, kernel, strides, shape) -> _Pending:
     g = self.g
     x = d.acc if d.quantized else g.node("Cast", [d.acc],
                                          to=_dtype(np.float32))
-    y = g.node("MaxPool", [x], kernel_shape=kernel, strides=strides, pads=pads)
+    y = g.node("MaxPool", [x], kernel_shape=kernel, strides=strides)
     return dataclasses.replace(d, acc=y, shape=shape, view=None, pooled=True)
 
   def average(self, d: _Pending, kernel, strides, shape) -> _Pending:
@@ -496,10 +495,8 @@ class _Emitter:
     rescaled values (of the uint8 ones, `quantized`), owing the window's
     size."""
     g = self.g
-    if d.quantized:
-      x = g.node("Cast", [d.acc], to=_dtype(np.float32))
-    else:
-      x = self.rescaled(d)
+    x = (g.node("Cast", [d.acc], to=_dtype(np.float32)) if d.quantized
+         else self.rescaled(d))
     y = g.node("AveragePool", [x], kernel_shape=kernel, strides=strides)
     return dataclasses.replace(d, acc=y, shape=shape, pooled=True,
                                avg=float(np.prod(kernel)))
