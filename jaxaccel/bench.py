@@ -936,7 +936,7 @@ def time_one_device(model, ds: data.Dataset, steps: int, *, batch_size: int,
              "sharded_1": parallel.make_engine(model, tx, mode="sharded",
                                                devices=jax.devices()[:1])}
   epochs = {side: (lambda state, order, e=e: e.run_epoch(
-      state, sub.x_train, sub.y_train, order, use_scan=True))
+      state, sub.arrays("train"), order, use_scan=True))
       for side, e in engines.items()}
   states = {side: fresh() for side in epochs}
   times = {side: [] for side in epochs}

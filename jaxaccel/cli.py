@@ -279,10 +279,8 @@ def cmd_train(args) -> None:
       f"{pathlib.Path(args.dataset).stem}")
   early = (core.EarlyStopping(patience=args.early_stopping)
            if args.early_stopping else None)
-  run_config = {"command": "train", "data": args.dataset,
-            "data_dir": args.data_dir, "normalize": args.normalize,
-            "validation": args.validation, "nan_policy": args.nan_policy,
-            "augment": args.augment, "model_name": args.model}
+  run_config = {"command": "train", "augment": args.augment,
+                "model_name": args.model}
   import jax
   callbacks = ([core.TensorBoard(pathlib.Path(out) / "tensorboard")]
                if args.tensorboard else [])

@@ -193,10 +193,12 @@ def _write(out: pathlib.Path, payload: bytes) -> None:
 
 
 def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
-               model=None) -> pathlib.Path:
+               model=None, data=None) -> pathlib.Path:
   """Exports the model of a `jaxaccel train` run directory. NNX and other
   models config.json cannot rebuild are given as `model`, as for
-  `train.load_run`."""
+  `train.load_run`. An int8 export calibrates on the run's training data,
+  rebuilt from its config.json, or `data` (a `Dataset`) for data built in
+  Python."""
   from jaxaccel import train
   from jaxaccel.checkpoint import RunDir
   _check_format(format)      # before the run is loaded
@@ -204,7 +206,7 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
   stats = RunDir(run).read_normalization() or None
   calibration = None
   if int8:
-    ds = train.load_run_data(config)
+    ds = train.load_run_data(config, data)
     calibration = calibration_inputs(ds.x_train, None)   # already normalized
   return export(model, variables, input_shape=config["input_shape"],
                 num_classes=config["num_classes"], out=out, format=format,

@@ -50,7 +50,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jaxaccel import optim, precision as precision_lib
-from jaxaccel.core import compiled, cross_entropy, make_train_step
+from jaxaccel.core import compiled, make_train_step
 from jaxaccel.errors import ConfigError
 from jaxaccel.models import ModelAdapter, adapt
 
@@ -340,9 +340,15 @@ class Placement:
     """A batch gathered inside the compiled scan, laid out for the step."""
     return batch
 
-  def batch(self, x: np.ndarray, y: np.ndarray):
-    """One host batch, placed for the compiled step."""
-    return jax.device_put({"x": x, "y": y})
+  def batch(self, arrays: dict):
+    """One global host batch (a dict of arrays), placed for the compiled
+    step."""
+    return jax.device_put(arrays)
+
+  def local_batch(self, arrays: dict):
+    """This process's rows of a global batch, placed for the compiled step
+    (a stream reads only its own rows); one process holds them all."""
+    return self.batch(arrays)
 
   def metrics(self, metrics):
     """Metrics as the host reads them (one value per step)."""
@@ -385,10 +391,10 @@ class Pmap(Placement):
     n = self.data_shards
     return jnp.transpose(order.reshape(steps, n, batch // n), (1, 0, 2))
 
-  def batch(self, x, y):
+  def batch(self, arrays):
     n = self.data_shards
     split = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
-    return jax.device_put({"x": split(x), "y": split(y)}, self._sharding)
+    return jax.device_put(jax.tree.map(split, arrays), self._sharding)
 
   def metrics(self, metrics):   # every device holds the averaged values
     return jax.tree.map(lambda m: m[0], metrics)
@@ -432,13 +438,18 @@ class Sharded(Placement):
   def constrain(self, batch):
     return jax.lax.with_sharding_constraint(batch, self._batch_sharding)
 
-  def batch(self, x, y):
-    if len(x) not in self._rows:
-      self._rows[len(x)] = _process_rows(self._batch_sharding, len(x))
-    lo, hi = self._rows[len(x)]
-    make = lambda a: jax.make_array_from_process_local_data(
-        self._batch_sharding, a[lo:hi], a.shape)
-    return {"x": make(x), "y": make(y)}
+  def batch(self, arrays):
+    rows = len(arrays["x"])
+    if rows not in self._rows:
+      self._rows[rows] = _process_rows(self._batch_sharding, rows)
+    lo, hi = self._rows[rows]
+    return self.local_batch(jax.tree.map(lambda a: a[lo:hi], arrays))
+
+  def local_batch(self, arrays):
+    local = len(arrays["x"])
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        self._batch_sharding, a,
+        (local * jax.process_count(), *a.shape[1:])), arrays)
 
 
 # ------------------------------------------------------------------ engine
@@ -483,33 +494,49 @@ class Engine:
     if kind not in self._compiled:
       p = self.placement
       if kind == "epoch":
-        def fn(state, x, y, order):
+        def fn(state, arrays, order):
           def body(state, idx):
-            return self.step(state, p.constrain({"x": x[idx], "y": y[idx]}))
+            return self.step(state, p.constrain(
+                jax.tree.map(lambda a: a[idx], arrays)))
           return jax.lax.scan(body, state, order)
       else:
         fn = self.step
       self._compiled[kind] = p.compile(fn, placed)
     return self._compiled[kind]
 
-  def run_epoch(self, state, x: np.ndarray, y: np.ndarray, order, *,
+  def run_epoch(self, state, arrays: dict, order, *,
                 use_scan: bool, progress: bool = False, desc: str = "epoch"):
-    """Trains one epoch over the batches `order` (steps, batch_size).
+    """Trains one epoch over the rows of `arrays` (a dict of arrays with
+    "x" and "y", one row per example) that `order` (steps, batch_size)
+    picks.
+
+    Returns the state in host form and the metrics of every step.
+    """
+    p = self.placement
+    if use_scan and p.scan_supported:
+      placed = p.place(state)
+      run = self._compile("epoch", placed)
+      placed, metrics = run(placed, {k: self._on_devices(a)
+                                     for k, a in arrays.items()},
+                            p.scan_order(order))
+      return p.host(placed), p.metrics(metrics)
+    order = np.asarray(order)
+    batches = (p.batch({k: a[idx] for k, a in arrays.items()}) for idx in order)
+    return self.run_steps(state, batches, len(order), progress=progress,
+                          desc=desc)
+
+  def run_steps(self, state, batches: Iterable[dict], steps: int, *,
+                progress: bool = False, desc: str = "epoch"):
+    """Trains `steps` steps on placed batches (see `Placement.batch` and
+    `local_batch`), a compiled step each.
 
     Returns the state in host form and the metrics of every step.
     """
     p = self.placement
     placed = p.place(state)
-    if use_scan and p.scan_supported:
-      run = self._compile("epoch", placed)
-      placed, metrics = run(placed, self._on_devices(x), self._on_devices(y),
-                            p.scan_order(order))
-      return p.host(placed), p.metrics(metrics)
     step = self._compile("step", placed)
-    order = np.asarray(order)
-    batches = (p.batch(x[idx], y[idx]) for idx in order)
     collected = []
-    for i, batch in enumerate(tqdm(prefetch(batches), total=len(order),
+    for i, batch in enumerate(tqdm(prefetch(batches), total=steps,
                                    desc=desc, leave=False, disable=not progress)):
       placed, m = step(placed, batch)
       collected.append(m)
@@ -543,7 +570,7 @@ def make_engine(model, tx: optax.GradientTransformation, *,
                 mode: str = "none", mesh_shape: Sequence[int] | None = None,
                 precision: str = "fp32",
                 rules: Sequence[tuple[str, P]] | None = None,
-                fsdp: bool = False, loss_fn: Callable = cross_entropy,
+                fsdp: bool = False, task=None, loss_fn: Callable | None = None,
                 augment: Callable | None = None,
                 skip_nonfinite: bool = True,
                 teacher: Callable | None = None,
@@ -561,7 +588,7 @@ def make_engine(model, tx: optax.GradientTransformation, *,
     rules: `(regex, PartitionSpec)` pairs on state paths; default
       `TENSOR_PARALLEL_RULES` when the mesh has a "model" axis.
     fsdp: also split params and optimizer state over "data".
-    loss_fn, augment, skip_nonfinite, teacher: as in `fit`.
+    task, loss_fn, augment, skip_nonfinite, teacher: as in `fit`.
     devices: for "sharded", the devices of the mesh (default: all).
   """
   if mode not in MODES:
@@ -596,7 +623,7 @@ def make_engine(model, tx: optax.GradientTransformation, *,
       rules = TENSOR_PARALLEL_RULES if MODEL_AXIS in mesh.shape else ()
     placement = Sharded(mesh, rules, fsdp)
   model, tx = precision_lib.apply_policy(model, tx, policy)
-  step = make_train_step(model, tx, loss_fn=loss_fn, augment=augment,
+  step = make_train_step(model, tx, task=task, loss_fn=loss_fn, augment=augment,
                          skip_nonfinite=skip_nonfinite, teacher=teacher,
                          axis_name=placement.axis_name)
   return Engine(model=model, tx=tx, step=step, placement=placement)

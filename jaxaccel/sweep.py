@@ -6,7 +6,8 @@ one compiled, vmapped `lax.scan`. The swept hyperparameters are array
 leaves of the optimizer state (`optim.build(..., hyperparams=...)`), so one
 program serves every value. Chains of different structure (optimizer
 families) each get their own program; successive halving ranks all of them
-together by validation accuracy and drops the worse half every few epochs.
+together by the task's validation metric (accuracy for classification) and
+drops the worse half every few epochs.
 
 Examples:
   >>> from jaxaccel import data, models, sweep
@@ -44,9 +45,10 @@ class SweepResult:
 
   `results` has one entry per configuration: its concrete `spec` (the chain
   with the swept values written in, which `fit` reproduces), `family`,
-  `hyperparams`, `seed`, `val_accuracy` (after the last epoch it trained),
-  `epochs`, and `val_accuracy_history`. `best` is the best entry among those
-  trained for every epoch.
+  `hyperparams`, `seed`, the ranking metric `metric` (`val_accuracy` for
+  classification, `val_mse`, `val_bits_per_byte`; after the last epoch it
+  trained), `epochs`, and that metric's history (`val_accuracy_history`).
+  `best` is the best entry among those trained for every epoch.
   """
   results: list[dict]
   best: dict
@@ -54,6 +56,8 @@ class SweepResult:
   sequential_estimate_seconds: float | None
   states: list          # the final stacked states of each family's survivors
   epoch_seconds: list[float]   # per epoch: training and validation of all
+  metric: str = "val_accuracy"  # the key that ranks the entries
+  maximize: bool = True         # whether larger is better
 
 
 @dataclasses.dataclass
@@ -65,26 +69,26 @@ class _Family:
   states: core.TrainState
 
 
-def _make_epoch(model, train_step):
+def _make_epoch(model, train_step, task):
   """One compiled program per epoch for all configurations: each one's
-  training scan over its batch order, and its count of correct validation
-  answers."""
-  eval_step = core.make_eval_step(model)
+  training scan over its batch order, and its summed validation loss and
+  metrics (with their count)."""
+  eval_step = core.make_eval_step(model, task)
 
-  def run_epoch(states, orders, x, y, val_batches):
+  def run_epoch(states, orders, arrays, val_batches):
     def one(state, order):
       state, _ = jax.lax.scan(
-          lambda s, idx: train_step(s, {"x": x[idx], "y": y[idx]}), state, order)
+          lambda s, idx: train_step(s, jax.tree.map(lambda a: a[idx], arrays)),
+          state, order)
       variables = core.variables_of(state)
-      correct = jax.lax.map(lambda b: eval_step(variables, b)["correct"],
-                            val_batches)
-      return state, jnp.sum(correct)
+      sums = jax.lax.map(lambda b: eval_step(variables, b), val_batches)
+      return state, jax.tree.map(jnp.sum, sums)
     return jax.vmap(one)(states, orders)
   return compiled.jit(run_epoch, donate_argnums=0)
 
 
 def _stacked_val_batches(data: Dataset) -> dict:
-  batches = list(train.eval_batches(data.x_val, data.y_val, 1024))
+  batches = list(train.eval_batches(data.arrays("val"), 1024))
   return {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -102,7 +106,7 @@ def configurations(grid: dict | None, seeds: Sequence[int]) -> list[tuple[dict, 
           for combo in itertools.product(*grid.values()) for seed in seeds]
 
 
-def _init_family(model, index, spec, configs, data) -> _Family:
+def _init_family(model, index, spec, configs, data, metric) -> _Family:
   names = tuple(configs[0][0])
   entries, transforms = [], []
   for values, seed in configs:
@@ -111,14 +115,15 @@ def _init_family(model, index, spec, configs, data) -> _Family:
     transforms.append(optim.build(calls, hyperparams=("learning_rate",) + names))
     entries.append({"spec": optim.to_string(calls), "family": index,
                     "hyperparams": dict(values), "seed": seed,
-                    "val_accuracy_history": []})
+                    f"{metric}_history": []})
   # Every config's update reads its hyperparameters from its own state, so
   # one transformation serves them all; the states differ only in values.
   tx = transforms[0]
 
   # Initial variables per seed exactly as `fit` makes them (eagerly: a
   # compiled random init costs more than the whole sweep of a small model).
-  per_seed = {seed: core.init_variables(model, data.input_shape, seed=seed)
+  per_seed = {seed: core.init_variables(model, data.input_shape, seed=seed,
+                                        dtype=data.input_dtype)
               for seed in dict.fromkeys(seed for _, seed in configs)}
   variables = jax.tree.map(lambda *v: jnp.stack(v),
                            *[per_seed[seed][0] for _, seed in configs])
@@ -142,8 +147,10 @@ def _init_family(model, index, spec, configs, data) -> _Family:
 def sweep(model, specs, data: Dataset, *, epochs: int,
           grid: dict | None = None, seeds: Sequence[int] = (0,),
           batch_size: int = 128, halving_every: int | None = None,
-          sequential_sample: int = 0, progress: bool = True) -> SweepResult:
-  """Trains every configuration at once and ranks them by validation accuracy.
+          sequential_sample: int = 0, task=None,
+          progress: bool = True) -> SweepResult:
+  """Trains every configuration at once and ranks them by the task's
+  validation metric (accuracy for classification).
 
   Args:
     model: any model `jaxaccel.models.adapt` takes.
@@ -157,35 +164,42 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
     seeds: each configuration runs once per seed (init and batch order).
     batch_size: examples per step.
     halving_every: successive halving: every this many epochs keep the
-      better half of all configurations (by validation accuracy).
+      better half of all configurations (by the validation metric).
     sequential_sample: time this many configurations with `fit`, one after
       another as a user would (each compiles), and extrapolate.
+    task: a `jaxaccel.tasks.Task` or its name (default: inferred from the
+      targets, as `fit` does).
     progress: show a progress bar.
   """
   if isinstance(specs, (str, dict, pathlib.Path)):
     specs = [specs]
   if not specs:
     raise SpecError("sweep needs at least one optimizer spec")
+  task = train.resolve_task(task, data)
+  metric = f"val_{task.metric}"
   if not len(data.x_val):
-    raise ConfigError("sweep ranks configurations by validation accuracy: "
-                      "load the data with validation > 0")
+    raise ConfigError(f"sweep ranks configurations by {metric}: load the "
+                      "data with validation > 0")
   if epochs <= 0:
     raise ConfigError(f"epochs must be positive; got {epochs}")
   if halving_every is not None and halving_every <= 0:
     raise ConfigError(f"halving_every must be positive; got {halving_every}")
   if sequential_sample < 0:
     raise ConfigError(f"sequential_sample must be >= 0; got {sequential_sample}")
-  train.check_data(model, data, batch_size)
+  train.check_data(model, data, batch_size, task)
   configs = configurations(grid, seeds)
+  # Best first: larger values for a metric to maximize.
+  rank = (lambda e: -e[metric]) if task.maximize else (lambda e: e[metric])
 
   t_start = time.perf_counter()
-  families = [_init_family(model, i, spec, configs, data)
+  families = [_init_family(model, i, spec, configs, data, metric)
               for i, spec in enumerate(specs)]
-  x, y = jax.device_put(data.x_train), jax.device_put(data.y_train)
+  arrays = jax.device_put(data.arrays("train"))
   n = len(data.x_train)
   val_batches = _stacked_val_batches(data)
-  programs = {f.index: _make_epoch(model, core.make_train_step(model, f.tx))
-              for f in families}
+  programs = {f.index: _make_epoch(
+      model, core.make_train_step(model, f.tx, task=task), task)
+      for f in families}
   finished, epoch_seconds = [], []
   bar = tqdm(range(epochs), desc=f"sweep ({len(specs) * len(configs)} configs)",
              unit="epoch", disable=not progress, leave=False)
@@ -195,24 +209,29 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
       by_seed = {seed: train.epoch_order(seed, epoch, n, batch_size)
                  for seed in dict.fromkeys(e["seed"] for e in f.entries)}
       orders = jnp.stack([by_seed[e["seed"]] for e in f.entries])
-      f.states, correct = programs[f.index](f.states, orders, x, y, val_batches)
-      for e, acc in zip(f.entries, np.asarray(correct) / len(data.x_val)):
-        e["val_accuracy_history"].append(float(acc))
-        e["val_accuracy"], e["epochs"] = float(acc), epoch + 1
+      f.states, sums = programs[f.index](f.states, orders, arrays, val_batches)
+      sums = {k: np.asarray(v) for k, v in sums.items()}
+      count = sums.pop("count")
+      for i, e in enumerate(f.entries):
+        value = task.summarize({k: float(v[i] / count[i])
+                                for k, v in sums.items()})[task.metric]
+        e[f"{metric}_history"].append(value)
+        e[metric], e["epochs"] = value, epoch + 1
     epoch_seconds.append(time.perf_counter() - t0)
     alive = sum(len(f.entries) for f in families)
     if halving_every and (epoch + 1) % halving_every == 0 and alive > 1 and (
         epoch + 1 < epochs):
-      families, dropped = _halve(families)
+      families, dropped = _halve(families, rank)
       finished += dropped
+    leader = min((e for f in families for e in f.entries), key=rank)
     bar.set_postfix(configs=sum(len(f.entries) for f in families),
-                    best=f"{max(e['val_accuracy'] for f in families for e in f.entries):.4f}")
+                    best=f"{leader[metric]:.4f}")
   bar.close()
   wall = time.perf_counter() - t_start
   survivors = [e for f in families for e in f.entries]
   results = sorted(finished + survivors,
                    key=lambda e: (e["family"], _config_index(e, configs)))
-  best = max(survivors, key=lambda e: e["val_accuracy"])
+  best = min(survivors, key=rank)
 
   estimate = None
   if sequential_sample:
@@ -221,7 +240,8 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
   return SweepResult(results=results, best=best, wall_seconds=wall,
                      sequential_estimate_seconds=estimate,
                      states=[f.states for f in families],
-                     epoch_seconds=epoch_seconds)
+                     epoch_seconds=epoch_seconds, metric=metric,
+                     maximize=task.maximize)
 
 
 def _config_index(entry: dict, configs) -> int:
@@ -229,9 +249,10 @@ def _config_index(entry: dict, configs) -> int:
               if v == entry["hyperparams"] and s == entry["seed"])
 
 
-def _halve(families: list[_Family]) -> tuple[list[_Family], list[dict]]:
-  """Keeps the better half of all configurations (ties: earlier first)."""
-  ranked = sorted(((-e["val_accuracy"], f.index, i)
+def _halve(families: list[_Family], rank) -> tuple[list[_Family], list[dict]]:
+  """Keeps the better half of all configurations (`rank`: smaller is
+  better; ties: earlier first)."""
+  ranked = sorted(((rank(e), f.index, i)
                    for f in families for i, e in enumerate(f.entries)))
   keep = {(fi, i) for _, fi, i in ranked[:math.ceil(len(ranked) / 2)]}
   kept, dropped = [], []
@@ -325,7 +346,8 @@ def _constant_learning_rate(calls: list[dict]) -> float:
 # ------------------------------------------------------------------- plots
 
 def accuracy_table(result: SweepResult) -> tuple[list, list, np.ndarray]:
-  """Mean final validation accuracy over seeds as a table: rows are the
+  """Mean final validation metric (`result.metric`, accuracy for
+  classification) over seeds as a table: rows are the
   values of the first swept name, columns those of the second (or the
   optimizer families when one name is swept). Returns (rows, cols, table)."""
   entries = result.results
@@ -340,7 +362,7 @@ def accuracy_table(result: SweepResult) -> tuple[list, list, np.ndarray]:
   table = np.full((len(rows), len(cols)), np.nan)
   for i, r in enumerate(rows):
     for j, c in enumerate(cols):
-      accs = [e["val_accuracy"] for e in entries
+      accs = [e[result.metric] for e in entries
               if row_of(e) == r and col_of(e) == c]
       if accs:
         table[i, j] = np.mean(accs)
@@ -363,7 +385,7 @@ def plot_sweep(result: SweepResult, ax=None):
   if ax is None:
     _, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.6 * len(rows)))
   image = ax.imshow(table, cmap="viridis", aspect="auto")
-  ax.figure.colorbar(image, ax=ax, label="validation accuracy")
+  ax.figure.colorbar(image, ax=ax, label=result.metric.replace("_", " "))
   ax.set_xticks(range(len(cols)), [str(c) for c in cols])
   ax.set_yticks(range(len(rows)), [f"{r:g}" if isinstance(r, float) else str(r)
                                    for r in rows])

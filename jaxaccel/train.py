@@ -29,12 +29,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import data as data_lib, models, optim, parallel as parallel_lib
+from jaxaccel import (data as data_lib, models, optim, parallel as parallel_lib,
+                      tasks as tasks_lib)
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
-                           RunDirectory, TrainState, compiled, cross_entropy,
-                           init_state, make_eval_step, variables_of)
+                           RunDirectory, TrainState, compiled, init_state,
+                           make_eval_step, variables_of)
 from jaxaccel.data import Dataset, check_labels
+from jaxaccel.data.streams import Stream
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
 from jaxaccel.models import adapt
 
@@ -51,8 +53,8 @@ def _padded_batches(x: np.ndarray, batch_size: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_eval_step(model):
-  return compiled.jit(make_eval_step(model))
+def _jitted_eval_step(model, task):
+  return compiled.jit(make_eval_step(model, task))
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,46 +62,80 @@ def _jitted_logits(model):
   return compiled.jit(model.logits)
 
 
-def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
-  """Fixed-size eval batches {x, y, mask}; padding rows have mask 0."""
-  batch_size = min(batch_size, len(x))
-  y = np.asarray(y, np.int32)
-  for start, (xb, n) in zip(range(0, len(x), batch_size),
-                            _padded_batches(x, batch_size)):
-    yb = np.zeros(batch_size, np.int32)
-    yb[:n] = y[start:start + n]
-    mask = (np.arange(batch_size) < n).astype(np.float32)
-    yield {"x": xb, "y": yb, "mask": mask}
+def eval_batches(arrays: dict, batch_size: int):
+  """Fixed-size eval batches of a dict of arrays (one compile serves all);
+  the rows that fill the last one have `mask` 0 (any mask of the data's
+  own is kept for the others)."""
+  n = len(arrays["x"])
+  batch_size = min(batch_size, n)
+  padded = {k: list(_padded_batches(np.asarray(a), batch_size))
+            for k, a in arrays.items()}
+  for i, (_, rows) in enumerate(padded["x"]):
+    batch = {k: chunks[i][0] for k, chunks in padded.items()}
+    valid = (np.arange(batch_size) < rows).astype(np.float32)
+    mask = batch.get("mask")
+    batch["mask"] = (valid if mask is None else
+                     mask * valid.reshape((-1,) + (1,) * (np.ndim(mask) - 1)))
+    yield batch
 
 
-def evaluate(model, state_or_variables, x: np.ndarray,
-             y: np.ndarray, *, batch_size: int = 1024) -> dict:
-  """Loss and accuracy of a model on (x, y), in eval mode (running BN stats)."""
-  variables = (variables_of(state_or_variables)
-               if isinstance(state_or_variables, TrainState)
-               else state_or_variables)
-  if len(x) == 0:
-    return {"loss": float("nan"), "accuracy": float("nan")}
-  step = _jitted_eval_step(adapt(model))
-  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in eval_batches(x, y, batch_size):
-    out = step(variables, batch)
-    for k in totals:
-      totals[k] += float(out[k])
-  return {"loss": totals["loss"] / totals["count"],
-          "accuracy": totals["correct"] / totals["count"]}
+def _variables(state_or_variables) -> dict:
+  return (variables_of(state_or_variables)
+          if isinstance(state_or_variables, TrainState) else state_or_variables)
+
+
+def evaluate(model, state_or_variables, x, y: np.ndarray | None = None, *,
+             task=None, batch_size: int = 1024) -> dict:
+  """The task's loss and metrics of a model on (x, y), in eval mode
+  (running batch-norm statistics).
+
+  Args:
+    model: any model `jaxaccel.models.adapt` takes.
+    state_or_variables: a `TrainState` or `{"params": ..., **model_state}`.
+    x: inputs; or a batch dict of whole arrays (`Dataset.arrays(split)`:
+      "x", "y" and extras such as a "mask"), with `y` None; or a `Stream`
+      (`jaxaccel.data.streams`), of which one epoch is read.
+    y: targets.
+    task: a `jaxaccel.tasks.Task` or its name (default classification).
+
+  Returns:
+    {"loss": ..., each metric of the task, its derived figures}: means over
+    every valid target; NaN for an empty split.
+  """
+  task = tasks_lib.get(task)
+  step = _jitted_eval_step(adapt(model), task)
+  if isinstance(x, Stream):
+    batches = _stream_epoch(x)
+  else:
+    arrays = dict(x) if isinstance(x, dict) else {"x": x, "y": y}
+    batches = eval_batches(arrays, batch_size) if len(arrays["x"]) else ()
+  totals: dict = {}
+  for batch in batches:
+    for k, v in step(_variables(state_or_variables), batch).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if isinstance(x, Stream) and jax.process_count() > 1:
+    # Each process read its own rows: the sums are the processes' together.
+    from jax.experimental import multihost_utils
+    keys = sorted(totals)
+    summed = multihost_utils.process_allgather(
+        np.asarray([totals[k] for k in keys])).sum(0)
+    totals = dict(zip(keys, map(float, summed)))
+  count = totals.pop("count", 0.0)
+  if not count:
+    return {"loss": float("nan"), task.metric: float("nan")}
+  return task.summarize({k: v / count for k, v in totals.items()})
 
 
 def predict(model, state_or_variables, x: np.ndarray, *,
             batch_size: int = 1024) -> np.ndarray:
-  """Logits of a model on x, in eval mode, as a numpy array."""
-  variables = (variables_of(state_or_variables)
-               if isinstance(state_or_variables, TrainState)
-               else state_or_variables)
+  """The model's outputs on x (logits, or a regression's values), in eval
+  mode, as a numpy array; x keeps its dtype (token ids stay integers)."""
+  variables = _variables(state_or_variables)
   apply = _jitted_logits(adapt(model))
+  x = np.asarray(x)
   batch_size = max(1, min(batch_size, len(x)))
   outs = [np.asarray(apply(variables, xb))[:n]
-          for xb, n in _padded_batches(np.asarray(x, np.float32), batch_size)]
+          for xb, n in _padded_batches(x, batch_size)]
   return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
@@ -126,7 +162,11 @@ class FitConfig:
                                 # (see `scan_pays`)
   scan_max_bytes: int = 2 ** 30
   # The step (see `jaxaccel.core.make_train_step`).
-  loss_fn: Callable = cross_entropy   # (logits, labels[, teacher_logits])
+  task: Any = None              # a `jaxaccel.tasks.Task` or its name;
+                                # None: inferred from the targets
+                                # (`tasks.infer`)
+  loss_fn: Callable | None = None     # (outputs, labels[, teacher_outputs]),
+                                      # in place of the task's loss
   augment: Callable | None = None     # pure (key, x) -> x on each batch
   skip_nonfinite: bool = True   # skip and count non-finite steps
   teacher: Callable | None = None     # x -> logits, for distillation; each
@@ -176,31 +216,79 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
   return perm[:steps * batch_size].reshape(steps, batch_size)
 
 
-def _summarize(metrics: dict) -> dict:
+def _summarize(metrics: dict, task: tasks_lib.Task) -> dict:
+  """An epoch's record from its steps' metrics: means over the finite
+  steps, as `train_NAME`."""
   m = {k: np.asarray(v) for k, v in metrics.items()}
-  n_ok = float(m["finite"].sum())
-  return {"train_loss": float(m["loss"].sum() / max(n_ok, 1.0)),
-          "train_accuracy": float(m["accuracy"].sum() / max(n_ok, 1.0)),
-          "skipped_steps": int(len(m["finite"]) - n_ok),
-          "steps": int(len(m["finite"])),
-          **({"train_agreement": float(m["agreement"].sum() / max(n_ok, 1.0))}
-             if "agreement" in m else {})}
+  finite = m.pop("finite")
+  n_ok = max(float(finite.sum()), 1.0)
+  means = task.summarize({k: float(v.sum() / n_ok) for k, v in m.items()})
+  return {**{f"train_{k}": v for k, v in means.items()},
+          "skipped_steps": int(len(finite) - finite.sum()),
+          "steps": int(len(finite))}
 
 
-def check_data(model, data: Dataset, batch_size: int) -> None:
+def _stream_epoch(stream: Stream):
+  """This process's batches of a stream's first epoch."""
+  it = stream.iterator(process_index=jax.process_index(),
+                       process_count=jax.process_count())
+  try:
+    for _ in range(stream.steps_per_epoch):
+      yield next(it)
+  finally:
+    it.close()
+
+
+def input_spec(data: Dataset | Stream) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape (without the batch axis) and dtype of one input."""
+  if isinstance(data, Stream):
+    spec = data.element_spec["x"]
+    return tuple(spec.shape), np.dtype(spec.dtype)
+  return data.input_shape, data.input_dtype
+
+
+def resolve_task(task, data: Dataset | Stream) -> tasks_lib.Task:
+  """The task a run trains for: the one given, or the one its training
+  targets suggest (`tasks.infer`)."""
+  if task is not None:
+    return tasks_lib.get(task)
+  if isinstance(data, Stream):
+    spec = data.element_spec["y"]
+    return tasks_lib.get(tasks_lib.infer(np.zeros((1, *spec.shape), spec.dtype)))
+  return tasks_lib.get(tasks_lib.infer(data.y_train))
+
+
+def check_data(model, data: Dataset | Stream, batch_size: int,
+               task: tasks_lib.Task | None = None) -> None:
   """Errors, before any work, for data that `model` cannot train on."""
+  if isinstance(data, Stream):
+    if "y" not in data.element_spec:
+      raise DataError(f"the stream's batches hold {sorted(data.element_spec)}; "
+                      "give each a 'y' (the targets) beside 'x'")
+    if batch_size % jax.process_count():
+      raise ConfigError(f"batch size {batch_size} does not split over the "
+                        f"{jax.process_count()} processes")
+    models.output_classes(model, *input_spec(data))   # the model takes it
+    return
   if batch_size <= 0:
     raise ConfigError(f"batch size must be positive; got {batch_size}")
   if len(data.x_train) < batch_size:
     raise ConfigError(f"batch size {batch_size} is larger than the {len(data.x_train)} "
                       "training examples; use a smaller --batch-size")
-  num_out = models.output_classes(model, data.input_shape)
-  if num_out is not None:
-    check_labels(data.y_train, num_out, "training labels")
-    check_labels(data.y_test, num_out, "test labels")
+  task = task or resolve_task(None, data)
+  if task.name in ("classification", "lm"):
+    if not np.issubdtype(data.y_train.dtype, np.integer):
+      raise DataError(f"the {task.name} task needs integer class ids as "
+                      f"targets; y_train has dtype {data.y_train.dtype}: use "
+                      "task='regression' for float targets")
+    num_out = models.output_classes(model, data.input_shape, data.input_dtype)
+    if num_out is not None:
+      check_labels(data.y_train, num_out, "training labels")
+      check_labels(data.y_test, num_out, "test labels")
   for split in ("train", "val", "test"):
     x = getattr(data, f"x_{split}")
-    if len(x) and not np.all(np.isfinite(x)):
+    if (len(x) and np.issubdtype(x.dtype, np.floating)
+        and not np.all(np.isfinite(x))):
       raise DataError(f"x_{split} holds NaN or inf values; load the data with "
                       "nan_policy='drop' or 'impute'")
 
@@ -250,9 +338,65 @@ def scan_pays(model, state: TrainState, sample) -> bool:
   return "conv_general_dilated" not in names
 
 
-def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
+class ArrayEpochs(Callback):
+  """Feeds `fit` the epochs of a `Dataset` held in memory: each epoch's
+  batch order is a function of the seed and the epoch only (`epoch_order`),
+  so a resumed run needs nothing else saved; the epoch runs as one compiled
+  scan with the data on the devices, or step by step."""
+
+  def __init__(self, data: Dataset, engine, *, batch_size: int, seed: int,
+               use_scan: bool):
+    self.arrays = data.arrays("train")
+    self.engine, self.batch_size, self.seed = engine, batch_size, seed
+    self.use_scan = use_scan
+    self.steps_per_epoch = len(data.x_train) // batch_size
+
+  def run(self, state, epoch: int, *, progress: bool):
+    order = epoch_order(self.seed, epoch, len(self.arrays["x"]), self.batch_size)
+    return self.engine.run_epoch(state, self.arrays, order,
+                                 use_scan=self.use_scan, progress=progress,
+                                 desc=f"epoch {epoch + 1}")
+
+
+class StreamEpochs(Callback):
+  """Feeds `fit` the epochs of a `Stream`, this process's rows of each
+  global batch. One iterator runs across epochs; its position goes into
+  every checkpoint and comes back on resume, so a resumed run reads exactly
+  the batches an uninterrupted one would (a plain iterable's stream saves
+  none: it starts the resumed epoch again from `make_batches(epoch)`)."""
+
+  def __init__(self, stream: Stream, engine):
+    self.stream, self.engine = stream, engine
+    self.steps_per_epoch = stream.steps_per_epoch
+    self._saved, self._it = None, None
+
+  def run(self, state, epoch: int, *, progress: bool):
+    if self._it is None:
+      self._it = self.stream.iterator(
+          epoch=epoch, state=self._saved, process_index=jax.process_index(),
+          process_count=jax.process_count())
+    place = self.engine.placement.local_batch
+    batches = (place(next(self._it)) for _ in range(self.steps_per_epoch))
+    return self.engine.run_steps(state, batches, self.steps_per_epoch,
+                                 progress=progress, desc=f"epoch {epoch + 1}")
+
+  def progress(self):
+    return {"stream": self._it.get_state() if self._it else self._saved}
+
+  def restore(self, progress):
+    self._saved = progress.get("stream")
+
+  def on_fit_end(self, loop):
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+
+def fit(model, tx: optax.GradientTransformation | optim.Spec,
+        data: Dataset | Stream,
         config: FitConfig | None = None, *, state: TrainState | None = None,
-        out=None, resume: bool = False, run_config: dict | None = None,
+        val_data=None, out=None, resume: bool = False,
+        run_config: dict | None = None,
         early_stopping: EarlyStopping | None = None,
         callbacks: Sequence[Callback] = (), progress: bool = True,
         **options) -> FitResult:
@@ -262,9 +406,16 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
     model: a flax linen module (any common call signature), a flax NNX
       module, or plain functions (see `jaxaccel.models.adapt`).
     tx: any optax transformation, or a chain spec (see `jaxaccel.optim`).
-    data: a `Dataset` (see `jaxaccel.data.load`).
+    data: a `Dataset` (see `jaxaccel.data.load` and `from_arrays`), or a
+      `Stream` of batches read from disk or made on the fly
+      (`jaxaccel.data.streams`: a grain source, whose position is saved
+      with each checkpoint, or any iterable of batch dicts); a stream's
+      batch size is its own.
     config: a `FitConfig`; or give its fields as keywords (`epochs=5`), which
       also override the ones of `config`.
+    val_data: what each epoch is validated on: default the `Dataset`'s
+      validation split; for a stream, a `Stream` or a batch dict of arrays
+      (none when not given).
     state: a state to start from instead of a fresh one (fine-tuning).
     out: a run directory for config.json, metrics.jsonl and checkpoints
       (the `RunDirectory` callback).
@@ -290,7 +441,18 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
     tx = optim.build(tx)
   else:
     spec = None
-  check_data(model, data, config.batch_size)
+  if isinstance(data, Stream):
+    if options.get("batch_size", data.batch_size) != data.batch_size:
+      raise ConfigError(f"batch_size={options['batch_size']} differs from the "
+                        f"stream's batch size {data.batch_size}: build the "
+                        "stream with the batch size to train with")
+    config = dataclasses.replace(config, batch_size=data.batch_size)
+  elif val_data is None:
+    val_data = data.arrays("val")
+  task = resolve_task(config.task, data)
+  check_data(model, data, config.batch_size, task)
+  has_val = val_data is not None and (isinstance(val_data, Stream)
+                                      or len(val_data["x"]) > 0)
   if resume and out is None:
     raise ConfigError("resume needs the run directory: pass out=... "
                       "(--out on the command line)")
@@ -298,7 +460,7 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
   engine = parallel_lib.make_engine(
       model, tx, mode=config.parallel, mesh_shape=config.mesh_shape,
       precision=config.precision, rules=config.shard_rules, fsdp=config.fsdp,
-      loss_fn=config.loss_fn, augment=config.augment,
+      task=task, loss_fn=config.loss_fn, augment=config.augment,
       skip_nonfinite=config.skip_nonfinite, teacher=config.teacher)
   engine.check_batch(config.batch_size)
   if state is not None and jax.tree.structure(state.opt_state) != (
@@ -307,14 +469,24 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
         "the given state's optimizer state does not fit the transformation "
         f"fit runs with precision={config.precision!r}; build it with the "
         "optimizer of precision.apply_policy(model, tx, precision)")
+  input_shape, input_dtype = input_spec(data)
   if state is None:
-    state = init_state(model, engine.tx, data.input_shape, seed=config.seed)
+    state = init_state(model, engine.tx, input_shape, seed=config.seed,
+                       dtype=input_dtype)
+  if isinstance(data, Stream):
+    feeder = StreamEpochs(data, engine)
+  else:
+    feeder = ArrayEpochs(data, engine, batch_size=config.batch_size,
+                         seed=config.seed, use_scan=config.epoch_mode == "scan"
+                         or (config.epoch_mode == "auto"
+                             and data.x_train.nbytes < config.scan_max_bytes
+                             and scan_pays(model, state, data.x_train[:1])))
 
   # Callbacks: the built-in ones that change the state or the stop decision
   # first, the user's next, the run directory last (it checkpoints them all).
-  hooks = []
+  hooks = [feeder]
   if optim.has_plateau(state.opt_state):
-    if not len(data.x_val):
+    if not has_val:
       raise ConfigError("reduce_on_plateau watches the validation loss, which "
                         "needs a validation split (validation > 0)")
     hooks.append(PlateauSignal())
@@ -322,38 +494,33 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
   hooks += list(callbacks)
   if out is not None:
     hooks.append(RunDirectory(
-        out, _run_config(model, spec or _describe_tx(tx), data, config,
-                         run_config), normalization=data.stats, resume=resume))
+        out, _run_config(model, spec or _describe_tx(tx), data, task, config,
+                         run_config),
+        normalization=getattr(data, "stats", None), resume=resume))
 
   # In a multi-process run only process 0 shows progress.
   progress = progress and parallel_lib.is_main_process()
   # A fresh copy: donation deletes the buffers of the state passed in.
   loop = FitLoop(state=jax.tree.map(jnp.array, state), epochs=config.epochs,
-                 callbacks=hooks)
+                 callbacks=hooks, task=task)
   for c in hooks:
     c.on_fit_start(loop)
-  n = len(data.x_train)
-  use_scan = config.epoch_mode == "scan" or (
-      config.epoch_mode == "auto" and data.x_train.nbytes < config.scan_max_bytes
-      and scan_pays(model, loop.state, data.x_train[:1]))
   t_start = time.perf_counter()
   epoch_seconds = []
   bar = tqdm(range(loop.epoch, config.epochs), initial=loop.epoch,
              total=config.epochs, desc="fit", unit="epoch",
              disable=not progress, leave=False)
+  val_key = f"val_{task.metric}"
   for epoch in bar:
     t0 = time.perf_counter()
-    order = epoch_order(config.seed, epoch, n, config.batch_size)
-    loop.state, metrics = engine.run_epoch(
-        loop.state, data.x_train, data.y_train, order, use_scan=use_scan,
-        progress=progress, desc=f"epoch {epoch + 1}")
+    loop.state, metrics = feeder.run(loop.state, epoch, progress=progress)
     loop.epoch = epoch + 1
     record = {"epoch": loop.epoch, "step": int(loop.state.step),
-              **_summarize(metrics)}
+              **_summarize(metrics, task)}
     epoch_seconds.append(time.perf_counter() - t0)
-    if len(data.x_val):
-      val = evaluate(model, loop.state, data.x_val, data.y_val)
-      record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    if has_val:
+      val = evaluate(model, loop.state, val_data, task=task)
+      record.update({f"val_{k}": v for k, v in val.items()})
     # Hyperparameters held in the optimizer state: the learning rate first.
     record.update({k: float(v) for k, v in
                    optim.hyperparams(loop.state.opt_state).items()})
@@ -361,8 +528,8 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
     loop.history.append(record)
     for c in hooks:
       c.on_epoch_end(loop, record)
-    bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                    val_acc=f"{record.get('val_accuracy', float('nan')):.4f}")
+    bar.set_postfix({"loss": f"{record['train_loss']:.4f}",
+                     val_key: f"{record.get(val_key, float('nan')):.4f}"})
     if loop.stop:
       break
   bar.close()
@@ -371,21 +538,32 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec, data: Dataset,
   wall = time.perf_counter() - t_start
   # The first epoch also compiles: time the others when there are any.
   timed = epoch_seconds[1:] or epoch_seconds
-  steps = n // config.batch_size
+  steps = feeder.steps_per_epoch
   return FitResult(state=loop.state, history=loop.history,
                    stopped_early=loop.stop, wall_seconds=wall,
                    steps_per_second=steps * len(timed) / sum(timed) if timed else 0.0)
 
 
-def _run_config(model, optimizer: str, data: Dataset, config: FitConfig,
+def _run_config(model, optimizer: str, data: Dataset | Stream,
+                task: tasks_lib.Task, config: FitConfig,
                 extra: dict | None) -> dict:
-  """config.json of a run: what resume checks and `load_run` rebuilds from."""
+  """config.json of a run: what resume checks and `load_run` rebuilds from,
+  the data's description (`data.describe`, or the stream's) among it."""
+  input_shape, input_dtype = input_spec(data)
+  if isinstance(data, Stream):
+    description, num_classes = data.description, None
+    name = description.get("name", "stream")
+  else:
+    description, num_classes = data_lib.describe(data), data.num_classes
+    name = data.name
   run_config = {"model": describe_model(model),
                 "model_spec": models.describe(model), "optimizer": optimizer,
-                "dataset": data.name, "epochs": config.epochs,
+                "dataset": name, "data": description,
+                "task": task.name, "epochs": config.epochs,
                 "batch_size": config.batch_size, "seed": config.seed,
-                "input_shape": list(data.input_shape),
-                "num_classes": data.num_classes, **(extra or {})}
+                "input_shape": list(input_shape),
+                "input_dtype": str(input_dtype),
+                "num_classes": num_classes, **(extra or {})}
   if (config.parallel, config.precision) != ("none", "fp32"):
     run_config.update(parallel=config.parallel, precision=config.precision)
   return run_config
@@ -413,14 +591,14 @@ def load_run(path, *, model=None) -> tuple[Any, dict, dict]:
   return model, variables, config
 
 
-def load_run_data(config: dict) -> Dataset:
-  """The data set a run was trained on, split and scaled as it was, from its
-  config.json (the command line records how it named the data: a path for
-  .npz files)."""
-  return data_lib.load(config.get("data", config["dataset"]),
-                   data_dir=config.get("data_dir"),
-                   validation=config.get("validation", 0.1),
-                   seed=config.get("seed", 0),
-                   normalize=config.get("normalize", "unit"),
-                   nan_policy=config.get("nan_policy", "drop"),
-                   num_classes=config["num_classes"])
+def load_run_data(config: dict, data: Dataset | None = None) -> Dataset:
+  """The data set a run was trained on, split and scaled as it was: `data`
+  when given, else rebuilt from the description in its config.json
+  (`data.rebuild`), which refuses, saying to pass `data`, when it cannot."""
+  if data is not None:
+    return data
+  if not isinstance(config.get("data"), dict):
+    raise DataError("the run's config.json holds no description of its data "
+                    "(it was written by an older jaxaccel): pass the data "
+                    "set (data=...) or train the run again")
+  return data_lib.rebuild(config["data"])

@@ -558,18 +558,21 @@ def recipe_from_flags(*, prune: float | None = None,
   return stages
 
 
-def compress_run(run_dir, stages: list, *,
-                 settings: Settings = Settings()) -> dict:
+def compress_run(run_dir, stages: list, *, settings: Settings = Settings(),
+                 model=None, data: Dataset | None = None) -> dict:
   """Compresses a trained run directory with a recipe's stages.
 
-  The stages are checked before the run is loaded. The result holds the
+  The model and its training data are rebuilt from the run's config.json;
+  give them as `model` (as for `train.load_run`) and `data` when they were
+  built in Python. The stages are checked before the run is loaded. The
+  result holds the
   `jaxaccel compress` keys (before = the trained run, after = the last
   stage), `stages` (one record each), `compressed_model` and
   `compressed_variables` (whose params `report.save_compressed` stores).
   """
   check_recipe(stages)
-  model, variables, config = train.load_run(run_dir)
-  data = train.load_run_data(config)
+  model, variables, config = train.load_run(run_dir, model=model)
+  data = train.load_run_data(config, data)
   model, variables, records = run(model, variables, data, stages,
                                   settings=settings)
   payload = creport.compare(records[0], records[-1])

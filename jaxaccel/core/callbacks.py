@@ -40,6 +40,7 @@ class FitLoop:
   state: Any                    # the TrainState, in host form
   epochs: int                   # the epoch the run ends after
   callbacks: list               # every callback of the run, in call order
+  task: Any = None              # the run's `jaxaccel.tasks.Task`
   epoch: int = 0                # epochs completed (> 0 once resumed)
   history: list = dataclasses.field(default_factory=list)   # one record each
   stop: bool = False            # set to end the run after this epoch
@@ -82,29 +83,39 @@ class EarlyStopping(Callback):
   """Stops when a validation metric has not improved for `patience` epochs.
 
   Args:
-    metric: "val_accuracy" (higher is better) or "val_loss" (lower is).
+    metric: the record's key to watch: "val_loss" (lower is better) or
+      "val_" + the task's ranking metric (`val_accuracy` for classification,
+      higher is better; `val_mse`, `val_bits_per_byte`: lower is). Default:
+      the task's ranking metric.
     patience: epochs without improvement before the run stops.
     min_delta: how much better a value must be to count as improved.
   """
 
-  def __init__(self, metric: str = "val_accuracy", patience: int = 3,
+  def __init__(self, metric: str | None = None, patience: int = 3,
                min_delta: float = 0.0):
-    if metric not in ("val_accuracy", "val_loss"):
-      raise ConfigError(f"early stopping watches val_accuracy or val_loss; "
-                        f"got {metric!r}")
+    if metric is not None and not metric.startswith("val_"):
+      raise ConfigError(f"early stopping watches a validation metric (val_loss, "
+                        f"or val_ and the task's metric); got {metric!r}")
     if patience < 1:
       raise ConfigError(f"early-stopping patience must be at least 1; got {patience}")
     self.metric, self.patience, self.min_delta = metric, patience, min_delta
+    self.maximize = False
     self.best, self.bad_epochs = None, 0
 
   def improved(self, value: float) -> bool:
     if self.best is None:
       return True
-    if self.metric.endswith("loss"):
-      return value < self.best - self.min_delta
-    return value > self.best + self.min_delta
+    return (value > self.best + self.min_delta if self.maximize
+            else value < self.best - self.min_delta)
 
   def on_fit_start(self, loop):
+    task = loop.task
+    ranked = f"val_{task.metric}" if task is not None else "val_accuracy"
+    self.metric = self.metric or ranked
+    if self.metric not in ("val_loss", ranked):
+      raise ConfigError(f"early stopping watches val_loss or {ranked} (the "
+                        f"task's ranking metric); got {self.metric!r}")
+    self.maximize = self.metric == ranked and (task is None or task.maximize)
     self.best, self.bad_epochs = None, 0
 
   def on_epoch_end(self, loop, record):

@@ -39,21 +39,24 @@ def variables_of(state: TrainState) -> dict:
   return {"params": state.params, **state.model_state}
 
 
-def init_variables(model, input_shape, *, seed: int = 0
-                   ) -> tuple[dict, jax.Array]:
-  """The model's initial variables for a seed, and the state's first key."""
+def init_variables(model, input_shape, *, seed: int = 0,
+                   dtype=jnp.float32) -> tuple[dict, jax.Array]:
+  """The model's initial variables for a seed (traced on one input of
+  `input_shape` and `dtype`), and the state's first key."""
   init_key, rng = jax.random.split(jax.random.key(seed))
   params, model_state = adapt(model).init(
-      init_key, jnp.zeros((1, *input_shape), jnp.float32))
+      init_key, jnp.zeros((1, *input_shape), dtype))
   return {"params": params, **model_state}, rng
 
 
 def init_state(model, tx: optax.GradientTransformation, input_shape, *,
-               seed: int = 0, variables: dict | None = None) -> TrainState:
+               seed: int = 0, variables: dict | None = None,
+               dtype=jnp.float32) -> TrainState:
   """A fresh train state: the model's initial variables for `seed` (or the
-  given `variables`, see `warm_start`), the optimizer state, the first key."""
+  given `variables`, see `warm_start`), the optimizer state, the first key.
+  `dtype` is the inputs' (integers for token ids)."""
   if variables is None:
-    variables, rng = init_variables(model, input_shape, seed=seed)
+    variables, rng = init_variables(model, input_shape, seed=seed, dtype=dtype)
   else:
     rng = jax.random.split(jax.random.key(seed))[1]
   return state_from_variables(variables, tx, rng)

@@ -1,9 +1,9 @@
 """The one train step and the one eval step, for every placement.
 
-A train step is a pure function `(state, batch) -> (state, metrics)`. The
-same step runs on one device under `jit`, over a mesh under sharded `jit`,
-and under `pmap` with `axis_name` set, where gradients, the loss, the
-accuracy and the model state are averaged over that axis before the
+A train step is a pure function `(state, batch) -> (state, metrics)`; its
+loss and metrics are a `jaxaccel.tasks.Task`'s. The same step runs on one
+device under `jit`, over a mesh under sharded `jit`, and under `pmap` with `axis_name` set, where gradients, the loss, the
+metrics and the model state are averaged over that axis before the
 update, so every device applies the update one device would.
 
 Examples:
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccel import precision
+from jaxaccel import precision, tasks
 from jaxaccel.core.state import TrainState
 from jaxaccel.models import adapt
 
-Batch = dict   # {"x": float32 inputs, "y": int32 labels}
+Batch = dict   # {"x": inputs, "y": targets, optional "mask", ...}
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -53,7 +53,8 @@ def _mean_floats(tree, axis_name: str):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *,
-                    loss_fn: Callable = cross_entropy,
+                    task: "tasks.Task | str | None" = None,
+                    loss_fn: Callable | None = None,
                     augment: Callable | None = None,
                     skip_nonfinite: bool = True,
                     teacher: Callable | None = None,
@@ -65,9 +66,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     tx: the optimizer. When its state comes from `precision.loss_scaled`,
       the loss is multiplied by the scale before differentiation and the
       optimizer itself turns an overflowing step into a skipped one.
-    loss_fn: `(logits, labels) -> scalar`, or with a teacher
-      `(logits, labels, teacher_logits) -> scalar`.
-    augment: a pure `(key, x) -> x` applied to each batch.
+    task: a `jaxaccel.tasks.Task` or its name (default classification):
+      the loss, the metrics each step reports, what the model is called on.
+    loss_fn: `(outputs, labels) -> scalar`, or with a teacher
+      `(outputs, labels, teacher_outputs) -> scalar`, in place of the
+      task's loss.
+    augment: a pure `(key, x) -> x` applied to each batch's "x".
     skip_nonfinite: a step whose loss or gradients are not finite changes
       nothing but the step counter and the key, and reports `finite=0`.
     teacher: `x -> logits` (or a list of logits) of a trained model, run on
@@ -77,6 +81,9 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
       draws augmentation and dropout for its own rows.
   """
   model = adapt(model)
+  task = tasks.get(task)
+  if loss_fn is not None:
+    task = task.with_loss_fn(loss_fn)
 
   def train_step(state: TrainState, batch: Batch):
     rng, aug_key, dropout_key = jax.random.split(state.rng, 3)
@@ -84,32 +91,31 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
       index = jax.lax.axis_index(axis_name)
       aug_key = jax.random.fold_in(aug_key, index)
       dropout_key = jax.random.fold_in(dropout_key, index)
-    x = augment(aug_key, batch["x"]) if augment is not None else batch["x"]
-    targets = (batch["y"],)
+    batch = dict(batch)
+    if augment is not None:
+      batch["x"] = augment(aug_key, batch["x"])
+    x = task.inputs(batch)
     if teacher is not None:
-      targets += (jax.lax.stop_gradient(teacher(x)),)
+      batch["teacher"] = jax.lax.stop_gradient(teacher(x))
     scaled = precision.is_loss_scaled(state.opt_state)
 
     def loss_of(params):
-      logits, model_state = model.apply(params, state.model_state, x,
-                                        train=True, rng=dropout_key)
-      loss = loss_fn(logits, *targets)
+      outputs, model_state = model.apply(params, state.model_state, x,
+                                         train=True, rng=dropout_key)
+      loss = task.loss(outputs, batch)
       scaled_loss = loss * state.opt_state.scale if scaled else loss
-      return scaled_loss, (loss, logits, model_state)
+      return scaled_loss, (loss, outputs, model_state)
 
-    (_, (loss, logits, model_state)), grads = jax.value_and_grad(
+    (_, (loss, outputs, model_state)), grads = jax.value_and_grad(
         loss_of, has_aux=True)(state.params)
-    predicted = jnp.argmax(logits, -1)
-    accuracy = jnp.mean(predicted == batch["y"])
-    agreement = None
+    values = {"loss": loss, **task.metrics(outputs, batch)}
     if teacher is not None:
-      t = targets[1]
+      t = batch["teacher"]
       if isinstance(t, (list, tuple)):    # several teachers: their mean vote
         t = sum(jax.nn.softmax(ti.astype(jnp.float32)) for ti in t)
-      agreement = jnp.mean(predicted == jnp.argmax(t, -1))
+      values["agreement"] = jnp.mean(jnp.argmax(outputs, -1) == jnp.argmax(t, -1))
     if axis_name is not None:
-      grads, loss, accuracy, agreement = jax.lax.pmean(
-          (grads, loss, accuracy, agreement), axis_name)
+      grads, values = jax.lax.pmean((grads, values), axis_name)
       model_state = _mean_floats(model_state, axis_name)
 
     def apply_update(_):
@@ -122,13 +128,13 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     if scaled:
       # The loss-scale transformation turns an overflowing step into zero
       # updates and a smaller scale; the model state is kept here.
-      finite = all_finite(loss, grads)
+      finite = all_finite(values["loss"], grads)
       params, opt_state, _ = apply_update(None)
       model_state = jax.lax.cond(finite, lambda _: model_state,
                                  lambda _: state.model_state, None)
     elif skip_nonfinite:
       # The update runs only on finite steps: no select pass over the state.
-      finite = all_finite(loss, grads)
+      finite = all_finite(values["loss"], grads)
       params, opt_state, model_state = jax.lax.cond(finite, apply_update, keep,
                                                     None)
     else:
@@ -137,26 +143,22 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
     new_state = TrainState(step=state.step + 1, params=params,
                            model_state=model_state, opt_state=opt_state,
                            rng=rng)
-    metrics = {"loss": jnp.where(finite, loss, 0.0),
-               "accuracy": jnp.where(finite, accuracy, 0.0),
-               "finite": finite.astype(jnp.float32)}
-    if agreement is not None:
-      metrics["agreement"] = jnp.where(finite, agreement, 0.0)
+    metrics = {k: jnp.where(finite, v, 0.0) for k, v in values.items()}
+    metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
   return train_step
 
 
-def make_eval_step(model):
-  """Builds `(variables, batch) -> sums` of cross-entropy, correct answers
-  and examples, for a batch whose padding rows have `mask` 0."""
+def make_eval_step(model, task: "tasks.Task | str | None" = None):
+  """Builds `(variables, batch) -> sums`: the task's loss and metrics, each
+  times the batch's `count` of valid targets, and that `count` (rows that
+  fill a last batch have `mask` 0)."""
   model = adapt(model)
+  task = tasks.get(task)
 
   def eval_step(variables, batch):
-    logits = model.logits(variables, batch["x"])
-    per_example = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["y"])
-    mask = batch["mask"]
-    correct = (jnp.argmax(logits, -1) == batch["y"]) * mask
-    return {"loss": jnp.sum(per_example * mask), "correct": jnp.sum(correct),
-            "count": jnp.sum(mask)}
+    outputs = model.logits(variables, task.inputs(batch))
+    count = task.count(batch)
+    values = {"loss": task.loss(outputs, batch), **task.metrics(outputs, batch)}
+    return {**{k: v * count for k, v in values.items()}, "count": count}
   return eval_step

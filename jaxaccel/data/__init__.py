@@ -1,8 +1,14 @@
 """Data sets, cleaning, normalization, splits, batching and augmentation.
 
 Everything returns plain numpy arrays on the host: images are float32 NHWC,
-labels are int32 class indices. Augmentations are pure jax functions so they
-can run inside a compiled train step.
+labels are int32 class indices; `from_arrays` takes inputs and targets of
+any dtype and shape (token ids stay integers, regression targets floats).
+Every `Dataset` carries a `description` of how it was made (source, file
+hash, split, cleaning, normalization), which `fit` writes to a run's
+config.json and `rebuild` reads back, so everything that needs a run's data
+later (int8 calibration, compression's fine-tuning) gets it exactly as the
+run saw it. Augmentations are pure jax functions so they can run inside a
+compiled train step.
 
 Examples:
   >>> from jaxaccel import data
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import os
 import pathlib
 import struct
@@ -23,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxaccel.errors import DataError
+from jaxaccel.data import streams
+from jaxaccel.data.streams import (ArrayFiles, Stream, from_grain,
+                                   from_iterable, save_arrays)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -35,23 +45,39 @@ DATASETS = ("digits", "fashion_mnist")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """Train / validation / test arrays of one data set, ready to train on."""
   name: str
-  x_train: np.ndarray      # float32, (n, h, w, c) or (n, features)
-  y_train: np.ndarray      # int32, (n,)
+  x_train: np.ndarray      # float32 (n, h, w, c) or (n, features); any dtype
+  y_train: np.ndarray      # int32 (n,) labels; or a target per position, floats
   x_val: np.ndarray
   y_val: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
-  num_classes: int
+  num_classes: int | None  # None for regression targets
   report: dict             # what cleaning and normalization did
   stats: dict = dataclasses.field(default_factory=dict)  # see `preprocess`
+  # How the data was made (see `rebuild`); {} for arrays built by hand.
+  description: dict = dataclasses.field(default_factory=dict)
+  # More arrays with a row per example, by split: {"mask": {"train": ...}}.
+  extras: dict = dataclasses.field(default_factory=dict)
 
   @property
   def input_shape(self) -> tuple[int, ...]:
     return tuple(self.x_train.shape[1:])
+
+  @property
+  def input_dtype(self) -> np.dtype:
+    return self.x_train.dtype
+
+  def arrays(self, split: str) -> dict[str, np.ndarray]:
+    """One split as the batch dict a task sees: "x", "y" and the extras."""
+    return {"x": getattr(self, f"x_{split}"), "y": getattr(self, f"y_{split}"),
+            **{k: v[split] for k, v in self.extras.items()}}
 
 
 # ---------------------------------------------------------------- raw loaders
@@ -248,7 +274,10 @@ def check_rows(x: np.ndarray, shape, source: str) -> np.ndarray:
 def preprocess(x_raw, stats: dict):
   """Applies a data set's normalization (`Dataset.stats`) to raw inputs:
   numpy in, numpy out; a jax array (as inside an exported function) in, a
-  jax array out, by the same operations."""
+  jax array out, by the same operations. With no statistics (arrays built
+  by hand, integer token ids) the inputs are returned as they are."""
+  if not stats:
+    return x_raw
   x = (x_raw.astype(np.float32) if isinstance(x_raw, jax.Array)
        else np.asarray(x_raw, np.float32)) / np.float32(stats["scale"])
   if "mean" in stats:
@@ -283,7 +312,8 @@ def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
     num_classes: the number of classes; inferred from the labels if None.
 
   Returns:
-    A `Dataset` of float32 inputs and int32 labels.
+    A `Dataset` of float32 inputs and int32 labels, with the `description`
+    that `rebuild` makes it again from.
   """
   if normalize not in ("unit", "standardize"):
     raise DataError(f"unknown normalization {normalize!r}: use unit or "
@@ -305,6 +335,15 @@ def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
     (x_tr, x_val, x_te), (stats["mean"], stats["std"]) = standardize(
         x_tr, x_val, x_te)
   as_labels = lambda y: np.asarray(y, dtype=np.int32)
+  description = {"source": name if name in DATASETS else "npz",
+                 "validation": validation, "seed": seed,
+                 "normalize": normalize, "nan_policy": nan_policy,
+                 "num_classes": num_classes}
+  if name == "fashion_mnist" and data_dir is not None:
+    description["data_dir"] = str(pathlib.Path(data_dir).absolute())
+  if name not in DATASETS:
+    path = pathlib.Path(name).absolute()
+    description.update(path=str(path), sha256=file_hash(path))
   return Dataset(
       name=str(name), x_train=x_tr.astype(np.float32), y_train=as_labels(y_tr),
       x_val=x_val.astype(np.float32), y_val=as_labels(y_val),
@@ -312,7 +351,183 @@ def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
       num_classes=num_classes,
       report={"cleaned_train": rep_tr, "cleaned_test": rep_te,
               "scale": scale, "normalize": normalize},
-      stats=stats)
+      stats=stats, description=description)
+
+
+def from_arrays(train: dict, test: dict | None = None, *,
+                validation: float = 0.1, seed: int = 0,
+                normalize: str = "none", nan_policy: str = "raise",
+                num_classes: int | None = None, name: str = "arrays") -> Dataset:
+  """A `Dataset` of arrays held in memory, of any dtype and shape.
+
+  Args:
+    train: {"x": inputs, "y": targets, ...}: a row per example in every
+      array. Extra keys (a padding "mask" of shape (n,) or (n, positions))
+      reach the task with each batch. Integer inputs (token ids) stay
+      integers; integer targets are class ids (one per example, or one per
+      position); float targets are a regression's.
+    test: the same keys for the test split (default: none).
+    validation: fraction of the training rows held out, shuffled by `seed`.
+    normalize: for floating inputs: "none", or "standardize" with the
+      training rows' statistics (integer inputs are never normalized).
+    nan_policy: rows with NaN or inf in a float input or target: "raise"
+      or "drop".
+    num_classes: for integer targets (default: the largest plus one).
+    name: what records call the data.
+
+  Returns:
+    A `Dataset` whose description says it was built in Python: a run
+    trained on it is rebuilt by passing the data again (`data=`).
+
+  Examples:
+    >>> import numpy as np
+    >>> x = np.linspace(-1, 1, 50, dtype=np.float32)[:, None]
+    >>> ds = from_arrays({"x": x, "y": 2 * x[:, 0]}, validation=0.2)
+    >>> ds.x_train.shape, ds.x_val.shape, ds.num_classes
+    ((40, 1), (10, 1), None)
+  """
+  if normalize not in ("none", "standardize"):
+    raise DataError(f"unknown normalization {normalize!r} for arrays: use "
+                    "none or standardize")
+  if nan_policy not in ("raise", "drop"):
+    raise DataError(f"unknown nan_policy {nan_policy!r} for arrays: use raise "
+                    "or drop")
+  splits = {"train": _check_split(train, "train", nan_policy)}
+  splits["test"] = (_check_split(test, "test", nan_policy) if test is not None
+                    else {k: v[:0] for k, v in splits["train"].items()})
+  if set(splits["test"]) != set(splits["train"]):
+    raise DataError(f"train has keys {sorted(splits['train'])} but test "
+                    f"{sorted(splits['test'])}; give both the same keys")
+  if not 0.0 <= validation < 1.0:
+    raise DataError(f"validation fraction must lie in [0, 1); got {validation}")
+  order = np.random.default_rng(seed).permutation(len(splits["train"]["x"]))
+  n_val = int(round(len(order) * validation))
+  full = splits.pop("train")
+  splits["val"] = {k: v[order[:n_val]] for k, v in full.items()}
+  splits["train"] = {k: v[order[n_val:]] for k, v in full.items()}
+  if len(splits["train"]["x"]) == 0:
+    raise DataError(f"{name}: no training rows are left")
+  y = splits["train"]["y"]
+  if np.issubdtype(y.dtype, np.integer):
+    if num_classes is None:
+      num_classes = int(max(np.max(s["y"], initial=0) for s in splits.values())) + 1
+    for split, arrays in splits.items():
+      check_labels(arrays["y"], num_classes, f"{name}: {split} targets")
+  else:
+    num_classes = None
+  stats = {}
+  if normalize == "standardize" and np.issubdtype(full["x"].dtype, np.floating):
+    xs, (stats["mean"], stats["std"]) = standardize(
+        *(splits[s]["x"] for s in SPLITS))
+    for split, x in zip(SPLITS, xs):
+      splits[split]["x"] = x
+    stats["scale"] = np.float32(1.0)
+  extras = {k: {s: splits[s][k] for s in SPLITS} for k in full
+            if k not in ("x", "y")}
+  return Dataset(
+      name=name, **{f"{k}_{s}": splits[s][k] for s in SPLITS for k in "xy"},
+      num_classes=num_classes, report={"normalize": normalize}, stats=stats,
+      description={"source": "arrays", "name": name, "validation": validation,
+                   "seed": seed, "normalize": normalize},
+      extras=extras)
+
+
+def _check_split(arrays: dict, split: str, nan_policy: str) -> dict:
+  if not isinstance(arrays, dict) or "x" not in arrays or "y" not in arrays:
+    raise DataError(f"the {split} split must be a dict with 'x' and 'y' (and "
+                    f"any extra per-example arrays); got {type(arrays).__name__}"
+                    + (f" with keys {sorted(arrays)}" if isinstance(arrays, dict)
+                       else ""))
+  out = {}
+  for k, v in arrays.items():
+    v = np.asarray(v)
+    if v.dtype.kind not in "biuf":
+      raise DataError(f"{split} '{k}' has dtype {v.dtype}; give numbers "
+                      "(integers, floats or booleans)")
+    if v.ndim == 0 or len(v) != len(arrays["x"]):
+      raise DataError(f"{split} '{k}' has shape {v.shape} but 'x' has "
+                      f"{len(np.asarray(arrays['x']))} rows; give every array "
+                      "one row per example")
+    out[k] = v.astype(np.float32) if v.dtype == np.float64 else v
+  bad = np.zeros(len(out["x"]), bool)
+  for k in ("x", "y"):
+    if np.issubdtype(out[k].dtype, np.floating):
+      bad |= ~np.isfinite(out[k]).reshape(len(bad), -1).all(axis=1)
+  if bad.any():
+    if nan_policy == "raise":
+      raise DataError(f"{int(bad.sum())} {split} rows hold NaN or inf values; "
+                      "clean them or pass nan_policy='drop'")
+    out = {k: v[~bad] for k, v in out.items()}
+  return out
+
+
+def file_hash(path) -> str:
+  """The SHA-256 of a file's contents, read in chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def fingerprint(ds: Dataset) -> dict:
+  """A cheap summary of a data set's contents: every split's shapes and a
+  hash of up to 64 evenly spaced rows of each array. Equal fingerprints mean
+  `rebuild` gave back the arrays a run trained on, not a cut or changed
+  copy of them."""
+  digest = hashlib.sha256()
+  shapes = {}
+  for split in SPLITS:
+    for k, a in sorted(ds.arrays(split).items()):
+      shapes[f"{k}_{split}"] = list(a.shape)
+      rows = a[::max(1, len(a) // 64)]
+      digest.update(np.ascontiguousarray(rows).tobytes())
+  return {"shapes": shapes, "sample_sha256": digest.hexdigest()}
+
+
+def describe(ds: Dataset) -> dict:
+  """What a run's config.json records of its data: the data set's
+  description (or, for arrays built by hand, that they were) and its
+  fingerprint."""
+  return {**(ds.description or {"source": "arrays", "name": ds.name}),
+          "fingerprint": fingerprint(ds)}
+
+
+def rebuild(description: dict) -> Dataset:
+  """The data set a run was trained on, made again from the `describe`
+  record in its config.json: the same file (checked by its hash), split,
+  cleaning and normalization.
+
+  Raises:
+    DataError: when the data cannot be made again (it was built in Python,
+      or a file changed); the message says to pass the data itself.
+  """
+  source = description.get("source")
+  name = description.get("name", "arrays")
+  if source not in DATASETS + ("npz",):
+    raise DataError(
+        f"the run was trained on data built in Python ({name!r}), which "
+        "config.json cannot make again: pass it, e.g. export_run(run, ..., "
+        "data=ds) or compress_run(run, stages, data=ds)")
+  path = description.get("path")
+  if path is not None and (not pathlib.Path(path).is_file()
+                           or file_hash(path) != description.get("sha256")):
+    raise DataError(f"the run's data file {path} is missing or has changed "
+                    "since the run trained on it: restore it, or pass the data "
+                    "in Python (data=...)")
+  ds = load(path or source, data_dir=description.get("data_dir"),
+            validation=description["validation"], seed=description["seed"],
+            normalize=description["normalize"],
+            nan_policy=description["nan_policy"],
+            num_classes=description["num_classes"])
+  if ("fingerprint" in description
+      and fingerprint(ds) != description["fingerprint"]):
+    raise DataError(
+        f"the run trained on a changed copy of {source!r} (its arrays differ "
+        f"from what loading it gives: {description['fingerprint']['shapes']}), "
+        "for example cut to fewer rows in Python: pass that data set "
+        "(data=...)")
+  return ds
 
 
 def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:

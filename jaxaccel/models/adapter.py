@@ -375,11 +375,13 @@ def adapt(model) -> ModelAdapter:
       "jaxaccel.models.from_functions(init_fn, apply_fn)")
 
 
-def output_classes(model, sample_shape) -> int | None:
-  """The size of the last axis of the model's logits for one input of
-  `sample_shape`, found without computing anything."""
+def output_classes(model, sample_shape, dtype=jnp.float32) -> int | None:
+  """The size of the last axis of the model's outputs (logits: one per
+  class, or per position and class) for one input of `sample_shape` and
+  `dtype`, found without computing anything; None for one value per
+  example."""
   adapter = adapt(model)
-  sample = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)
+  sample = jax.ShapeDtypeStruct((1, *sample_shape), dtype)
 
   def logits(key, x):
     params, state = adapter.init(key, x)
@@ -391,4 +393,4 @@ def output_classes(model, sample_shape) -> int | None:
         f"the model cannot take inputs of shape {tuple(sample_shape)} "
         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the "
         "data's shape against the model") from None
-  return int(out.shape[-1]) if out.ndim == 2 else None
+  return int(out.shape[-1]) if out.ndim >= 2 else None

@@ -46,8 +46,9 @@ def create(name: str, *, num_classes: int, **kwargs) -> nn.Module:
   if unknown:
     raise ConfigError(f"model {name!r} has no option {sorted(unknown)[0]!r}; "
                       f"its options are {', '.join(sorted(fields))}")
-  if num_classes < 2:
-    raise ConfigError(f"num_classes must be at least 2; got {num_classes}")
+  if num_classes < 1:
+    raise ConfigError(f"num_classes (the outputs: classes, or 1 for a "
+                      f"regression) must be at least 1; got {num_classes}")
   return cls(num_classes=num_classes, **kwargs)
 
 
