@@ -7,13 +7,14 @@ Bad input ends with a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import pathlib
 import sys
 
-from jaxaccel.errors import ConfigError, JaxaccelError
+from jaxaccel.errors import ConfigError, DataError, JaxaccelError
 
 EXIT_BAD_INPUT = 2
 
@@ -68,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
   def data_args(p):
     p.add_argument("--dataset", default="digits",
-                   help="digits, fashion_mnist, or PATH.npz (default: digits)")
+                   help="digits, fashion_mnist, PATH.npz, or DIR: train/, val/ "
+                        "and test/ subdirectories of .npy arrays, streamed "
+                        "from disk (default: digits)")
+    p.add_argument("--task", choices=("classification", "lm", "regression"),
+                   help="what the model is trained for (default: from the "
+                        "targets: integer labels classify, floats regress)")
     p.add_argument("--data-dir", help="directory of the Fashion-MNIST files")
     p.add_argument("--validation", type=_fraction, default=0.1,
                    help="fraction of training rows held out (default 0.1)")
@@ -163,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(runs without the model's code)")
   p.add_argument("--input", required=True,
                  help=".npy of raw inputs in the data set's units, rows first")
-  p.add_argument("--output", help="write the predicted classes to this .npy")
+  p.add_argument("--output", help="write the predicted classes (other tasks: "
+                 "the outputs) to this .npy")
 
   p = sub.add_parser("export", help="write a run's model as a StableHLO or "
                      "ONNX file that runs without its Python code")
@@ -254,6 +261,50 @@ def _json_default(v):
   raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
+@dataclasses.dataclass
+class _TrainingData:
+  """What `train` trains on: a loaded data set's splits, or streams of the
+  arrays of a directory on disk."""
+  train: object                 # a Dataset, or a Stream of the train split
+  val: object                   # what `fit` validates on (None: the Dataset's)
+  test: object                  # what the result is tested on, or None
+  input_shape: tuple
+  outputs: int                  # the model's outputs: classes, or values
+  task: str | None
+  streamed: bool
+
+
+def _training_data(args) -> _TrainingData:
+  import numpy as np
+  from jaxaccel import data, tasks
+  if pathlib.Path(args.dataset).is_dir():
+    files = data.split_files(args.dataset)
+    columns = files["train"].columns
+    if "y" not in columns:
+      raise DataError(f"{args.dataset}/train holds no y.npy (the targets)")
+    y = columns["y"]
+    task = args.task or tasks.infer(y[:1])
+    if task == "classification":
+      outputs = args.num_classes or int(y.max()) + 1
+    else:
+      outputs = int(np.prod(y.shape[1:], dtype=int))
+    stream = data.from_grain(files["train"], batch_size=args.batch_size,
+                             seed=args.seed, name=args.dataset)
+    return _TrainingData(train=stream, val=files.get("val"),
+                         test=files.get("test"), input_shape=columns["x"].shape[1:],
+                         outputs=outputs, task=task, streamed=True)
+  ds = data.load(args.dataset, data_dir=args.data_dir,
+                 validation=args.validation, seed=args.seed,
+                 normalize=args.normalize, nan_policy=args.nan_policy,
+                 num_classes=args.num_classes,
+                 regression=args.task == "regression")
+  outputs = (ds.num_classes if ds.num_classes is not None
+             else int(np.prod(ds.y_train.shape[1:], dtype=int)))
+  return _TrainingData(train=ds, val=None, test=ds.arrays("test"),
+                       input_shape=ds.input_shape, outputs=outputs,
+                       task=args.task, streamed=False)
+
+
 def cmd_train(args) -> None:
   from jaxaccel import core, data, models, optim, parallel, train
   # Joins the other processes before anything touches a device.
@@ -268,12 +319,9 @@ def cmd_train(args) -> None:
              if args.augment else None)
   if args.resume and not args.out:
     raise ConfigError("--resume needs --out DIR, the run to continue")
-  ds = data.load(args.dataset, data_dir=args.data_dir,
-                 validation=args.validation, seed=args.seed,
-                 normalize=args.normalize, nan_policy=args.nan_policy,
-                 num_classes=args.num_classes)
-  models.check_input(name, ds.input_shape)
-  model = models.create(name, num_classes=ds.num_classes, **kwargs)
+  source = _training_data(args)
+  models.check_input(name, source.input_shape)
+  model = models.create(name, num_classes=source.outputs, **kwargs)
   out = args.out or os.path.join(
       "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}-"
       f"{pathlib.Path(args.dataset).stem}")
@@ -287,30 +335,35 @@ def cmd_train(args) -> None:
   state = None
   if args.init_from:
     _, source, _ = train.load_run(args.init_from)
-    variables, copied = core.warm_start(model, source, ds.input_shape,
+    variables, copied = core.warm_start(model, source, source.input_shape,
                                          seed=args.seed)
     from jaxaccel import precision
     _, tx = precision.apply_policy(model, optim.build(calls), args.precision)
-    state = core.init_state(model, tx, ds.input_shape, seed=args.seed,
+    state = core.init_state(model, tx, source.input_shape, seed=args.seed,
                              variables=variables)
     run_config["init_from"] = {"run": args.init_from, "copied": copied}
     if not args.no_progress:
       print(f"warm start from {args.init_from}: copied {', '.join(copied)}")
-  result = train.fit(model, calls, ds, epochs=args.epochs,
-                     batch_size=args.batch_size, seed=args.seed, out=out,
+  result = train.fit(model, calls, source.train, epochs=args.epochs,
+                     val_data=source.val, task=source.task,
+                     **({} if source.streamed else {"batch_size": args.batch_size}),
+                     seed=args.seed, out=out,
                      resume=args.resume, early_stopping=early, augment=augment,
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
                      run_config=run_config, state=state, parallel=args.parallel,
                      mesh_shape=mesh_shape, precision=args.precision,
                      fsdp=args.fsdp, callbacks=callbacks)
-  test = train.evaluate(model, result.state, ds.x_test, ds.y_test)
+  task = train.resolve_task(source.task, source.train)
+  test = (train.evaluate(model, result.state, source.test, task=task)
+          if source.test is not None else {})
   if not parallel.is_main_process():
     return
   last = result.history[-1] if result.history else {}
+  metric = task.metric
   payload = {
-      "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+      **{f"test_{k}": v for k, v in test.items()}, "task": task.name,
       "train_loss": last.get("train_loss"),
-      "val_accuracy": last.get("val_accuracy"),
+      f"val_{metric}": last.get(f"val_{metric}"),
       "epochs": last.get("epoch", 0), "stopped_early": result.stopped_early,
       "skipped_steps": sum(r["skipped_steps"] for r in result.history),
       "steps_per_second": round(result.steps_per_second, 2),
@@ -319,9 +372,11 @@ def cmd_train(args) -> None:
       "devices": jax.device_count(), "processes": jax.process_count(),
       "parallel": args.parallel, "precision": args.precision,
       "optimizer": spec, "model": args.model,
-      "dataset": ds.name, "out": str(out),
+      "dataset": args.dataset, "out": str(out),
   }
-  human = (f"{args.model} on {ds.name}: test accuracy {test['accuracy']:.4f}, "
+  shown = (f"test {metric.replace('_', ' ')} {test[metric]:.4f}" if test
+           else "no test split")
+  human = (f"{args.model} on {args.dataset}: {shown}, "
            f"train loss {payload['train_loss']:.4f}, {payload['epochs']} epochs, "
            f"{payload['steps_per_second']:.0f} steps/s, "
            f"{payload['parameters']:,} parameters, {payload['wall_seconds']:.1f} s"
@@ -331,7 +386,6 @@ def cmd_train(args) -> None:
 
 def _read_npy(path: pathlib.Path):
   import numpy as np
-  from jaxaccel.errors import DataError
   if not path.is_file():
     raise DataError(f"input file {path} does not exist; give a .npy of inputs")
   try:
@@ -354,9 +408,20 @@ def cmd_predict(args) -> None:
     from jaxaccel.checkpoint import RunDir
     model, variables, config = train.load_run(args.run)
     x = data.check_rows(_read_npy(path), config["input_shape"], "the run")
-    stats = RunDir(args.run).read_normalization() or {"scale": 1.0}
+    stats = RunDir(args.run).read_normalization()
     logits = train.predict(model, variables, data.preprocess(x, stats))
     num_classes = config["num_classes"]
+    if config.get("task", "classification") != "classification":
+      # The outputs themselves: a regression's values, a sequence's logits.
+      payload = {"count": int(len(logits)), "task": config["task"]}
+      if args.output:
+        np.save(args.output, logits)
+        payload["output"] = args.output
+      else:
+        payload["outputs"] = logits.tolist()
+      _emit(args, f"{len(logits)} outputs of shape {logits.shape[1:]}"
+            + (f" written to {args.output}" if args.output else ""), payload)
+      return
   classes = logits.argmax(-1).astype(np.int32)
   payload = {"count": int(len(classes))}
   if args.output:
@@ -457,9 +522,10 @@ def cmd_sweep(args) -> None:
   ds = data.load(args.dataset, data_dir=args.data_dir,
                  validation=args.validation, seed=0,
                  normalize=args.normalize, nan_policy=args.nan_policy,
-                 num_classes=args.num_classes)
+                 num_classes=args.num_classes,
+                 regression=args.task == "regression")
   models.check_input(name, ds.input_shape)
-  model = models.create(name, num_classes=ds.num_classes, **kwargs)
+  model = models.create(name, num_classes=ds.num_classes or 1, **kwargs)
   if args.batch_sizes:
     out = sweep.sweep_batch_sizes(model, specs[0], ds, batch_sizes=sizes,
                                   base_batch_size=args.batch_size,
@@ -482,12 +548,13 @@ def cmd_sweep(args) -> None:
                        seeds=range(args.seeds), batch_size=args.batch_size,
                        halving_every=args.halving_every,
                        sequential_sample=args.sequential_sample,
-                       progress=not args.no_progress)
-  rows = [(r["spec"], r["seed"], r["epochs"], f"{r['val_accuracy']:.4f}")
+                       task=args.task, progress=not args.no_progress)
+  metric = result.metric
+  rows = [(r["spec"], r["seed"], r["epochs"], f"{r[metric]:.4f}")
           for r in result.results]
-  human = _table(("spec", "seed", "epochs", "val acc"), rows)
+  human = _table(("spec", "seed", "epochs", metric.replace("_", " ")), rows)
   human += (f"\nbest: {result.best['spec']} (seed {result.best['seed']}), "
-            f"val accuracy {result.best['val_accuracy']:.4f}; "
+            f"{metric.replace('_', ' ')} {result.best[metric]:.4f}; "
             f"{len(result.results)} configs in {result.wall_seconds:.1f} s")
   if result.sequential_estimate_seconds:
     human += (f", one after another ~{result.sequential_estimate_seconds:.1f} s "

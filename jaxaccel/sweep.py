@@ -297,6 +297,9 @@ def sweep_batch_sizes(model, spec, data: Dataset, *,
   `best` (the batch size reaching the target first). Times are the training
   seconds of each epoch, the first one including compilation.
   """
+  if train.resolve_task(None, data).name != "classification":
+    raise ConfigError("batch-size search ranks batch sizes by the time to a "
+                      "validation accuracy: it takes classification data")
   calls = optim.parse(spec)
   base_lr = _constant_learning_rate(calls)
   if not batch_sizes:

@@ -36,7 +36,7 @@ from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
                            RunDirectory, TrainState, compiled, init_state,
                            make_eval_step, variables_of)
 from jaxaccel.data import Dataset, check_labels
-from jaxaccel.data.streams import Stream
+from jaxaccel.data.streams import ArrayFiles, Stream
 from jaxaccel.errors import CheckpointError, ConfigError, DataError
 from jaxaccel.models import adapt
 
@@ -93,8 +93,9 @@ def evaluate(model, state_or_variables, x, y: np.ndarray | None = None, *,
     model: any model `jaxaccel.models.adapt` takes.
     state_or_variables: a `TrainState` or `{"params": ..., **model_state}`.
     x: inputs; or a batch dict of whole arrays (`Dataset.arrays(split)`:
-      "x", "y" and extras such as a "mask"), with `y` None; or a `Stream`
-      (`jaxaccel.data.streams`), of which one epoch is read.
+      "x", "y" and extras such as a "mask"), with `y` None; or arrays on
+      disk (`jaxaccel.data.ArrayFiles`), read a batch at a time; or a
+      `Stream` (`jaxaccel.data.streams`), of which one epoch is read.
     y: targets.
     task: a `jaxaccel.tasks.Task` or its name (default classification).
 
@@ -106,6 +107,9 @@ def evaluate(model, state_or_variables, x, y: np.ndarray | None = None, *,
   step = _jitted_eval_step(adapt(model), task)
   if isinstance(x, Stream):
     batches = _stream_epoch(x)
+  elif isinstance(x, ArrayFiles):   # read a slice of rows at a time
+    batches = (b for lo in range(0, len(x), batch_size)
+               for b in eval_batches(x[lo:lo + batch_size], batch_size))
   else:
     arrays = dict(x) if isinstance(x, dict) else {"x": x, "y": y}
     batches = eval_batches(arrays, batch_size) if len(arrays["x"]) else ()
@@ -414,8 +418,8 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
     config: a `FitConfig`; or give its fields as keywords (`epochs=5`), which
       also override the ones of `config`.
     val_data: what each epoch is validated on: default the `Dataset`'s
-      validation split; for a stream, a `Stream` or a batch dict of arrays
-      (none when not given).
+      validation split; for a stream, an `ArrayFiles`, a `Stream` or a
+      batch dict of arrays (none when not given).
     state: a state to start from instead of a fresh one (fine-tuning).
     out: a run directory for config.json, metrics.jsonl and checkpoints
       (the `RunDirectory` callback).
@@ -451,8 +455,9 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
     val_data = data.arrays("val")
   task = resolve_task(config.task, data)
   check_data(model, data, config.batch_size, task)
-  has_val = val_data is not None and (isinstance(val_data, Stream)
-                                      or len(val_data["x"]) > 0)
+  has_val = val_data is not None and (
+      isinstance(val_data, Stream) or len(val_data) > 0
+      if not isinstance(val_data, dict) else len(val_data["x"]) > 0)
   if resume and out is None:
     raise ConfigError("resume needs the run directory: pass out=... "
                       "(--out on the command line)")

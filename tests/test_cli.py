@@ -245,3 +245,52 @@ def test_resume_with_no_directory_starts_fresh(tmp_path, capsys):
   assert code == 0
   assert f"no checkpoint in {tmp_path / 'new'} yet; starting a fresh run" in err
   assert RunDir(tmp_path / "new").latest_epoch() == 1
+
+
+def test_regression_from_the_command_line_trains_and_predicts_values(
+    tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (1200, 2)).astype(np.float32)
+  y = x[:, 0] * x[:, 1] + 0.5 * x[:, 0]
+  np.savez(tmp_path / "reg.npz", x_train=x[:1000], y_train=y[:1000],
+           x_test=x[1000:], y_test=y[1000:])
+  code, out, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "reg.npz"),
+                           "--model", "mlp:64,64", "--epochs", "20",
+                           "--batch-size", "50", "--optimizer", "adam(3e-3)",
+                           "--normalize", "standardize",
+                           "--out", str(tmp_path / "r"), "--json", "--no-progress")
+  assert code == 0, err
+  result = last_json(out)
+  assert result["task"] == "regression" and "test_accuracy" not in result
+  assert result["test_mse"] < 0.1 * np.var(y) and result["val_mse"] < 0.1 * np.var(y)
+  np.save(tmp_path / "x.npy", x[1000:])
+  code, out, err = run_cli(capsys, "predict", "--run", str(tmp_path / "r"),
+                           "--input", str(tmp_path / "x.npy"),
+                           "--output", str(tmp_path / "y.npy"), "--json")
+  assert code == 0, err
+  predicted = np.load(tmp_path / "y.npy")
+  assert predicted.shape == (200, 1)
+  assert np.mean((predicted[:, 0] - y[1000:]) ** 2) == pytest.approx(
+      result["test_mse"], rel=1e-4)
+
+
+def test_a_directory_of_arrays_is_streamed_from_disk(digits, tmp_path, capsys):
+  from jaxaccel import data
+  for split in ("train", "val", "test"):
+    data.save_arrays(tmp_path / "ds" / split, x=getattr(digits, f"x_{split}"),
+                     y=getattr(digits, f"y_{split}"))
+  code, out, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "ds"),
+                           "--model", "mlp:32", "--epochs", "4",
+                           "--batch-size", "32", "--optimizer", "adam(3e-3)",
+                           "--out", str(tmp_path / "r"), "--json", "--no-progress")
+  assert code == 0, err
+  result = last_json(out)
+  assert result["test_accuracy"] > 0.85 and result["val_accuracy"] > 0.85
+  config = RunDir(tmp_path / "r").read_config()
+  assert config["data"]["source"] == "grain"
+  assert config["data"]["path"] == str((tmp_path / "ds" / "train").resolve())
+  # An int8 export must calibrate on the data: it says how to give it.
+  code, _, err = run_cli(capsys, "export", "--run", str(tmp_path / "r"),
+                         "--format", "onnx", "--int8", "--out",
+                         str(tmp_path / "m.onnx"))
+  assert code == 2 and "which config.json cannot make again" in err

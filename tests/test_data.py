@@ -69,9 +69,9 @@ def test_npz_roundtrip_adds_channel_and_scales(tiny_npz):
     (dict(x_train=np.zeros((4, 2)), y_train=np.zeros(3, int),
           x_test=np.zeros((2, 2)), y_test=np.zeros(2, int)),
      "x_train has 4 rows but y_train has shape"),
-    (dict(x_train=np.zeros((4, 2)), y_train=np.array([0, 1, 0.5, 1]),
+    (dict(x_train=np.zeros((4, 2)), y_train=np.array(list("abab")),
           x_test=np.zeros((2, 2)), y_test=np.zeros(2, int)),
-     "non-integer labels"),
+     r"y_train has shape \(4,\) and dtype <U1; give one class index"),
     (dict(x_train=np.zeros((4, 2)), y_train=np.zeros(4, int),
           x_test=np.zeros((2, 3)), y_test=np.zeros(2, int)),
      r"rows have shape \(2,\) but x_test rows \(3,\)"),
@@ -84,6 +84,23 @@ def test_bad_npz(tmp_path, arrays, message):
   np.savez(path, **arrays)
   with pytest.raises(DataError, match=message):
     data.load(str(path))
+
+
+def test_npz_float_targets_load_as_a_regression(tmp_path):
+  x = np.random.default_rng(0).uniform(size=(40, 3)).astype(np.float32)
+  path = tmp_path / "reg.npz"
+  np.savez(path, x_train=x[:30], y_train=x[:30, 0] + 0.5, x_test=x[30:],
+           y_test=x[30:, 0] + 0.5)
+  ds = data.load(str(path), validation=0.2)
+  assert ds.num_classes is None and ds.y_train.dtype == np.float32
+  np.testing.assert_allclose(np.sort(np.concatenate([ds.y_train, ds.y_val])),
+                             np.sort(x[:30, 0] + 0.5))
+  # Whole-number floats are class labels unless the load says regression.
+  np.savez(path, x_train=x[:30], y_train=np.ones(30), x_test=x[30:],
+           y_test=np.zeros(10))
+  assert data.load(str(path)).num_classes == 2
+  assert data.rebuild(data.load(str(path), regression=True).description
+                      ).y_train.dtype == np.float32
 
 
 def test_unknown_and_missing_data_sets(tmp_path):

@@ -32,7 +32,7 @@ import numpy as np
 from jaxaccel.errors import DataError
 from jaxaccel.data import streams
 from jaxaccel.data.streams import (ArrayFiles, Stream, from_grain,
-                                   from_iterable, save_arrays)
+                                   from_iterable, save_arrays, split_files)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -108,13 +108,16 @@ def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path
                       or FASHION_MNIST_DIR)
 
 
-def load_raw(name: str, *, data_dir=None) -> dict[str, np.ndarray]:
+def load_raw(name: str, *, data_dir=None,
+             regression: bool = False) -> dict[str, np.ndarray]:
   """Loads a data set as raw arrays with keys x_train, y_train, x_test, y_test.
 
   Args:
     name: "digits", "fashion_mnist", or a path to a .npz file holding the
       four keys above.
     data_dir: directory of the Fashion-MNIST IDX files (optional).
+    regression: keep a .npz file's float targets as they are (otherwise
+      floats holding whole numbers are class labels).
   """
   if name == "digits":
     from sklearn.datasets import load_digits
@@ -142,13 +145,14 @@ def load_raw(name: str, *, data_dir=None) -> dict[str, np.ndarray]:
     out["scale"] = np.float32(255.0)
     return out
   if str(name).endswith(".npz"):
-    return _load_npz(pathlib.Path(name))
+    return _load_npz(pathlib.Path(name), regression=regression)
   raise DataError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
                   "or a path to a .npz file with x_train, y_train, x_test, "
                   "y_test")
 
 
-def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _load_npz(path: pathlib.Path, *, regression: bool = False
+              ) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise DataError(f"data file {path} does not exist: give the path of a .npz "
                     "file with x_train, y_train, x_test, y_test")
@@ -166,10 +170,10 @@ def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
                     "y_test=...)")
   for split in ("train", "test"):
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
       raise DataError(f"{path}: x_{split} has {len(x) if x.ndim else 0} rows "
-                      f"but y_{split} has shape {y.shape}; give one integer "
-                      "label per row")
+                      f"but y_{split} has shape {y.shape}; give one target "
+                      "per row")
     if len(x) == 0:
       raise DataError(f"{path}: x_{split} is empty; give at least one example")
   xtr, xte = arrays["x_train"], arrays["x_test"]
@@ -181,13 +185,20 @@ def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
   elif xtr.ndim not in (2, 4):
     raise DataError(f"{path}: x_train has shape {xtr.shape}; use (n, features), "
                     "(n, h, w) or (n, h, w, c)")
-  for k in ("y_train", "y_test"):
-    y = arrays[k]
-    if not np.issubdtype(y.dtype, np.integer):
-      if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
-              and np.all(y == np.round(y))):
-        raise DataError(f"{path}: {k} has non-integer labels (dtype {y.dtype}); "
-                        "give class indices 0..num_classes-1")
+  floats = [k for k in ("y_train", "y_test")
+            if np.issubdtype(arrays[k].dtype, np.floating)]
+  whole = all(np.all(np.isfinite(arrays[k])) and np.all(arrays[k] == np.round(arrays[k]))
+              for k in floats)
+  if floats and (regression or not whole):
+    for k in ("y_train", "y_test"):   # regression targets
+      arrays[k] = arrays[k].astype(np.float32)
+  else:
+    for k in ("y_train", "y_test"):
+      y = arrays[k]
+      if not np.issubdtype(y.dtype, np.number) or y.ndim != 1:
+        raise DataError(f"{path}: {k} has shape {y.shape} and dtype "
+                        f"{y.dtype}; give one class index (or float target) "
+                        "per row")
       arrays[k] = y.astype(np.int64)
   x_max = max(_finite_max(arrays["x_train"]), _finite_max(arrays["x_test"]))
   scale = 255.0 if arrays["x_train"].dtype == np.uint8 or x_max > 1.0 else 1.0
@@ -298,7 +309,7 @@ def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, *,
 
 def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
          normalize: str = "unit", nan_policy: str = "drop",
-         num_classes: int | None = None) -> Dataset:
+         num_classes: int | None = None, regression: bool = False) -> Dataset:
   """Loads, cleans, normalizes and splits a data set.
 
   Args:
@@ -310,23 +321,29 @@ def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
       feature and divides by its standard deviation (train statistics).
     nan_policy: what to do with rows holding NaN or inf (see `clean`).
     num_classes: the number of classes; inferred from the labels if None.
+    regression: a .npz file's float targets are a regression's even when
+      they hold whole numbers (non-whole ones always are).
 
   Returns:
-    A `Dataset` of float32 inputs and int32 labels, with the `description`
-    that `rebuild` makes it again from.
+    A `Dataset` of float32 inputs and int32 labels (float32 targets for a
+    regression), with the `description` that `rebuild` makes it again from.
   """
   if normalize not in ("unit", "standardize"):
     raise DataError(f"unknown normalization {normalize!r}: use unit or "
                     "standardize")
-  raw = load_raw(name, data_dir=data_dir)
+  raw = load_raw(name, data_dir=data_dir, regression=regression)
   x_tr, y_tr, rep_tr = clean(raw["x_train"], raw["y_train"], policy=nan_policy)
   x_te, y_te, rep_te = clean(raw["x_test"], raw["y_test"], policy=nan_policy)
   if len(x_tr) == 0:
     raise DataError(f"{name}: no training rows are left after cleaning")
-  if num_classes is None:
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
-  check_labels(y_tr, num_classes, f"{name}: training labels")
-  check_labels(y_te, num_classes, f"{name}: test labels")
+  regression = np.issubdtype(y_tr.dtype, np.floating)
+  if regression:
+    num_classes = None
+  else:
+    if num_classes is None:
+      num_classes = int(max(y_tr.max(), y_te.max(initial=0))) + 1
+    check_labels(y_tr, num_classes, f"{name}: training labels")
+    check_labels(y_te, num_classes, f"{name}: test labels")
   scale = float(raw["scale"])
   x_tr, x_te = x_tr / scale, x_te / scale
   x_tr, y_tr, x_val, y_val = split_validation(x_tr, y_tr, validation, seed=seed)
@@ -334,11 +351,11 @@ def load(name: str, *, data_dir=None, validation: float = 0.1, seed: int = 0,
   if normalize == "standardize":
     (x_tr, x_val, x_te), (stats["mean"], stats["std"]) = standardize(
         x_tr, x_val, x_te)
-  as_labels = lambda y: np.asarray(y, dtype=np.int32)
+  as_labels = lambda y: np.asarray(y, np.float32 if regression else np.int32)
   description = {"source": name if name in DATASETS else "npz",
                  "validation": validation, "seed": seed,
                  "normalize": normalize, "nan_policy": nan_policy,
-                 "num_classes": num_classes}
+                 "num_classes": num_classes, "regression": regression}
   if name == "fashion_mnist" and data_dir is not None:
     description["data_dir"] = str(pathlib.Path(data_dir).absolute())
   if name not in DATASETS:
@@ -462,12 +479,8 @@ def _check_split(arrays: dict, split: str, nan_policy: str) -> dict:
 
 
 def file_hash(path) -> str:
-  """The SHA-256 of a file's contents, read in chunks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  """The SHA-256 of a file's name and contents."""
+  return streams.hash_files([pathlib.Path(path)])
 
 
 def fingerprint(ds: Dataset) -> dict:
@@ -519,7 +532,8 @@ def rebuild(description: dict) -> Dataset:
             validation=description["validation"], seed=description["seed"],
             normalize=description["normalize"],
             nan_policy=description["nan_policy"],
-            num_classes=description["num_classes"])
+            num_classes=description["num_classes"],
+            regression=description["regression"])
   if ("fingerprint" in description
       and fingerprint(ds) != description["fingerprint"]):
     raise DataError(

@@ -44,7 +44,7 @@ import numpy as np
 from jaxaccel.errors import ConfigError, DataError
 
 __all__ = ["ArrayFiles", "Stream", "StreamIterator", "from_grain",
-           "from_iterable", "save_arrays"]
+           "from_iterable", "hash_files", "save_arrays", "split_files"]
 
 Batch = dict[str, np.ndarray]
 
@@ -536,7 +536,7 @@ def from_iterable(make_batches: Callable[[int], Iterable[Mapping]], *,
 
 # ------------------------------------------------------------- files on disk
 
-def _hash_files(paths: list[pathlib.Path]) -> str:
+def hash_files(paths: list[pathlib.Path]) -> str:
   """sha256 over the files' names and contents, read in 1 MiB chunks."""
   digest = hashlib.sha256()
   for path in paths:
@@ -584,14 +584,20 @@ class ArrayFiles:
   def __len__(self) -> int:
     return self._len
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+  @property
+  def columns(self) -> dict[str, np.ndarray]:
+    """The memory-mapped arrays, read-only, by key."""
+    return dict(self._arrays)
+
+  def __getitem__(self, index: int | slice) -> dict[str, np.ndarray]:
+    """One example (an index), or the rows of a slice."""
     # Copies, so that a batch does not pin the memory-mapped files.
     return {k: np.array(a[index]) for k, a in self._arrays.items()}
 
   @functools.cached_property
   def description(self) -> dict:
     return {"path": str(self.directory.resolve()),
-            "keys": sorted(self._arrays), "sha256": _hash_files(self._paths)}
+            "keys": sorted(self._arrays), "sha256": hash_files(self._paths)}
 
 
 def _common_length(arrays: Mapping[str, np.ndarray], where: str) -> int:
@@ -623,3 +629,30 @@ def save_arrays(directory: str | os.PathLike, **arrays: np.ndarray
   for key, value in arrays.items():
     np.save(directory / f"{key}.npy", value, allow_pickle=False)
   return directory
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_files(root: str | os.PathLike) -> dict[str, ArrayFiles]:
+  """The splits of a data set kept on disk: `ArrayFiles` over the
+  subdirectories train/ (required), val/ and test/ of `root`, each written
+  with `save_arrays`. What `jaxaccel train --dataset DIR` streams.
+
+  Examples:
+    >>> import tempfile
+    >>> import numpy as np
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = save_arrays(root / "train", x=np.zeros((8, 2)), y=np.arange(8))
+    >>> _ = save_arrays(root / "test", x=np.ones((3, 2)), y=np.arange(3))
+    >>> {k: len(v) for k, v in split_files(root).items()}
+    {'train': 8, 'test': 3}
+  """
+  root = pathlib.Path(root)
+  if not (root / "train" / "x.npy").is_file():
+    raise DataError(f"{root} holds no train/x.npy: a data set on disk is a "
+                    "directory with train/ (and val/, test/) subdirectories "
+                    "of .npy arrays, written with "
+                    "jaxaccel.data.save_arrays(DIR / 'train', x=..., y=...)")
+  return {split: ArrayFiles(root / split) for split in SPLITS
+          if (root / split / "x.npy").is_file()}
