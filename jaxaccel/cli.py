@@ -319,9 +319,9 @@ def cmd_train(args) -> None:
              if args.augment else None)
   if args.resume and not args.out:
     raise ConfigError("--resume needs --out DIR, the run to continue")
-  source = _training_data(args)
-  models.check_input(name, source.input_shape)
-  model = models.create(name, num_classes=source.outputs, **kwargs)
+  training = _training_data(args)
+  models.check_input(name, training.input_shape)
+  model = models.create(name, num_classes=training.outputs, **kwargs)
   out = args.out or os.path.join(
       "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}-"
       f"{pathlib.Path(args.dataset).stem}")
@@ -335,27 +335,27 @@ def cmd_train(args) -> None:
   state = None
   if args.init_from:
     _, source, _ = train.load_run(args.init_from)
-    variables, copied = core.warm_start(model, source, source.input_shape,
+    variables, copied = core.warm_start(model, source, training.input_shape,
                                          seed=args.seed)
     from jaxaccel import precision
     _, tx = precision.apply_policy(model, optim.build(calls), args.precision)
-    state = core.init_state(model, tx, source.input_shape, seed=args.seed,
+    state = core.init_state(model, tx, training.input_shape, seed=args.seed,
                              variables=variables)
     run_config["init_from"] = {"run": args.init_from, "copied": copied}
     if not args.no_progress:
       print(f"warm start from {args.init_from}: copied {', '.join(copied)}")
-  result = train.fit(model, calls, source.train, epochs=args.epochs,
-                     val_data=source.val, task=source.task,
-                     **({} if source.streamed else {"batch_size": args.batch_size}),
+  result = train.fit(model, calls, training.train, epochs=args.epochs,
+                     val_data=training.val, task=training.task,
+                     **({} if training.streamed else {"batch_size": args.batch_size}),
                      seed=args.seed, out=out,
                      resume=args.resume, early_stopping=early, augment=augment,
                      epoch_mode=args.epoch_mode, progress=not args.no_progress,
                      run_config=run_config, state=state, parallel=args.parallel,
                      mesh_shape=mesh_shape, precision=args.precision,
                      fsdp=args.fsdp, callbacks=callbacks)
-  task = train.resolve_task(source.task, source.train)
-  test = (train.evaluate(model, result.state, source.test, task=task)
-          if source.test is not None else {})
+  task = train.resolve_task(training.task, training.train)
+  test = (train.evaluate(model, result.state, training.test, task=task)
+          if training.test is not None else {})
   if not parallel.is_main_process():
     return
   last = result.history[-1] if result.history else {}
@@ -642,8 +642,10 @@ def cmd_compress(args) -> None:
     report.plot_accuracy_vs_size(result["stages"], args.plot,
                                  title=f"{args.from_dir} on {result['dataset']}")
     result["plot"] = args.plot
-  human = (f"{result['dataset']}: accuracy {result['test_accuracy_before']:.4f}"
-           f" -> {result['test_accuracy_after']:.4f}, "
+  metric = report.metric_of(result["stages"][0])
+  human = (f"{result['dataset']}: {metric.replace('_', ' ')} "
+           f"{result[f'test_{metric}_before']:.4f}"
+           f" -> {result[f'test_{metric}_after']:.4f}, "
            f"{result['size_bytes_before']:,} -> {result['size_bytes_after']:,} "
            f"bytes ({result['compression_ratio']:.1f}x smaller)\n"
            + report.format_table(result["stages"]))

@@ -97,12 +97,18 @@ def evaluate(model, state_or_variables, x, y: np.ndarray | None = None, *,
       disk (`jaxaccel.data.ArrayFiles`), read a batch at a time; or a
       `Stream` (`jaxaccel.data.streams`), of which one epoch is read.
     y: targets.
-    task: a `jaxaccel.tasks.Task` or its name (default classification).
+    task: a `jaxaccel.tasks.Task` or its name (default: inferred from the
+      targets, as `fit` does).
 
   Returns:
     {"loss": ..., each metric of the task, its derived figures}: means over
     every valid target; NaN for an empty split.
   """
+  if task is None and isinstance(x, Stream):
+    task = resolve_task(None, x)
+  elif task is None:   # from the targets, as `fit` infers it
+    task = tasks_lib.infer(x.columns["y"][:1] if isinstance(x, ArrayFiles)
+                           else x["y"] if isinstance(x, dict) else y)
   task = tasks_lib.get(task)
   step = _jitted_eval_step(adapt(model), task)
   if isinstance(x, Stream):

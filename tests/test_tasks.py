@@ -182,3 +182,25 @@ def test_classification_targets_must_be_integers(digits):
   with pytest.raises(DataError, match="needs integer class ids .* task='regression'"):
     train.fit(models.create("mlp", num_classes=10, widths=(8,)), "sgd(0.1)", ds,
               epochs=1, task="classification", progress=False)
+
+
+def test_compression_records_a_regression_by_its_mse(tmp_path):
+  """The compress stages measure and compare with the task's metric: MSE,
+  lower is better, for a regression run."""
+  from jaxaccel.compress import report, stages
+  ds = _regression_data()
+  model = models.create("mlp", num_classes=1, widths=(64, 64))
+  state = train.fit(model, "adam(3e-3)", ds, epochs=10, batch_size=50,
+                    progress=False).state
+  _, _, records = stages.run(model, core.variables_of(state), ds,
+                             [{"stage": "prune", "sparsity": 0.5, "epochs": 2}],
+                             settings=stages.Settings(latency=False))
+  mse = train.evaluate(model, state, ds.x_test, ds.y_test)["mse"]
+  assert records[0]["metric"] == "mse" and "accuracy" not in records[0]
+  assert records[0]["mse"] == pytest.approx(mse, rel=1e-5)
+  payload = report.compare(records[0], records[-1])
+  assert payload["test_mse_before"] == records[0]["mse"]
+  assert payload["test_mse_after"] < 0.25 * np.var(ds.y_test)   # still learned
+  # The better of two records of equal size is the one of lower MSE.
+  worse = dict(records[0], mse=records[0]["mse"] + 1.0, name="worse")
+  assert [r["name"] for r in report.pareto_front([records[0], worse])] == ["original"]

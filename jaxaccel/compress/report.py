@@ -116,12 +116,19 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.asarray(logits).argmax(-1) == np.asarray(labels)))
 
 
+def metric_of(record: dict) -> str:
+  """The name of the task metric a `measure` record holds."""
+  return record.get("metric", "accuracy")
+
+
 def compare(before: dict, after: dict) -> dict:
-  """The `jaxaccel compress` JSON keys from two {accuracy, params, latency}
-  records (see `measure`)."""
+  """The `jaxaccel compress` JSON keys from two {metric, params, latency}
+  records (see `measure`): `test_accuracy_before/after` for a classifier,
+  `test_mse_before/after` for a regression, and so on."""
+  metric = metric_of(before)
   return {
-      "test_accuracy_before": before["accuracy"],
-      "test_accuracy_after": after["accuracy"],
+      f"test_{metric}_before": before[metric],
+      f"test_{metric}_after": after[metric],
       "size_bytes_before": before["size_bytes"],
       "size_bytes_after": after["size_bytes"],
       "compression_ratio": round(before["size_bytes"] / after["size_bytes"], 3),
@@ -134,22 +141,40 @@ def compare(before: dict, after: dict) -> dict:
 
 
 def measure(name: str, params: PyTree, logits_fn: Callable, x: np.ndarray,
-            y: np.ndarray, *, latency: bool = True, batch_size: int = 1024,
+            y: np.ndarray, *, task=None, extras: dict | None = None,
+            latency: bool = True, batch_size: int = 1024,
             repeats: int = 20, dense: bool = False) -> dict:
-  """Accuracy, size, sparsity and latency of one model variant.
+  """The task's metric, size, sparsity and latency of one model variant.
 
   Args:
     name: a label for tables and plots.
     params: what is stored (float or QArray leaves).
-    logits_fn: `x -> logits` of this variant.
-    x, y: test inputs and labels.
+    logits_fn: `x -> outputs` of this variant.
+    x, y: test inputs and targets.
+    task: a `jaxaccel.tasks.Task` or its name (default classification):
+      the record holds its ranking metric (`metric` names it; `accuracy`
+      for a classifier) over the whole split.
+    extras: more test arrays the task reads (a padding "mask").
     dense: count bytes as dense float32 (the uncompressed reference) rather
       than the smallest encoding.
   """
+  from jaxaccel import tasks
+  task = tasks.get(task)
   f = jax.jit(logits_fn)
   logits = np.concatenate([np.asarray(f(jnp.asarray(x[i:i + batch_size])))
                            for i in range(0, len(x), batch_size)])
-  record = {"name": name, "accuracy": accuracy(logits, y),
+  batch = {"y": jnp.asarray(y), **{k: jnp.asarray(v)
+                                   for k, v in (extras or {}).items()}}
+  if task.name == "classification":   # counted exactly, as it always was
+    value = accuracy(logits, y)
+  else:
+    logits = jnp.asarray(logits)
+    value = float(task.summarize(
+        {"loss": float(task.loss(logits, batch)),
+         **{k: float(v) for k, v in task.metrics(logits, batch).items()}}
+    )[task.metric])
+  record = {"name": name, "metric": task.metric, "maximize": task.maximize,
+            task.metric: value,
             "size_bytes": dense_bytes(params) if dense else size_bytes(params),
             "parameters": models.count_params(params),
             "sparsity": round(sparsity(params), 6)}
@@ -161,12 +186,13 @@ def measure(name: str, params: PyTree, logits_fn: Callable, x: np.ndarray,
 def format_table(records: list[dict]) -> str:
   """A text table of `measure` records, ratios against the first."""
   base = records[0]["size_bytes"]
-  header = ["model", "test acc", "params", "bytes", "smaller", "sparsity",
-            "ms@1", "ms@1024"]
+  metric = metric_of(records[0])
+  header = ["model", "test acc" if metric == "accuracy" else f"test {metric}",
+            "params", "bytes", "smaller", "sparsity", "ms@1", "ms@1024"]
   rows = []
   for r in records:
     lat = r.get("latency_ms") or {}
-    rows.append([r["name"], f"{r['accuracy']:.4f}", f"{r['parameters']:,}",
+    rows.append([r["name"], f"{r[metric]:.4f}", f"{r['parameters']:,}",
                  f"{r['size_bytes']:,}", f"{base / r['size_bytes']:.1f}x",
                  f"{r['sparsity']:.3f}",
                  f"{lat['batch_1']:.3f}" if "batch_1" in lat else "-",
@@ -178,9 +204,10 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot_accuracy_vs_size(records: list[dict], path=None, *, ax=None,
-                          title: str = "accuracy vs size"):
-  """Scatter of test accuracy against stored kilobytes (log scale), the
-  Pareto front drawn through the points no other point beats on both."""
+                          title: str | None = None):
+  """Scatter of the test metric (accuracy for a classifier) against stored
+  kilobytes (log scale), the Pareto front drawn through the points no other
+  point beats on both."""
   import matplotlib
   if path is not None and ax is None:
     matplotlib.use("Agg")
@@ -188,19 +215,20 @@ def plot_accuracy_vs_size(records: list[dict], path=None, *, ax=None,
   fig = None
   if ax is None:
     fig, ax = plt.subplots(figsize=(6, 4))
+  metric = metric_of(records[0])
   kb = [r["size_bytes"] / 1024 for r in records]
-  acc = [r["accuracy"] for r in records]
+  acc = [r[metric] for r in records]
   ax.scatter(kb, acc)
   for r, s, a in zip(records, kb, acc):
     ax.annotate(r["name"], (s, a), fontsize=8, xytext=(3, 3),
                 textcoords="offset points")
   front = pareto_front(records)
   ax.plot([r["size_bytes"] / 1024 for r in front],
-          [r["accuracy"] for r in front], "--", alpha=0.6, label="Pareto front")
+          [r[metric] for r in front], "--", alpha=0.6, label="Pareto front")
   ax.set_xscale("log")
   ax.set_xlabel("stored size (KiB, log scale)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(title)
+  ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+  ax.set_title(title or f"{metric.replace('_', ' ')} vs size")
   ax.legend()
   if path is not None and fig is not None:
     fig.tight_layout()
@@ -210,10 +238,14 @@ def plot_accuracy_vs_size(records: list[dict], path=None, *, ax=None,
 
 
 def pareto_front(records: list[dict]) -> list[dict]:
-  """Records that no other record beats in both size and accuracy, by size."""
+  """Records that no other record beats in both size and the test metric
+  (accuracy: higher is better; a loss-like metric: lower), by size."""
+  metric = metric_of(records[0])
+  sign = 1.0 if records[0].get("maximize", True) else -1.0
+  score = lambda r: sign * r[metric]
   front = [r for r in records if not any(
-      o["size_bytes"] <= r["size_bytes"] and o["accuracy"] >= r["accuracy"]
-      and (o["size_bytes"], o["accuracy"]) != (r["size_bytes"], r["accuracy"])
+      o["size_bytes"] <= r["size_bytes"] and score(o) >= score(r)
+      and (o["size_bytes"], o[metric]) != (r["size_bytes"], r[metric])
       for o in records)]
   return sorted(front, key=lambda r: r["size_bytes"])
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from jaxaccel import core, models, optim, train
+from jaxaccel import core, models, optim, tasks, train
 from jaxaccel.compress import distillation, int8, lowrank, pruning, quantization
 from jaxaccel.compress import shrink as shrinking
 from jaxaccel.compress import report as creport
@@ -59,6 +59,8 @@ class Settings:
   seed: int = 0
   progress: bool = False
   latency: bool = True        # time batch-1 and batch-1024 inference
+  task: Any = None            # what records measure (a `tasks.Task` or its
+                              # name); None: inferred from the data's targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +95,12 @@ def _logits_fn(model, variables) -> Callable:
 
 def _measure(label: str, model, variables, data: Dataset, settings: Settings,
              *, fn: Callable | None = None, dense: bool = False) -> dict:
+  test = data.arrays("test")
   return creport.measure(label, variables["params"],
-                         fn or _logits_fn(model, variables), data.x_test,
-                         data.y_test, latency=settings.latency, repeats=10,
-                         dense=dense)
+                         fn or _logits_fn(model, variables), test.pop("x"),
+                         test.pop("y"), extras=test,
+                         task=train.resolve_task(settings.task, data),
+                         latency=settings.latency, repeats=10, dense=dense)
 
 
 def _fine_tune(model, variables, data, tx, epochs: int, settings: Settings):
@@ -573,6 +577,8 @@ def compress_run(run_dir, stages: list, *, settings: Settings = Settings(),
   check_recipe(stages)
   model, variables, config = train.load_run(run_dir, model=model)
   data = train.load_run_data(config, data)
+  if settings.task is None and config.get("task") in tasks.NAMES:
+    settings = dataclasses.replace(settings, task=config["task"])
   model, variables, records = run(model, variables, data, stages,
                                   settings=settings)
   payload = creport.compare(records[0], records[-1])
