@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxaccel import core, optim, train
+from jaxaccel import core, optim, parallel, train
 from jaxaccel.core import compiled
-from jaxaccel.data import Dataset
+from jaxaccel.data import Dataset, Stream
 from jaxaccel.errors import ConfigError, SpecError
 
 
@@ -87,6 +87,27 @@ def _make_epoch(model, train_step, task):
   return compiled.jit(run_epoch, donate_argnums=0)
 
 
+def _make_stream_programs(model, train_step, task):
+  """For a stream: one step of every configuration on the same batch, and
+  every configuration's summed validation loss and metrics on one batch."""
+  eval_step = core.make_eval_step(model, task)
+  step = compiled.jit(jax.vmap(train_step, in_axes=(0, None)), donate_argnums=0)
+  evaluate = compiled.jit(jax.vmap(
+      lambda state, batch: eval_step(core.variables_of(state), batch),
+      in_axes=(0, None)))
+  return step, evaluate
+
+
+def _val_batches(val_data, batch_size: int = 1024):
+  """Host batches of what a streamed sweep validates on."""
+  if isinstance(val_data, Stream):
+    return train.epoch_batches(val_data)
+  if isinstance(val_data, dict):
+    return train.eval_batches(val_data, batch_size)
+  return (b for lo in range(0, len(val_data), batch_size)
+          for b in train.eval_batches(val_data[lo:lo + batch_size], batch_size))
+
+
 def _stacked_val_batches(data: Dataset) -> dict:
   batches = list(train.eval_batches(data.arrays("val"), 1024))
   return {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}
@@ -122,8 +143,9 @@ def _init_family(model, index, spec, configs, data, metric) -> _Family:
 
   # Initial variables per seed exactly as `fit` makes them (eagerly: a
   # compiled random init costs more than the whole sweep of a small model).
-  per_seed = {seed: core.init_variables(model, data.input_shape, seed=seed,
-                                        dtype=data.input_dtype)
+  input_shape, input_dtype = train.input_spec(data)
+  per_seed = {seed: core.init_variables(model, input_shape, seed=seed,
+                                        dtype=input_dtype)
               for seed in dict.fromkeys(seed for _, seed in configs)}
   variables = jax.tree.map(lambda *v: jnp.stack(v),
                            *[per_seed[seed][0] for _, seed in configs])
@@ -144,10 +166,10 @@ def _init_family(model, index, spec, configs, data, metric) -> _Family:
   return _Family(index=index, tx=tx, entries=entries, states=states)
 
 
-def sweep(model, specs, data: Dataset, *, epochs: int,
+def sweep(model, specs, data: Dataset | Stream, *, epochs: int,
           grid: dict | None = None, seeds: Sequence[int] = (0,),
-          batch_size: int = 128, halving_every: int | None = None,
-          sequential_sample: int = 0, task=None,
+          batch_size: int | None = None, halving_every: int | None = None,
+          sequential_sample: int = 0, task=None, val_data=None,
           progress: bool = True) -> SweepResult:
   """Trains every configuration at once and ranks them by the task's
   validation metric (accuracy for classification).
@@ -156,19 +178,24 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
     model: any model `jaxaccel.models.adapt` takes.
     specs: one chain spec, or a list of them (optimizer families); each
       gets its own compiled program.
-    data: a `Dataset` with a validation split.
+    data: a `Dataset` with a validation split; or a `Stream`
+      (`jaxaccel.data.streams`), whose batches every configuration trains
+      on in the stream's order (seeds then vary the initialization only),
+      with `val_data` to rank them by.
     epochs: epochs per configuration (survivors of halving train them all).
     grid: hyperparameter name -> list of values, e.g.
       `{"learning_rate": [1e-3, 3e-3], "weight_decay": [0.0, 1e-4]}`; every
       spec must take every name.
     seeds: each configuration runs once per seed (init and batch order).
-    batch_size: examples per step.
+    batch_size: examples per step (default 128; a stream's is its own).
     halving_every: successive halving: every this many epochs keep the
       better half of all configurations (by the validation metric).
     sequential_sample: time this many configurations with `fit`, one after
       another as a user would (each compiles), and extrapolate.
     task: a `jaxaccel.tasks.Task` or its name (default: inferred from the
       targets, as `fit` does).
+    val_data: for a stream: what ranks the configurations (an
+      `ArrayFiles`, a batch dict of arrays or a `Stream`).
     progress: show a progress bar.
   """
   if isinstance(specs, (str, dict, pathlib.Path)):
@@ -177,9 +204,21 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
     raise SpecError("sweep needs at least one optimizer spec")
   task = train.resolve_task(task, data)
   metric = f"val_{task.metric}"
-  if not len(data.x_val):
+  streamed = isinstance(data, Stream)
+  if streamed:
+    if batch_size not in (None, data.batch_size):
+      raise ConfigError(f"batch_size={batch_size} differs from the stream's "
+                        f"batch size {data.batch_size}: build the stream with "
+                        "the batch size to sweep with")
+    batch_size = data.batch_size
+    if val_data is None:
+      raise ConfigError(f"a streamed sweep ranks configurations by {metric}: "
+                        "give val_data (arrays on disk, a batch dict or a "
+                        "stream)")
+  elif not len(data.x_val):
     raise ConfigError(f"sweep ranks configurations by {metric}: load the "
                       "data with validation > 0")
+  batch_size = batch_size or 128
   if epochs <= 0:
     raise ConfigError(f"epochs must be positive; got {epochs}")
   if halving_every is not None and halving_every <= 0:
@@ -194,23 +233,34 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
   t_start = time.perf_counter()
   families = [_init_family(model, i, spec, configs, data, metric)
               for i, spec in enumerate(specs)]
-  arrays = jax.device_put(data.arrays("train"))
-  n = len(data.x_train)
-  val_batches = _stacked_val_batches(data)
-  programs = {f.index: _make_epoch(
+  make = _make_stream_programs if streamed else _make_epoch
+  programs = {f.index: make(
       model, core.make_train_step(model, f.tx, task=task), task)
       for f in families}
+  if streamed:
+    batches = data.iterator()
+  else:
+    arrays = jax.device_put(data.arrays("train"))
+    n = len(data.x_train)
+    val_batches = _stacked_val_batches(data)
   finished, epoch_seconds = [], []
   bar = tqdm(range(epochs), desc=f"sweep ({len(specs) * len(configs)} configs)",
              unit="epoch", disable=not progress, leave=False)
   for epoch in bar:
     t0 = time.perf_counter()
+    if streamed:
+      family_sums = _stream_epoch(families, programs, batches,
+                                  data.steps_per_epoch, val_data)
+    else:
+      family_sums = {}
+      for f in families:
+        by_seed = {seed: train.epoch_order(seed, epoch, n, batch_size)
+                   for seed in dict.fromkeys(e["seed"] for e in f.entries)}
+        orders = jnp.stack([by_seed[e["seed"]] for e in f.entries])
+        f.states, family_sums[f.index] = programs[f.index](
+            f.states, orders, arrays, val_batches)
     for f in families:
-      by_seed = {seed: train.epoch_order(seed, epoch, n, batch_size)
-                 for seed in dict.fromkeys(e["seed"] for e in f.entries)}
-      orders = jnp.stack([by_seed[e["seed"]] for e in f.entries])
-      f.states, sums = programs[f.index](f.states, orders, arrays, val_batches)
-      sums = {k: np.asarray(v) for k, v in sums.items()}
+      sums = {k: np.asarray(v) for k, v in family_sums[f.index].items()}
       count = sums.pop("count")
       for i, e in enumerate(f.entries):
         value = task.summarize({k: float(v[i] / count[i])
@@ -227,6 +277,8 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
     bar.set_postfix(configs=sum(len(f.entries) for f in families),
                     best=f"{leader[metric]:.4f}")
   bar.close()
+  if streamed:
+    batches.close()
   wall = time.perf_counter() - t_start
   survivors = [e for f in families for e in f.entries]
   results = sorted(finished + survivors,
@@ -242,6 +294,24 @@ def sweep(model, specs, data: Dataset, *, epochs: int,
                      states=[f.states for f in families],
                      epoch_seconds=epoch_seconds, metric=metric,
                      maximize=task.maximize)
+
+
+def _stream_epoch(families, programs, batches, steps: int, val_data) -> dict:
+  """One epoch of a streamed sweep: each batch read once and trained on by
+  every configuration of every family; then their validation sums."""
+  for i in range(steps):
+    batch = jax.device_put(next(batches))
+    for f in families:
+      f.states, metrics = programs[f.index][0](f.states, batch)
+    if (i + 1) % parallel.SYNC_EVERY == 0:
+      jax.block_until_ready(metrics)
+  sums = {f.index: None for f in families}
+  for batch in _val_batches(val_data):
+    for f in families:
+      out = programs[f.index][1](f.states, batch)
+      sums[f.index] = out if sums[f.index] is None else jax.tree.map(
+          jnp.add, sums[f.index], out)
+  return sums
 
 
 def _config_index(entry: dict, configs) -> int:

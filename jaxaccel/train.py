@@ -112,7 +112,7 @@ def evaluate(model, state_or_variables, x, y: np.ndarray | None = None, *,
   task = tasks_lib.get(task)
   step = _jitted_eval_step(adapt(model), task)
   if isinstance(x, Stream):
-    batches = _stream_epoch(x)
+    batches = epoch_batches(x)
   elif isinstance(x, ArrayFiles):   # read a slice of rows at a time
     batches = (b for lo in range(0, len(x), batch_size)
                for b in eval_batches(x[lo:lo + batch_size], batch_size))
@@ -238,7 +238,7 @@ def _summarize(metrics: dict, task: tasks_lib.Task) -> dict:
           "steps": int(len(finite))}
 
 
-def _stream_epoch(stream: Stream):
+def epoch_batches(stream: Stream):
   """This process's batches of a stream's first epoch."""
   it = stream.iterator(process_index=jax.process_index(),
                        process_count=jax.process_count())

@@ -457,3 +457,23 @@ def test_fit_streams_files_larger_than_it_ever_holds(tmp_path):
   assert result.history[0]["steps"] == 64
   assert (tmp_path / "big" / "x.npy").stat().st_size > 260e6
   assert source.peak - before < 100 * 1024
+
+
+def test_a_sweep_over_a_stream_ranks_configurations_like_fit(digits, tmp_path):
+  """Every configuration trains on the stream's batches; each one's
+  validation accuracy equals what `fit` reaches with it alone."""
+  from jaxaccel import models, sweep, train
+  model = models.create("mlp", num_classes=10, widths=(32,))
+  rows = streams.save_arrays(tmp_path / "train", x=digits.x_train, y=digits.y_train)
+  stream = streams.from_grain(streams.ArrayFiles(rows), batch_size=64, seed=1)
+  val = digits.arrays("val")
+  out = sweep.sweep(model, "adam(1e-3)", stream, epochs=2, val_data=val,
+                    grid={"learning_rate": [1e-4, 3e-3]}, progress=False)
+  assert [e["hyperparams"]["learning_rate"] for e in out.results] == [1e-4, 3e-3]
+  assert out.best["hyperparams"]["learning_rate"] == 3e-3
+  alone = train.fit(model, "adam(learning_rate=0.003)", stream, epochs=2,
+                    val_data=val, progress=False)
+  assert out.best["val_accuracy"] == pytest.approx(
+      alone.history[-1]["val_accuracy"], abs=1e-6)
+  with pytest.raises(ConfigError, match="give val_data"):
+    sweep.sweep(model, "adam(1e-3)", stream, epochs=1, progress=False)
