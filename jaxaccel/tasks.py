@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -130,6 +131,7 @@ def _accuracy(logits, batch):
                      batch)
 
 
+@functools.cache
 def classification() -> Task:
   """One integer class per example; softmax cross entropy; ranked by
   accuracy."""
@@ -150,6 +152,7 @@ def _perplexity(means: dict) -> dict:
   return {"perplexity": float(np.exp(means["loss"]))} if "loss" in means else {}
 
 
+@functools.cache
 def lm() -> Task:
   """Next-token modelling: an integer target per position (byte-level text:
   256 symbols), masked mean cross entropy; token accuracy, bits per byte
@@ -170,6 +173,7 @@ def _errors(outputs, batch):
   return outputs - y.astype(jnp.float32)
 
 
+@functools.cache
 def regression() -> Task:
   """Float targets of any shape; mean squared error; MSE and MAE, ranked by
   MSE. A model with one output per example may return (n, 1) for (n,)
@@ -190,7 +194,9 @@ _FACTORIES = {"classification": classification, "lm": lm,
 
 
 def get(task: "str | Task | None") -> Task:
-  """A `Task` from its name (or a Task itself); None means classification."""
+  """A `Task` from its name (or a Task itself); None means classification.
+  A name gives the same object every time, so compiled programs keyed on
+  the task are reused."""
   if task is None:
     return classification()
   if isinstance(task, Task):

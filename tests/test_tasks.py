@@ -56,14 +56,23 @@ def _regression_data(n=1200, seed=0):
                           {"x": x[1000:], "y": y[1000:]}, validation=0.2)
 
 
-def test_regression_trains_below_an_mse_bar_and_ranks_by_val_mse(tmp_path):
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory):
+  """An MLP fit 30 epochs to a smooth function of two inputs, in a run
+  directory: (data, model, result, run path)."""
   ds = _regression_data()
-  assert ds.num_classes is None and ds.y_train.dtype == np.float32
   model = models.create("mlp", num_classes=1, widths=(64, 64))
+  out = tmp_path_factory.mktemp("reg") / "run"
+  result = train.fit(model, "adam(3e-3)", ds, epochs=30, batch_size=50,
+                     out=out, progress=False)
+  return ds, model, result, out
+
+
+def test_regression_trains_below_an_mse_bar_and_ranks_by_val_mse(regression_run):
+  ds, model, result, out = regression_run
+  assert ds.num_classes is None and ds.y_train.dtype == np.float32
   variance = float(np.var(ds.y_test))
   stop = core.EarlyStopping(patience=2, min_delta=1.0)   # only epoch 1 improves
-  result = train.fit(model, "adam(3e-3)", ds, epochs=30, batch_size=50,
-                     out=tmp_path / "reg", progress=False)
   last = result.history[-1]
   assert {"train_mse", "train_mae", "val_mse", "val_mae"} <= set(last)
   test = train.evaluate(model, result.state, ds.x_test, ds.y_test,
@@ -77,7 +86,7 @@ def test_regression_trains_below_an_mse_bar_and_ranks_by_val_mse(tmp_path):
   assert stopped.stopped_early and len(stopped.history) == 3
   assert stop.metric == "val_mse" and not stop.maximize
   import json
-  config = json.loads((tmp_path / "reg" / "config.json").read_text())
+  config = json.loads((out / "config.json").read_text())
   assert config["task"] == "regression" and config["data"]["source"] == "arrays"
 
 
@@ -184,14 +193,12 @@ def test_classification_targets_must_be_integers(digits):
               epochs=1, task="classification", progress=False)
 
 
-def test_compression_records_a_regression_by_its_mse(tmp_path):
+def test_compression_records_a_regression_by_its_mse(regression_run):
   """The compress stages measure and compare with the task's metric: MSE,
   lower is better, for a regression run."""
   from jaxaccel.compress import report, stages
-  ds = _regression_data()
-  model = models.create("mlp", num_classes=1, widths=(64, 64))
-  state = train.fit(model, "adam(3e-3)", ds, epochs=10, batch_size=50,
-                    progress=False).state
+  ds, model, result, _ = regression_run
+  state = result.state
   _, _, records = stages.run(model, core.variables_of(state), ds,
                              [{"stage": "prune", "sparsity": 0.5, "epochs": 2}],
                              settings=stages.Settings(latency=False))
