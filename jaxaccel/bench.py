@@ -98,22 +98,27 @@ def _steps_per_second(steps: int, epoch_times: list[float]) -> float:
 
 
 def time_jaxaccel(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
-                  skip_nonfinite: bool = True, batch: int = BATCH) -> float:
-  """Steps/s of `fit` over epochs of exactly `steps` steps (first excluded)."""
+                  skip_nonfinite: bool = True, batch: int = BATCH
+                  ) -> tuple[float, float]:
+  """Steps/s of `fit` over epochs of exactly `steps` steps (first excluded),
+  and the last epoch's mean training loss."""
   sub = _subset(ds, steps * batch)
   result = train.fit(model, optax.adam(LEARNING_RATE), sub, epochs=epochs,
                      batch_size=batch, progress=False,
                      skip_nonfinite=skip_nonfinite)
-  return result.steps_per_second
+  return result.steps_per_second, result.history[-1]["train_loss"]
 
 
 def time_plain_jax(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
-                   batch: int = BATCH) -> float:
+                   batch: int = BATCH) -> tuple[float, float]:
   """Steps/s of the hand-written jit + lax.scan loop a JAX user would write
-  for a linen model `(x, *, train)`, batch statistics included."""
+  for a linen model `(x, *, train)`, batch statistics included, and the
+  last epoch's mean training loss. It starts from the variables `fit`
+  starts from and takes its batches in `fit`'s order (both made outside the
+  timing), so the two train the very same model: their losses agree."""
   x = jnp.asarray(ds.x_train[:steps * batch])
   y = jnp.asarray(ds.y_train[:steps * batch])
-  variables = model.init(jax.random.key(0), x[:1])
+  variables, _ = core.init_variables(model, ds.input_shape)
   params = variables["params"]
   extra = {k: v for k, v in variables.items() if k != "params"}
   tx = optax.adam(LEARNING_RATE)
@@ -126,9 +131,7 @@ def time_plain_jax(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
     return loss, updated
 
   @jax.jit
-  def epoch(params, extra, opt_state, key):
-    perm = jax.random.permutation(key, x.shape[0]).reshape(steps, batch)
-
+  def epoch(params, extra, opt_state, perm):
     def body(carry, idx):
       params, extra, opt_state = carry
       (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -141,12 +144,12 @@ def time_plain_jax(model, ds: data.Dataset, steps: int, epochs: int = 3, *,
 
   times = []
   for e in range(epochs):
+    order = train.epoch_order(0, e, steps * batch, batch).block_until_ready()
     t = time.perf_counter()
-    params, extra, opt_state, losses = epoch(params, extra, opt_state,
-                                             jax.random.key(e))
+    params, extra, opt_state, losses = epoch(params, extra, opt_state, order)
     losses.block_until_ready()
     times.append(time.perf_counter() - t)
-  return _steps_per_second(steps, times)
+  return _steps_per_second(steps, times), float(losses.mean())
 
 
 def torch_model(name: str):
@@ -201,8 +204,9 @@ def _torch_resnet18(width: int = 64, num_classes: int = 10):
 
 
 def time_torch(name: str, ds: data.Dataset, steps: int, epochs: int = 3, *,
-               batch: int = BATCH) -> float:
-  """Steps/s of the usual PyTorch eager loop on the CPU."""
+               batch: int = BATCH) -> tuple[float, None]:
+  """Steps/s of the usual PyTorch eager loop on the CPU (its own
+  initialization and order: no loss to compare)."""
   import torch
   torch.manual_seed(0)
   net = torch_model(name)
@@ -223,7 +227,7 @@ def time_torch(name: str, ds: data.Dataset, steps: int, epochs: int = 3, *,
       opt.step()
     loss.item()
     times.append(time.perf_counter() - t)
-  return _steps_per_second(steps, times)
+  return _steps_per_second(steps, times), None
 
 
 def _subset(ds: data.Dataset, n: int) -> data.Dataset:
@@ -240,7 +244,8 @@ def torch_available() -> bool:
 
 
 def _time_side(side: str, name: str, model, ds: data.Dataset, steps: int,
-               epochs: int, batch: int) -> float:
+               epochs: int, batch: int) -> tuple[float, float | None]:
+  """(steps/s, the last epoch's training loss, None for PyTorch) of a side."""
   if side.startswith("jaxaccel"):
     return time_jaxaccel(model, ds, steps, epochs, batch=batch,
                          skip_nonfinite=side == "jaxaccel")
@@ -284,11 +289,13 @@ def run_train_suite(*, dataset: str = "auto",
     model, default_steps, epochs = bench_model(name, ds)
     n_steps = min(steps or default_steps, len(ds.x_train) // BATCH)
     runs = {s: [] for s in sides}
+    losses = {}
     for _ in range(repeats):
       for side in sides:
         bar.set_postfix(model=name, side=side)
-        runs[side].append(_time_side(side, name, model, ds, n_steps, epochs,
-                                     BATCH))
+        speed, losses[side] = _time_side(side, name, model, ds, n_steps,
+                                         epochs, BATCH)
+        runs[side].append(speed)
         bar.update()
     sps = {s: max(v) for s, v in runs.items()}
     flops = step_flops(model, optax.adam(LEARNING_RATE), ds.input_shape)
@@ -301,6 +308,9 @@ def run_train_suite(*, dataset: str = "auto",
         "ratio_vs_plain_jax": round(sps["jaxaccel"] / sps["plain_jax"], 3),
         "ratio_unguarded_vs_plain_jax": round(
             sps["jaxaccel_unguarded"] / sps["plain_jax"], 3),
+        # The JAX sides train the same model from the same start on the
+        # same batches: equal losses say each timed the same work.
+        "train_loss": {s: v for s, v in losses.items() if v is not None},
         "gflop_per_step": round(flops / 1e9, 4),
         "achieved_gflops": round(flops * sps["jaxaccel"] / 1e9, 2),
     }
@@ -316,7 +326,7 @@ def run_train_suite(*, dataset: str = "auto",
         at = {}
         for side in scaling_sides:
           bar.set_postfix(model=name, side=side, batch=b)
-          at[side] = _time_side(side, name, model, ds, b_steps, epochs, b)
+          at[side] = _time_side(side, name, model, ds, b_steps, epochs, b)[0]
           bar.update()
       scaling[str(b)] = {
           "steps_per_second": {s: round(v, 4) for s, v in at.items()},
@@ -907,14 +917,14 @@ PARALLEL_MODES = ("none", "pmap", "sharded")
 
 def time_parallel_fit(model, ds: data.Dataset, steps: int, mode: str, *,
                       batch_size: int, epochs: int = 3,
-                      precision: str = "fp32") -> float:
+                      precision: str = "fp32") -> tuple[float, float]:
   """Steps/s of `fit(parallel=mode, precision=...)` over epochs of `steps`
-  steps."""
+  steps, and the last epoch's mean training loss."""
   sub = _subset(ds, steps * batch_size)
   result = train.fit(model, optax.adam(LEARNING_RATE), sub, epochs=epochs,
                      batch_size=batch_size, parallel=mode, precision=precision,
                      progress=False)
-  return result.steps_per_second
+  return result.steps_per_second, result.history[-1]["train_loss"]
 
 
 def time_one_device(model, ds: data.Dataset, steps: int, *, batch_size: int,
@@ -983,17 +993,15 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
     n_steps = min(steps or default_steps, len(ds.x_train) // batch)
     runs = {side: [] for side in (*PARALLEL_MODES, "none_bf16", "jit",
                                   "sharded_1")}
-    one_device_ratios = []
+    one_device_ratios, losses = [], {}
     for _ in range(repeats):
       for kind, side in sides:
         bar.set_postfix(model=name, side=side)
-        if kind == "fit":
-          runs[side].append(time_parallel_fit(model, ds, n_steps, side,
-                                              batch_size=batch))
-        elif kind == "bf16":
-          runs[side].append(time_parallel_fit(model, ds, n_steps, "none",
-                                              batch_size=batch,
-                                              precision="bf16"))
+        if kind in ("fit", "bf16"):
+          speed, losses[side] = time_parallel_fit(
+              model, ds, n_steps, "none" if kind == "bf16" else side,
+              batch_size=batch, precision=kind if kind == "bf16" else "fp32")
+          runs[side].append(speed)
         else:
           one = time_one_device(model, ds, n_steps, batch_size=batch)
           for s, v in one["steps_per_second"].items():
@@ -1008,6 +1016,9 @@ def run_parallel_suite(*, dataset: str = "auto", model_names=("mlp",),
         "ratio_vs_none": {m: round(sps[m] / sps["none"], 3)
                           for m in PARALLEL_MODES},
         "bf16_vs_fp32": round(sps["none_bf16"] / sps["none"], 3),
+        # Every placement trains the same model on the same batches: the
+        # same loss up to float rounding (bf16 up to its precision).
+        "train_loss": losses,
         # Per repeat, the median per-epoch speed ratio sharded_1 / jit.
         "one_device_ratios": [round(r, 4) for r in one_device_ratios],
         "sharded_overhead_one_device": round(

@@ -462,8 +462,8 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
   task = resolve_task(config.task, data)
   check_data(model, data, config.batch_size, task)
   has_val = val_data is not None and (
-      isinstance(val_data, Stream) or len(val_data) > 0
-      if not isinstance(val_data, dict) else len(val_data["x"]) > 0)
+      isinstance(val_data, Stream)
+      or len(val_data["x"] if isinstance(val_data, dict) else val_data) > 0)
   if resume and out is None:
     raise ConfigError("resume needs the run directory: pass out=... "
                       "(--out on the command line)")

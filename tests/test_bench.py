@@ -3,30 +3,25 @@ import pytest
 from jaxaccel import bench
 
 
-def test_train_suite_reports_consistent_ratios():
+def test_train_suite_sides_train_the_same_model():
+  """jaxaccel's fit, with and without its non-finite guard, and the
+  hand-written jit + scan loop start from the same variables and take the
+  same batches: if one timed other work (another model, fewer steps, a
+  different order), their losses would part."""
   report = bench.run_train_suite(dataset="digits", model_names=["mlp"], steps=4,
-                                 repeats=1, batch_sizes=(32, 128),
+                                 repeats=1, batch_sizes=(64, 128),
                                  torch_peer=False, progress=False)
   entry = report["models"]["mlp"]
-  sps = entry["steps_per_second"]
-  assert set(sps) == {"jaxaccel", "jaxaccel_unguarded", "plain_jax"}
-  assert all(v > 0 for v in sps.values())
-  # steps/s are reported rounded, the ratio from the unrounded values
-  assert entry["ratio_vs_plain_jax"] == pytest.approx(sps["jaxaccel"] / sps["plain_jax"],
-                                                      abs=2e-3)
+  losses = entry["train_loss"]
+  assert set(losses) == {"jaxaccel", "jaxaccel_unguarded", "plain_jax"}
+  assert losses["jaxaccel"] == pytest.approx(losses["plain_jax"], rel=1e-5)
+  assert losses["jaxaccel_unguarded"] == pytest.approx(losses["plain_jax"], rel=1e-5)
+  assert 0.5 < losses["plain_jax"] < 2.3     # trained: below chance's 2.30
   # MLP 64-300-100-10 on 8x8 digits: 50,200 multiply-adds per example, so
   # 12.9 MFLOP forward at batch 128; the backward pass adds two matmuls per
   # layer but the first layer's input gradient: 33.6 MFLOP, plus Adam.
   assert 0.0336 <= entry["gflop_per_step"] < 0.037
-  assert report["matmul_gflops"] > 0
-  # The scaling table: batch 128 is the main run's; examples = steps x batch.
-  scaling = entry["batch_scaling"]
-  assert set(scaling) == {"32", "128"}
-  assert scaling["128"]["steps_per_second"] == {
-      s: sps[s] for s in ("jaxaccel", "plain_jax")}
-  for b, at in scaling.items():
-    for side, v in at["steps_per_second"].items():
-      assert at["examples_per_second"][side] == pytest.approx(v * int(b), rel=1e-3)
+  assert set(entry["batch_scaling"]) == {"64", "128"}
   text = bench.format_train_report(report)
   assert "jaxaccel" in text and "examples/s by batch size" in text
 

@@ -205,10 +205,16 @@ def _run_until(cmd, ready, *, settle: float = 0.0):
 
 
 def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
-    tmp_path, capsys):
+    digits, tmp_path, capsys):
   # A preemptible job re-runs the very same command, --resume included,
-  # from its very first start.
-  args = ["train", "--model", "mlp:64", "--epochs", "12", "--batch-size", "16",
+  # from its very first start. It streams its data from disk through grain,
+  # whose position rides in every checkpoint.
+  from jaxaccel import data
+  for split in ("train", "test"):
+    data.save_arrays(tmp_path / "ds" / split, x=getattr(digits, f"x_{split}"),
+                     y=getattr(digits, f"y_{split}"))
+  args = ["train", "--dataset", str(tmp_path / "ds"), "--model", "mlp:64",
+          "--epochs", "12", "--batch-size", "16",
           "--optimizer", "sgd(0.05, momentum=0.9)", "--seed", "3",
           "--no-progress", "--json", "--out", str(tmp_path / "run"), "--resume"]
   run = RunDir(tmp_path / "run")   # one reader, while other processes write
@@ -236,6 +242,7 @@ def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
   b = run.restore_variables()
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert [m["epoch"] for m in run.read_metrics()] == list(range(1, 13))
+  assert run.read_config()["data"]["source"] == "grain"
 
 
 def test_resume_with_no_directory_starts_fresh(tmp_path, capsys):

@@ -179,22 +179,20 @@ def test_cli_bad_parallel_flags(capsys, tmp_path, argv, message):
   assert re.search(message, err), err
 
 
-def test_parallel_bench_suite_reports_consistent_ratios():
+def test_parallel_bench_sides_train_the_same_model():
+  """The bench times one device, pmap and the sharded mesh on the same
+  model and batches: their losses agree, bf16's to its precision."""
   report = bench.run_parallel_suite(dataset="digits", model_names=["mlp"],
                                     steps=2, repeats=1, progress=False)
   assert report["devices"] == 8 and report["batch_size"] == 128
   entry = report["models"]["mlp"]
-  sps = entry["steps_per_second"]
-  assert set(sps) == {"none", "pmap", "sharded", "none_bf16", "jit", "sharded_1"}
-  # steps/s are reported rounded, the ratios from the unrounded values
-  assert entry["bf16_vs_fp32"] == pytest.approx(sps["none_bf16"] / sps["none"], abs=2e-3)
-  assert all(v > 0 for v in sps.values())
-  assert entry["ratio_vs_none"]["sharded"] == pytest.approx(sps["sharded"] / sps["none"],
-                                                           abs=2e-3)
-  ratios = entry["one_device_ratios"]
-  assert len(ratios) == 1 and ratios[0] > 0
-  assert entry["sharded_overhead_one_device"] == pytest.approx(1 - ratios[0],
-                                                               abs=1e-4)
+  losses = entry["train_loss"]
+  assert set(losses) == {"none", "pmap", "sharded", "none_bf16"}
+  for mode in ("pmap", "sharded"):
+    assert losses[mode] == pytest.approx(losses["none"], rel=1e-5)
+  assert losses["none_bf16"] == pytest.approx(losses["none"], rel=2e-2)
+  assert losses["none"] < 2.3          # trained: below chance's 2.30
+  assert len(entry["one_device_ratios"]) == 1
   text = bench.format_parallel_report(report)
   assert "test correctness only" in text
 

@@ -362,52 +362,6 @@ def test_a_plain_iterable_resumes_by_starting_the_epoch_again(digits, tmp_path):
     train.fit(model, "sgd(0.1)", stream, epochs=1, batch_size=64, progress=False)
 
 
-RESUME_SCRIPT = """
-import sys
-from jaxaccel import data, models, train
-stream = data.from_grain(data.ArrayFiles(sys.argv[1]), batch_size=16, seed=3)
-model = models.create("mlp", num_classes=10, widths=(64,))
-train.fit(model, "sgd(0.05, momentum=0.9)", stream, epochs=int(sys.argv[3]),
-          out=sys.argv[2], resume=True, progress=False)
-"""
-
-
-def test_a_grain_run_killed_three_times_ends_as_if_never_killed(digits, tmp_path):
-  """SIGKILL before the first checkpoint, inside an epoch, and as a
-  checkpoint lands; the same command each time, then to the end. The grain
-  iterator's position rides in every checkpoint."""
-  import sys
-  import jax
-  from jaxaccel.checkpoint import RunDir
-  from test_cli import _run_until
-  files = streams.save_arrays(tmp_path / "files", x=digits.x_train,
-                              y=digits.y_train)
-  (tmp_path / "fit.py").write_text(RESUME_SCRIPT)
-  cmd = [sys.executable, str(tmp_path / "fit.py"), str(files),
-         str(tmp_path / "run"), "10"]
-  run = RunDir(tmp_path / "run")
-  ckpt = tmp_path / "run" / "checkpoint"
-  _run_until(cmd, lambda: (tmp_path / "run" / "config.json").exists())
-  assert run.latest_epoch() is None
-  _run_until(cmd, lambda: (ckpt / "2").exists(), settle=0.05)
-  _run_until(cmd, lambda: (ckpt / "6").exists())
-  assert 6 <= run.latest_epoch() < 10
-  # The same command to the end (here, in this process), and a run never
-  # killed.
-  from jaxaccel import core, data, models, train
-  model = models.create("mlp", num_classes=10, widths=(64,))
-  stream = data.from_grain(data.ArrayFiles(files), batch_size=16, seed=3)
-  train.fit(model, "sgd(0.05, momentum=0.9)", stream, epochs=10,
-            out=tmp_path / "run", resume=True, progress=False)
-  ref = train.fit(model, "sgd(0.05, momentum=0.9)", stream, epochs=10,
-                  progress=False)
-  jax.tree.map(np.testing.assert_array_equal, core.variables_of(ref.state),
-               run.restore_variables())
-  assert [m["epoch"] for m in run.read_metrics()] == list(range(1, 11))
-  config = run.read_config()
-  assert config["data"]["source"] == "grain" and config["data"]["sha256"]
-
-
 def _anon_kib() -> int:
   with open("/proc/self/status") as f:
     return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:"))
