@@ -2,6 +2,7 @@
 
 from jaxaccel import (compress, core, data, models, optim, parallel, precision,
                       sweep, tasks, train)
+from jaxaccel.generate import generate
 from jaxaccel.core import (TrainState, init_state, make_eval_step,
                            make_train_step, warm_start)
 from jaxaccel.data import Dataset, load
@@ -19,7 +20,7 @@ __all__ = [
     "Callback", "CheckpointError", "ConfigError", "DataError", "Dataset", "EarlyStopping",
     "FitConfig", "FitResult", "JaxaccelError", "SpecError", "TrainState", "adapt",
     "compress", "core", "create_model", "data", "evaluate", "fit",
-    "from_functions", "init_state", "load", "load_run", "make_eval_step",
+    "from_functions", "generate", "init_state", "load", "load_run", "make_eval_step",
     "make_train_step", "models", "optim", "parallel", "precision", "predict",
     "sweep", "Task", "tasks", "TensorBoard", "train", "warm_start",
 ]

@@ -69,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   def data_args(p):
     p.add_argument("--dataset", default="digits",
-                   help="digits, fashion_mnist, PATH.npz, or DIR: train/, val/ "
-                        "and test/ subdirectories of .npy arrays, streamed "
-                        "from disk (default: digits)")
+                   help="digits, fashion_mnist, PATH.npz, DIR of train/, val/ "
+                        "and test/ .npy arrays (streamed from disk), or text: "
+                        "pycode, fortunes, PATH.txt, a folder of text files "
+                        "(default: digits)")
+    p.add_argument("--context", type=_positive_int, default=128,
+                   help="text: bytes per window, the model's context "
+                        "(default 128)")
     p.add_argument("--task", choices=("classification", "lm", "regression"),
                    help="what the model is trained for (default: from the "
                         "targets: integer labels classify, floats regress)")
@@ -171,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
                  help=".npy of raw inputs in the data set's units, rows first")
   p.add_argument("--output", help="write the predicted classes (other tasks: "
                  "the outputs) to this .npy")
+
+  p = sub.add_parser("generate", help="continue a prompt with a trained "
+                     "language model")
+  common(p)
+  p.add_argument("--run", required=True, help="run directory of a language "
+                 "model trained with `train` (text data, e.g. --model gpt)")
+  p.add_argument("--prompt", required=True, help="the text to continue")
+  p.add_argument("--tokens", type=_positive_int, default=100,
+                 help="bytes to add (default 100; prompt and continuation "
+                      "fit in the model's context)")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="0: the most likely byte each step (default); above 0 "
+                      "samples")
+  p.add_argument("--top-k", type=_positive_int, help="sample among the K most "
+                 "likely bytes")
+  p.add_argument("--seed", type=int, default=0)
 
   p = sub.add_parser("export", help="write a run's model as a StableHLO or "
                      "ONNX file that runs without its Python code")
@@ -277,6 +297,12 @@ class _TrainingData:
 def _training_data(args) -> _TrainingData:
   import numpy as np
   from jaxaccel import data, tasks
+  if data.is_text(args.dataset):
+    ds = data.load_text(args.dataset, context=args.context,
+                        validation=args.validation, seed=args.seed)
+    return _TrainingData(train=ds, val=None, test=ds.arrays("test"),
+                         input_shape=ds.input_shape, outputs=256,
+                         task=args.task or "lm", streamed=False)
   if pathlib.Path(args.dataset).is_dir():
     files = data.split_files(args.dataset)
     columns = files["train"].columns
@@ -321,6 +347,8 @@ def cmd_train(args) -> None:
     raise ConfigError("--resume needs --out DIR, the run to continue")
   training = _training_data(args)
   models.check_input(name, training.input_shape)
+  if name in models.SEQUENCE_MODELS:
+    kwargs.setdefault("context", training.input_shape[0])
   model = models.create(name, num_classes=training.outputs, **kwargs)
   out = args.out or os.path.join(
       "runs", f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{name}-"
@@ -374,6 +402,9 @@ def cmd_train(args) -> None:
       "optimizer": spec, "model": args.model,
       "dataset": args.dataset, "out": str(out),
   }
+  if task.name == "lm":   # a window's every position is a token trained on
+    payload["tokens_per_second"] = round(
+        result.steps_per_second * args.batch_size * training.input_shape[0], 1)
   shown = (f"test {metric.replace('_', ' ')} {test[metric]:.4f}" if test
            else "no test split")
   human = (f"{args.model} on {args.dataset}: {shown}, "
@@ -435,6 +466,22 @@ def cmd_predict(args) -> None:
               f": {classes[:20].tolist()}{' ...' if len(classes) > 20 else ''}")
            + f"\nper class: {counts.tolist()}")
   _emit(args, human, payload)
+
+
+def cmd_generate(args) -> None:
+  from jaxaccel import train
+  from jaxaccel.generate import generate
+  model, variables, config = train.load_run(args.run)
+  if config.get("task") != "lm":
+    raise ConfigError(f"{args.run} is not a language model (its task is "
+                      f"{config.get('task', 'classification')}): train one on "
+                      "text, e.g. --dataset pycode --model gpt:4,4,128")
+  out = generate(model, variables, args.prompt, tokens=args.tokens,
+                 temperature=args.temperature, top_k=args.top_k,
+                 seed=args.seed)
+  payload = {"text": out["text"], "new_tokens": out["new_tokens"],
+             "tokens_per_second": out["tokens_per_second"]}
+  _emit(args, out["text"], payload)
 
 
 def cmd_export(args) -> None:
@@ -695,6 +742,7 @@ def _table(header, rows) -> str:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "export": cmd_export,
+            "generate": cmd_generate,
             "demo": cmd_demo, "sweep": cmd_sweep, "bench": cmd_bench, "compress": cmd_compress}
 
 

@@ -44,6 +44,12 @@ requires_fashion_mnist = pytest.mark.skipif(
            "(make test does this when run as root)")
 
 
+requires_fortunes = pytest.mark.skipif(
+    not (data.text.fortunes_dir() / "fortunes").is_file(),
+    reason="fortunes missing: apt-get install fortunes (make test does this "
+           "when run as root)")
+
+
 @pytest.fixture
 def key():
   return jax.random.key(0)

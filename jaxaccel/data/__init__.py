@@ -33,6 +33,8 @@ from jaxaccel.errors import DataError
 from jaxaccel.data import streams
 from jaxaccel.data.streams import (ArrayFiles, Stream, from_grain,
                                    from_iterable, save_arrays, split_files)
+from jaxaccel.data import text
+from jaxaccel.data.text import TEXT_SETS, is_text, load_text
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -517,6 +519,10 @@ def rebuild(description: dict) -> Dataset:
   """
   source = description.get("source")
   name = description.get("name", "arrays")
+  if source in TEXT_SETS + ("text",):
+    ds = text.rebuild_text(description)
+    _check_fingerprint(ds, description)
+    return ds
   if source not in DATASETS + ("npz",):
     raise DataError(
         f"the run was trained on data built in Python ({name!r}), which "
@@ -534,14 +540,18 @@ def rebuild(description: dict) -> Dataset:
             nan_policy=description["nan_policy"],
             num_classes=description["num_classes"],
             regression=description["regression"])
+  _check_fingerprint(ds, description)
+  return ds
+
+
+def _check_fingerprint(ds: Dataset, description: dict) -> None:
   if ("fingerprint" in description
       and fingerprint(ds) != description["fingerprint"]):
     raise DataError(
-        f"the run trained on a changed copy of {source!r} (its arrays differ "
-        f"from what loading it gives: {description['fingerprint']['shapes']}), "
-        "for example cut to fewer rows in Python: pass that data set "
-        "(data=...)")
-  return ds
+        f"the run trained on a changed copy of {description['source']!r} (its "
+        "arrays differ from what loading it gives: "
+        f"{description['fingerprint']['shapes']}), for example cut to fewer "
+        "rows in Python: pass that data set (data=...)")
 
 
 def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:

@@ -18,14 +18,17 @@ import flax.linen as nn
 import jax
 
 from jaxaccel.errors import ConfigError, DataError
-from jaxaccel.models.zoo import CNN, MLP, ResNet
+from jaxaccel.models.zoo import CNN, GPT, MLP, ResNet
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet18": ResNet,
+    "gpt": GPT,
 }
+# Models of token sequences: rows of integer ids, one target per position.
+SEQUENCE_MODELS = ("gpt",)
 # Models that need (height, width, channels) rows; the MLP takes any shape.
 IMAGE_MODELS = ("cnn", "resnet18")
 
@@ -53,10 +56,11 @@ def create(name: str, *, num_classes: int, **kwargs) -> nn.Module:
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
-  """Reads the command line's model spelling: `mlp`, `mlp:300,100`, `cnn:32,64`.
+  """Reads the command line's model spelling: `mlp`, `mlp:300,100`,
+  `cnn:32,64`, `gpt:4,4,128`.
 
   The numbers after the colon are the hidden widths (MLP) or conv features
-  (CNN) or the base width (ResNet).
+  (CNN) or the base width (ResNet), or a GPT's layers, heads and width.
   """
   name, _, rest = spec.partition(":")
   if name not in MODELS:
@@ -71,6 +75,11 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
                       "comma-separated integers, e.g. mlp:300,100")
   if any(v <= 0 for v in numbers):
     raise ConfigError(f"model spec {spec!r}: widths must be positive")
+  if name == "gpt":
+    if len(numbers) != 3 or numbers[2] % numbers[1]:
+      raise ConfigError(f"model spec {spec!r}: gpt takes LAYERS,HEADS,WIDTH "
+                        "with WIDTH a multiple of HEADS, e.g. gpt:4,4,128")
+    return name, dict(zip(("layers", "heads", "width"), numbers))
   key = {"mlp": "widths", "cnn": "features", "resnet18": "width"}[name]
   if name == "resnet18":
     if len(numbers) != 1:
@@ -88,6 +97,10 @@ def check_input(name: str, input_shape: Sequence[int]) -> None:
   if name == "cnn" and min(input_shape[:2]) < 4:
     raise DataError(f"model 'cnn' pools twice and needs images of at least "
                     f"4x4; got {tuple(input_shape[:2])}")
+  if name in SEQUENCE_MODELS and len(input_shape) != 1:
+    raise DataError(f"model {name!r} reads sequences of token ids; the data "
+                    f"has rows of shape {tuple(input_shape)}: give it text "
+                    "(--dataset pycode, fortunes or a .txt file)")
 
 
 def describe(model) -> dict | None:

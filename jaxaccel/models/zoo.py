@@ -334,3 +334,75 @@ class ResNet(nn.Module):
                        self.axis_name)(x, train=train)
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class GPTBlock(nn.Module):
+  """A pre-norm decoder block: causal self-attention, then a GELU MLP, each
+  added back to its input."""
+  heads: int
+  width: int
+  dropout: float = 0.0
+  decode: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, *, train: bool = False):
+    h = nn.LayerNorm(dtype=self.dtype)(x)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=self.heads, qkv_features=self.width, dtype=self.dtype,
+        dropout_rate=self.dropout, decode=self.decode, name="attention")(
+            h, mask=mask, deterministic=not train)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.LayerNorm(dtype=self.dtype)(x)
+    h = nn.gelu(nn.Dense(4 * self.width, dtype=self.dtype, name="mlp_in")(h))
+    h = nn.Dense(self.width, dtype=self.dtype, name="mlp_out")(h)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+
+
+class GPT(nn.Module):
+  """A decoder-only transformer over bytes: token and learned position
+  embeddings, `layers` pre-norm blocks, a final layer norm, and the output
+  projection (the token embedding itself when `tie`).
+
+  Inputs are integer ids (n, length) with length <= `context`; outputs are
+  logits (n, length, num_classes). With `decode=True` the model takes one
+  position per call and keeps keys, values and its position in the "cache"
+  collection (initialized by a call on a full-length input), as flax's
+  language-model examples do.
+  """
+  num_classes: int = 256
+  layers: int = 4
+  heads: int = 4
+  width: int = 128
+  context: int = 128
+  dropout: float = 0.0
+  tie: bool = True
+  decode: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    length = x.shape[1]
+    embed = nn.Embed(self.num_classes, self.width, name="embed",
+                     embedding_init=nn.initializers.normal(0.02))
+    positions = self.param("positions", nn.initializers.normal(0.02),
+                           (self.context, self.width))
+    if self.decode and self.has_variable("cache", "position"):
+      index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      pos = jax.lax.dynamic_slice_in_dim(positions, index.value, 1)
+      index.value = index.value + 1
+      mask = None            # the attention cache masks what is not written
+    else:
+      if self.decode:        # initializing the cache
+        self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      pos = positions[:length]
+      mask = None if self.decode else nn.make_causal_mask(x)
+    h = embed(x).astype(self.dtype) + pos.astype(self.dtype)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    for i in range(self.layers):
+      h = GPTBlock(self.heads, self.width, self.dropout, self.decode,
+                   self.dtype, name=f"block_{i}")(h, mask, train=train)
+    h = nn.LayerNorm(dtype=self.dtype)(h)
+    if self.tie:
+      return embed.attend(h.astype(jnp.float32))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(h)

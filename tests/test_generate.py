@@ -1,0 +1,120 @@
+"""Language models: text corpora, the registry GPT trained through fit, and
+generation with a key/value cache inside one compiled loop."""
+
+import numpy as np
+import pytest
+
+import jaxaccel as ja
+from jaxaccel import data, models, train
+from jaxaccel.errors import ConfigError, DataError
+
+from conftest import last_json, requires_fortunes, run_cli
+
+CONTEXT = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt():
+  """A one-block GPT trained 3 epochs on 100 kB of the standard library's
+  sources (about 280 steps): (model, data, result)."""
+  ds = data.load_text("pycode", context=CONTEXT, max_bytes=100_000)
+  model = models.create("gpt", num_classes=256, layers=1, heads=2, width=32,
+                        context=CONTEXT)
+  result = train.fit(model, "adamw(3e-3, weight_decay=0.1)", ds, epochs=3,
+                     batch_size=32, progress=False)
+  return model, ds, result
+
+
+def test_a_tiny_gpt_learns_python_source(tiny_gpt):
+  _, ds, result = tiny_gpt
+  first, last = result.history[0], result.history[-1]
+  # Uniform bytes cost 8 bits; the corpus's byte frequencies alone about 5.
+  assert last["val_bits_per_byte"] < 3.6
+  assert last["val_bits_per_byte"] < first["val_bits_per_byte"]
+  assert last["val_perplexity"] == pytest.approx(2 ** last["val_bits_per_byte"],
+                                                 rel=1e-4)
+  assert ds.description["python"] and ds.description["files"] > 500
+
+
+def test_cached_greedy_generation_equals_running_the_whole_window(tiny_gpt):
+  model, _, result = tiny_gpt
+  cached = ja.generate(model, result.state, "def ", tokens=24)
+  plain = ja.generate(model, result.state, "def ", tokens=24, cache=False)
+  assert cached["ids"].tolist() == plain["ids"].tolist()
+  assert cached["text"].startswith("def ") and len(cached["ids"]) == 28
+  # Another prompt length runs the same compiled loop.
+  assert len(ja.generate(model, result.state, "import o", tokens=3)["ids"]) == 11
+  sampled = [ja.generate(model, result.state, "def ", tokens=16,
+                               temperature=1.0, top_k=5, seed=s)["text"]
+             for s in (0, 0, 1)]
+  assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
+@pytest.mark.parametrize("prompt, tokens, message", [
+    ("", 4, "the prompt is empty"),
+    ("x" * CONTEXT, 1, f"the prompt has {CONTEXT} bytes, but the model reads at "
+                       f"most {CONTEXT}"),
+    ("abc", CONTEXT, f"exceed the model's context of {CONTEXT}: ask for at most "
+                     f"{CONTEXT - 3} tokens"),
+])
+def test_bad_prompts_are_refused_in_one_line(tiny_gpt, prompt, tokens, message):
+  model, _, result = tiny_gpt
+  with pytest.raises(ConfigError, match=message):
+    ja.generate(model, result.state, prompt, tokens=tokens)
+
+
+def test_text_is_split_by_file_and_rebuilt_from_its_description(tmp_path):
+  for i in range(10):
+    (tmp_path / "corpus" / f"part{i}").mkdir(parents=True)
+    (tmp_path / "corpus" / f"part{i}" / "t.txt").write_text(f"file {i} " * 40)
+  ds = data.load_text(str(tmp_path / "corpus"), context=16, validation=0.2,
+                      test=0.2)
+  texts = {split: {bytes(row).decode()[:6] for row in ds.arrays(split)["x"]}
+           for split in ("train", "val", "test")}
+  # Files 0..9 dealt whole: each file's windows sit in one split only.
+  digits = {s: {t[5] for t in v if t.startswith("file ")} for s, v in texts.items()}
+  assert sum(len(v) for v in digits.values()) == 10
+  assert not digits["train"] & digits["val"] and not digits["val"] & digits["test"]
+  again = data.rebuild(data.describe(ds))
+  np.testing.assert_array_equal(again.x_train, ds.x_train)
+  (tmp_path / "corpus" / "part0" / "t.txt").write_text("changed " * 40)
+  with pytest.raises(DataError, match="differs from the one the run trained on"):
+    data.rebuild(data.describe(ds))
+  with pytest.raises(DataError, match="make no window of 17"):
+    data.load_text(str(tmp_path / "corpus" / "part1" / "t.txt"), context=16,
+                   max_bytes=10)
+
+
+def test_train_and_generate_from_the_command_line(tmp_path, capsys):
+  import sysconfig, pathlib
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  text = "".join((stdlib / f).read_text() for f in ("textwrap.py", "string.py"))
+  (tmp_path / "code.txt").write_text(text)
+  code, out, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "code.txt"),
+                           "--model", "gpt:1,2,32", "--context", str(CONTEXT),
+                           "--epochs", "2", "--batch-size", "32",
+                           "--optimizer", "adam(3e-3)", "--out", str(tmp_path / "r"),
+                           "--json", "--no-progress")
+  assert code == 0, err
+  result = last_json(out)
+  assert result["task"] == "lm" and result["test_bits_per_byte"] < 5.5
+  assert result["tokens_per_second"] == pytest.approx(
+      result["steps_per_second"] * 32 * CONTEXT, rel=0.01)
+  code, out, err = run_cli(capsys, "generate", "--run", str(tmp_path / "r"),
+                           "--prompt", "def ", "--tokens", "12", "--json")
+  assert code == 0, err
+  gen = last_json(out)
+  assert gen["text"].startswith("def ") and gen["new_tokens"] == 12
+  code, _, err = run_cli(capsys, "generate", "--run", str(tmp_path / "r"),
+                         "--prompt", "", "--tokens", "3")
+  assert code == 2 and err.strip() == (
+      "jaxaccel: error: the prompt is empty: give at least one byte to continue")
+
+
+@requires_fortunes
+def test_the_fortunes_corpus_loads_as_text():
+  ds = data.load_text("fortunes", context=64)
+  assert ds.description["source"] == "fortunes" and ds.description["files"] > 10
+  assert min(len(ds.x_train), len(ds.x_val), len(ds.x_test)) > 100
+  assert ds.x_train.dtype == np.uint8 and ds.num_classes == 256
+  np.testing.assert_array_equal(ds.x_train[0, 1:], ds.y_train[0, :-1])
