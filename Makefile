@@ -37,11 +37,11 @@ fashion-mnist:
 	  fi; \
 	fi
 
-# Two xdist workers on two cores: a third overlapped compiles with waits but
-# spent about 70 CPU-seconds more in XLA's spinning thread pools (753 against
-# 685 CPU-s for the suite). Tests that share a trained model are one xdist group.
+# Three xdist workers on two cores: many tests are bound by single-threaded
+# XLA compiles, and the multi-process tests mostly wait; both overlap with
+# the other worker's work. Tests that share a trained model are one xdist group.
 test: $(VENV)/.installed-test fashion-mnist
-	$(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --timeout=900 --durations=25 \
+	$(BIN)/python -m pytest -q -rs -n 3 --dist loadgroup --timeout=900 --durations=25 \
 	  --doctest-modules --nbmake jaxaccel tests notebooks
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python

@@ -61,10 +61,19 @@ MODEL_AXIS = "model"
 # aborts when too many collective steps are queued without a sync.
 SYNC_EVERY = 8
 
-# Tensor parallelism for flax Dense layers: the output features of every
-# kernel (and bias) split over "model". Matched anywhere in the state, so the
-# optimizer's moments of a kernel follow the kernel.
+# Tensor parallelism. Matched anywhere in the state, so the optimizer's
+# moments of a kernel follow the kernel. A transformer block is split the
+# Megatron way, one all-reduce per half: attention heads over "model"
+# (query/key/value column-parallel, the output projection row-parallel),
+# and the MLP's first layer by its outputs, its second by its inputs. Other
+# flax Dense layers split their output features.
 TENSOR_PARALLEL_RULES = (
+    (r"(query|key|value)/kernel$", P(None, MODEL_AXIS, None)),
+    (r"(query|key|value)/bias$", P(MODEL_AXIS, None)),
+    (r"attention/out/kernel$", P(MODEL_AXIS, None, None)),
+    (r"mlp_in/kernel$", P(None, MODEL_AXIS)),
+    (r"mlp_in/bias$", P(MODEL_AXIS)),
+    (r"mlp_out/kernel$", P(MODEL_AXIS, None)),
     (r"Dense_\d+/kernel$", P(None, MODEL_AXIS)),
     (r"Dense_\d+/bias$", P(MODEL_AXIS)),
 )

@@ -89,8 +89,8 @@ class Block(nnx.Module):
     self.mlp_in = nnx.Linear(dim, 2 * dim, rngs=rngs)
     self.mlp_out = nnx.Linear(2 * dim, dim, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attention(self.norm1(x))
+  def __call__(self, x, mask=None):
+    x = x + self.attention(self.norm1(x), mask=mask)
     return x + self.mlp_out(nnx.gelu(self.mlp_in(self.norm2(x))))
 
 
@@ -114,6 +114,28 @@ class ViT(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.head(self.norm(x).mean(axis=1))
+
+
+class NNXGPT(nnx.Module):
+  """A user's byte-level GPT: token and position embeddings, causal blocks,
+  a separate output layer."""
+
+  def __init__(self, *, dim: int = 32, heads: int = 2, layers: int = 1,
+               context: int = 32, rngs: nnx.Rngs):
+    self.context = context
+    self.embed = nnx.Embed(256, dim, rngs=rngs)
+    self.position = nnx.Param(
+        jax.random.normal(rngs.params(), (context, dim)) * 0.02)
+    self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(layers)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, 256, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.embed(x) + self.position[...][:x.shape[1]]
+    mask = nnx.make_causal_mask(x)
+    for block in self.blocks:
+      h = block(h, mask)
+    return self.head(self.norm(h))
 
 
 def mlp_init(key, sample):

@@ -36,6 +36,20 @@ def test_a_tiny_gpt_learns_python_source(tiny_gpt):
   assert ds.description["python"] and ds.description["files"] > 500
 
 
+def test_a_users_nnx_gpt_trains_and_generates(tiny_gpt):
+  """An NNX GPT written by hand goes through the same fit and generation
+  (no cache: it runs its window again each step)."""
+  from flax import nnx
+  import model_zoo as zoo
+  _, ds, reference = tiny_gpt
+  model = zoo.NNXGPT(context=CONTEXT, rngs=nnx.Rngs(0))
+  result = train.fit(model, "adamw(3e-3, weight_decay=0.1)", ds, epochs=3,
+                     batch_size=32, progress=False)
+  assert result.history[-1]["val_bits_per_byte"] < 3.8
+  out = ja.generate(model, result.state, "def ", tokens=8)
+  assert out["text"].startswith("def ") and len(out["ids"]) == 12
+
+
 def test_cached_greedy_generation_equals_running_the_whole_window(tiny_gpt):
   model, _, result = tiny_gpt
   cached = ja.generate(model, result.state, "def ", tokens=24)
