@@ -18,9 +18,7 @@ OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   OWN_CACHE = tempfile.mkdtemp(prefix="jaxaccel-xla-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = OWN_CACHE
-# Programs that compile in under 0.2 s (most eager operations) are cheaper
-# to compile again than to write out and hash: about 5% of the suite's CPU.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
