@@ -202,6 +202,11 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
   from jaxaccel import train
   from jaxaccel.checkpoint import RunDir
   _check_format(format)      # before the run is loaded
+  task = RunDir(run).read_config().get("task", "classification")
+  if task != "classification":
+    raise ConfigError(f"export writes classifiers of float inputs; {run} was "
+                      f"trained for the {task} task: use its run directory "
+                      "(predict --run, generate --run) instead")
   model, variables, config = train.load_run(run, model=model)
   stats = RunDir(run).read_normalization() or None
   calibration = None

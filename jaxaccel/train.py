@@ -291,7 +291,15 @@ def check_data(model, data: Dataset | Stream, batch_size: int,
       raise DataError(f"the {task.name} task needs integer class ids as "
                       f"targets; y_train has dtype {data.y_train.dtype}: use "
                       "task='regression' for float targets")
-    num_out = models.output_classes(model, data.input_shape, data.input_dtype)
+    shape = models.output_shape(model, data.input_shape, data.input_dtype)
+    want = (1, *data.y_train.shape[1:])
+    if shape[:-1] != want:
+      raise DataError(
+          f"the model gives outputs of shape {shape} for one example, but "
+          f"{task.name} targets need {want} plus a class axis"
+          + (": use a sequence model such as --model gpt"
+             if task.name == "lm" else ""))
+    num_out = shape[-1] if len(shape) >= 2 else None
     if num_out is not None:
       check_labels(data.y_train, num_out, "training labels")
       check_labels(data.y_test, num_out, "test labels")

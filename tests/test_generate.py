@@ -123,6 +123,15 @@ def test_train_and_generate_from_the_command_line(tmp_path, capsys):
                          "--prompt", "", "--tokens", "3")
   assert code == 2 and err.strip() == (
       "jaxaccel: error: the prompt is empty: give at least one byte to continue")
+  # What a careless user tries next, refused in one line before any work.
+  code, _, err = run_cli(capsys, "export", "--run", str(tmp_path / "r"),
+                         "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+  assert code == 2 and "trained for the lm task" in err
+  code, _, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "code.txt"),
+                         "--model", "mlp", "--context", str(CONTEXT))
+  assert code == 2 and "use a sequence model such as --model gpt" in err
+  code, _, err = run_cli(capsys, "train", "--model", "gpt:1,2,32")
+  assert code == 2 and "model 'gpt' reads sequences of token ids" in err
 
 
 @requires_fortunes

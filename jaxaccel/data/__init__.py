@@ -148,9 +148,9 @@ def load_raw(name: str, *, data_dir=None,
     return out
   if str(name).endswith(".npz"):
     return _load_npz(pathlib.Path(name), regression=regression)
-  raise DataError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)} "
-                  "or a path to a .npz file with x_train, y_train, x_test, "
-                  "y_test")
+  raise DataError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)}, "
+                  "a path to a .npz file with x_train, y_train, x_test, "
+                  "y_test, or text: pycode, fortunes, a .txt file or a folder")
 
 
 def _load_npz(path: pathlib.Path, *, regression: bool = False

@@ -8,6 +8,7 @@ flax linen modules of any common call signature, flax NNX modules, and plain
 from jaxaccel.models.adapter import (CastModel, FunctionModel, LinenModel,
                                      ModelAdapter, NNXModel, adapt,
                                      from_functions, output_classes,
+                                     output_shape,
                                      primitive_names)
 from jaxaccel.models.registry import (IMAGE_MODELS, MODELS, SEQUENCE_MODELS,
                                       check_input,
@@ -22,6 +23,6 @@ __all__ = [
     "ResNet", "SEQUENCE_MODELS",
     "adapt", "add_bias", "check_input", "conv2d", "count_params", "create",
     "describe",
-    "from_description", "from_functions", "max_pool_2x2", "output_classes",
+    "from_description", "from_functions", "max_pool_2x2", "output_classes", "output_shape",
     "parse_model_spec", "primitive_names",
 ]

@@ -380,6 +380,13 @@ def output_classes(model, sample_shape, dtype=jnp.float32) -> int | None:
   class, or per position and class) for one input of `sample_shape` and
   `dtype`, found without computing anything; None for one value per
   example."""
+  shape = output_shape(model, sample_shape, dtype)
+  return int(shape[-1]) if len(shape) >= 2 else None
+
+
+def output_shape(model, sample_shape, dtype=jnp.float32) -> tuple[int, ...]:
+  """The shape of the model's outputs for a batch of one input of
+  `sample_shape` and `dtype`, found without computing anything."""
   adapter = adapt(model)
   sample = jax.ShapeDtypeStruct((1, *sample_shape), dtype)
 
@@ -393,4 +400,4 @@ def output_classes(model, sample_shape, dtype=jnp.float32) -> int | None:
         f"the model cannot take inputs of shape {tuple(sample_shape)} "
         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the "
         "data's shape against the model") from None
-  return int(out.shape[-1]) if out.ndim >= 2 else None
+  return tuple(out.shape)
