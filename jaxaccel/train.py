@@ -41,15 +41,19 @@ from jaxaccel.errors import CheckpointError, ConfigError, DataError
 from jaxaccel.models import adapt
 
 
+def _pad_rows(chunk: np.ndarray, batch_size: int) -> np.ndarray:
+  """`chunk` with zero rows added up to `batch_size`."""
+  if len(chunk) == batch_size:
+    return chunk
+  return np.concatenate(
+      [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+
+
 def _padded_batches(x: np.ndarray, batch_size: int):
   """Fixed-size batches (the last one padded) so one compile serves all."""
   for i in range(0, len(x), batch_size):
     chunk = x[i:i + batch_size]
-    n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate(
-          [chunk, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-    yield chunk, n
+    yield _pad_rows(chunk, batch_size), len(chunk)
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,10 +72,10 @@ def eval_batches(arrays: dict, batch_size: int):
   own is kept for the others)."""
   n = len(arrays["x"])
   batch_size = min(batch_size, n)
-  padded = {k: list(_padded_batches(np.asarray(a), batch_size))
-            for k, a in arrays.items()}
-  for i, (_, rows) in enumerate(padded["x"]):
-    batch = {k: chunks[i][0] for k, chunks in padded.items()}
+  for start in range(0, n, batch_size):
+    rows = min(batch_size, n - start)
+    batch = {k: _pad_rows(np.asarray(a[start:start + batch_size]), batch_size)
+             for k, a in arrays.items()}
     valid = (np.arange(batch_size) < rows).astype(np.float32)
     mask = batch.get("mask")
     batch["mask"] = (valid if mask is None else

@@ -2,9 +2,10 @@
 
 A train step is a pure function `(state, batch) -> (state, metrics)`; its
 loss and metrics are a `jaxaccel.tasks.Task`'s. The same step runs on one
-device under `jit`, over a mesh under sharded `jit`, and under `pmap` with `axis_name` set, where gradients, the loss, the
-metrics and the model state are averaged over that axis before the
-update, so every device applies the update one device would.
+device under `jit`, over a mesh under sharded `jit`, and under `pmap` with
+`axis_name` set, where gradients, the loss, the metrics and the model state
+are averaged over that axis before the update, so every device applies the
+update one device would.
 
 Examples:
   >>> import jax, jax.numpy as jnp, optax

@@ -298,14 +298,20 @@ def preprocess(x_raw, stats: dict):
   return x.astype(np.float32)
 
 
+def validation_rows(n: int, fraction: float, *, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(training rows, validation rows) of n, a shuffled fraction held out."""
+  if not 0.0 <= fraction < 1.0:
+    raise DataError(f"validation fraction must lie in [0, 1); got {fraction}")
+  order = np.random.default_rng(seed).permutation(n)
+  n_val = int(round(n * fraction))
+  return order[n_val:], order[:n_val]
+
+
 def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, *,
                      seed: int = 0):
   """Splits off a shuffled validation fraction: (x_tr, y_tr, x_val, y_val)."""
-  if not 0.0 <= fraction < 1.0:
-    raise DataError(f"validation fraction must lie in [0, 1); got {fraction}")
-  order = np.random.default_rng(seed).permutation(len(x))
-  n_val = int(round(len(x) * fraction))
-  val, tr = order[:n_val], order[n_val:]
+  tr, val = validation_rows(len(x), fraction, seed=seed)
   return x[tr], y[tr], x[val], y[val]
 
 
@@ -417,13 +423,10 @@ def from_arrays(train: dict, test: dict | None = None, *,
   if set(splits["test"]) != set(splits["train"]):
     raise DataError(f"train has keys {sorted(splits['train'])} but test "
                     f"{sorted(splits['test'])}; give both the same keys")
-  if not 0.0 <= validation < 1.0:
-    raise DataError(f"validation fraction must lie in [0, 1); got {validation}")
-  order = np.random.default_rng(seed).permutation(len(splits["train"]["x"]))
-  n_val = int(round(len(order) * validation))
   full = splits.pop("train")
-  splits["val"] = {k: v[order[:n_val]] for k, v in full.items()}
-  splits["train"] = {k: v[order[n_val:]] for k, v in full.items()}
+  tr, val = validation_rows(len(full["x"]), validation, seed=seed)
+  splits["val"] = {k: v[val] for k, v in full.items()}
+  splits["train"] = {k: v[tr] for k, v in full.items()}
   if len(splits["train"]["x"]) == 0:
     raise DataError(f"{name}: no training rows are left")
   y = splits["train"]["y"]
