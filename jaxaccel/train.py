@@ -290,6 +290,15 @@ def check_data(model, data: Dataset | Stream, batch_size: int,
     raise ConfigError(f"batch size {batch_size} is larger than the {len(data.x_train)} "
                       "training examples; use a smaller --batch-size")
   task = task or resolve_task(None, data)
+  if task.name == "regression" and not np.issubdtype(data.y_train.dtype,
+                                                    np.floating):
+    raise DataError(f"the regression task takes float targets; y_train has "
+                    f"dtype {data.y_train.dtype}: give float targets, or use "
+                    "the classification task for class ids")
+  if task.name == "lm" and data.y_train.ndim < 2:
+    raise DataError(f"the lm task takes a target per position, (n, length); "
+                    f"y_train has shape {data.y_train.shape}, one per example: "
+                    "use the classification task")
   if task.name in ("classification", "lm"):
     if not np.issubdtype(data.y_train.dtype, np.integer):
       raise DataError(f"the {task.name} task needs integer class ids as "

@@ -211,3 +211,15 @@ def test_compression_records_a_regression_by_its_mse(regression_run):
   # The better of two records of equal size is the one of lower MSE.
   worse = dict(records[0], mse=records[0]["mse"] + 1.0, name="worse")
   assert [r["name"] for r in report.pareto_front([records[0], worse])] == ["original"]
+
+
+@pytest.mark.parametrize("task, message", [
+    ("regression", "the regression task takes float targets; y_train has "
+                   "dtype int32"),
+    ("lm", r"the lm task takes a target per position, \(n, length\); y_train "
+           r"has shape \(1350,\)"),
+])
+def test_a_task_that_does_not_fit_the_targets_is_refused(digits, task, message):
+  with pytest.raises(DataError, match=message):
+    train.fit(models.create("mlp", num_classes=10, widths=(8,)), "sgd(0.1)",
+              digits, epochs=1, task=task, progress=False)

@@ -178,6 +178,9 @@ def _load_npz(path: pathlib.Path, *, regression: bool = False
                       "per row")
     if len(x) == 0:
       raise DataError(f"{path}: x_{split} is empty; give at least one example")
+    if x.dtype.kind not in "biuf":
+      raise DataError(f"{path}: x_{split} has dtype {x.dtype}; give numbers "
+                      "(save the inputs as floats or integers)")
   xtr, xte = arrays["x_train"], arrays["x_test"]
   if xtr.shape[1:] != xte.shape[1:]:
     raise DataError(f"{path}: x_train rows have shape {xtr.shape[1:]} but "
