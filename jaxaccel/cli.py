@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("bench", help="side-by-side throughput against peers")
   common(p)
   p.add_argument("--suite", choices=("train", "sweep", "compress", "parallel",
-                                     "deploy"),
+                                     "deploy", "lm"),
                  default="train")
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
@@ -701,6 +701,14 @@ def cmd_compress(args) -> None:
 
 def cmd_bench(args) -> None:
   from jaxaccel import bench
+  if args.suite == "lm":
+    from jaxaccel import bench_lm
+    report = bench_lm.run_lm_suite(
+        model_spec=args.models or bench_lm.DEFAULT_MODEL,
+        steps=args.steps or 40, repeats=args.repeats,
+        torch_peer=not args.no_torch, progress=not args.no_progress)
+    _emit(args, bench_lm.format_lm_report(report), report)
+    return
   if args.models is None:
     args.models = "mlp,cnn,resnet18" if args.suite == "train" else "mlp,cnn"
   if args.suite == "sweep":

@@ -119,3 +119,40 @@ def test_deploy_suite_serves_one_model_every_way():
   assert b[bench_deploy.PRUNED] < b["onnx int8"] / 2
   text = bench_deploy.format_deploy_report(report)
   assert "jaxaccel int8 (ONNX Runtime)" in text and "onnx int8" in text
+
+
+def test_lm_suite_sides_train_the_same_network():
+  """The flax NNX side loads jaxaccel's initial weights and takes fit's
+  batches: after the same steps both reach the same validation bits per
+  byte (a gap would mean one side trains another network or other bytes)."""
+  from jaxaccel import bench_lm
+  report = bench_lm.run_lm_suite(model_spec="gpt:1,2,32", steps=3, epochs=2,
+                                 repeats=1, torch_peer=False, progress=False)
+  gpt = report["models"]["gpt"]
+  assert gpt["val_bits_per_byte"] == pytest.approx(
+      gpt["flax_val_bits_per_byte"], abs=2e-3)
+  assert 5.0 < gpt["val_bits_per_byte"] < 8.0    # 6 steps from uniform (8)
+  assert gpt["ratio_vs_flax"] == pytest.approx(
+      gpt["tokens_per_second"] / gpt["flax_tokens_per_second"], rel=1e-2)
+  assert gpt["generation"]["new_tokens"] == 256
+  assert "flax NNX" in bench_lm.format_lm_report(report)
+
+
+def test_lm_torch_peer_computes_what_the_registry_gpt_computes():
+  torch = pytest.importorskip("torch")
+  import jax
+  import numpy as np
+  from jaxaccel import bench_lm, models
+  model = models.create("gpt", num_classes=256, layers=2, heads=2, width=16,
+                        context=16)
+  x = np.arange(32, dtype=np.int32).reshape(2, 16) * 7 % 256
+  variables = model.init(jax.random.key(1), x)
+  net = bench_lm.torch_gpt(bench_lm.fused_weights(variables["params"]), 2)
+  with torch.no_grad():
+    ours = np.asarray(model.apply(variables, x))
+    theirs = net(torch.from_numpy(x.astype(np.int64))).numpy()
+    # The peer's cached decoding continues as its full pass does.
+    ids = bench_lm.torch_generate(net, x[0, :8], 8)
+  np.testing.assert_allclose(theirs, ours, atol=2e-5)
+  first = int(np.argmax(ours[0, 7]))
+  assert ids[0] == first
