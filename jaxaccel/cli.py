@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="optax chain spec, e.g. 'clip_by_global_norm(1.0) | adam(1e-3)'"
                       " or a .toml file")
   p.add_argument("--epochs", type=_positive_int, default=10)
+  p.add_argument("--steps", type=_positive_int,
+                 help="train this many steps in all instead of --epochs (the "
+                      "last epoch stops short)")
   p.add_argument("--batch-size", type=_positive_int, default=128)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--augment", default="",
@@ -372,7 +375,9 @@ def cmd_train(args) -> None:
     run_config["init_from"] = {"run": args.init_from, "copied": copied}
     if not args.no_progress:
       print(f"warm start from {args.init_from}: copied {', '.join(copied)}")
-  result = train.fit(model, calls, training.train, epochs=args.epochs,
+  result = train.fit(model, calls, training.train,
+                     epochs=None if args.steps else args.epochs,
+                     steps=args.steps,
                      val_data=training.val, task=training.task,
                      **({} if training.streamed else {"batch_size": args.batch_size}),
                      seed=args.seed, out=out,
@@ -392,7 +397,8 @@ def cmd_train(args) -> None:
       **{f"test_{k}": v for k, v in test.items()}, "task": task.name,
       "train_loss": last.get("train_loss"),
       f"val_{metric}": last.get(f"val_{metric}"),
-      "epochs": last.get("epoch", 0), "stopped_early": result.stopped_early,
+      "epochs": last.get("epoch", 0), "steps": last.get("step", 0),
+      "stopped_early": result.stopped_early,
       "skipped_steps": sum(r["skipped_steps"] for r in result.history),
       "steps_per_second": round(result.steps_per_second, 2),
       "wall_seconds": round(result.wall_seconds, 3),

@@ -163,7 +163,9 @@ class FitConfig:
   `fit(model, tx, data, epochs=5, parallel="pmap")` are the same run.
   """
   # The loop.
-  epochs: int                   # passes over the training set
+  epochs: int | None = None     # passes over the training set
+  steps: int | None = None      # or: steps in all, in place of epochs (the
+                                # last epoch stops short)
   batch_size: int = 128         # examples per step; an epoch's last partial
                                 # batch is dropped so every step has one shape
   seed: int = 0                 # initialization (linen, plain functions; an
@@ -195,8 +197,14 @@ class FitConfig:
                                 # state over "data" too
 
   def check(self) -> None:
-    if self.epochs <= 0:
-      raise ConfigError(f"epochs must be positive; got {self.epochs}")
+    if (self.epochs is None) == (self.steps is None):
+      raise ConfigError("give either epochs or steps (the length of the run)"
+                        if self.epochs is None else
+                        "give epochs or steps, not both")
+    for name in ("epochs", "steps"):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ConfigError(f"{name} must be positive; got {value}")
     if self.epoch_mode not in ("auto", "scan", "stream"):
       raise ConfigError(f"unknown epoch_mode {self.epoch_mode!r}: use auto, "
                         "scan or stream")
@@ -382,8 +390,9 @@ class ArrayEpochs(Callback):
     self.use_scan = use_scan
     self.steps_per_epoch = len(data.x_train) // batch_size
 
-  def run(self, state, epoch: int, *, progress: bool):
-    order = epoch_order(self.seed, epoch, len(self.arrays["x"]), self.batch_size)
+  def run(self, state, epoch: int, *, steps: int, progress: bool):
+    order = epoch_order(self.seed, epoch, len(self.arrays["x"]),
+                        self.batch_size)[:steps]
     return self.engine.run_epoch(state, self.arrays, order,
                                  use_scan=self.use_scan, progress=progress,
                                  desc=f"epoch {epoch + 1}")
@@ -401,14 +410,14 @@ class StreamEpochs(Callback):
     self.steps_per_epoch = stream.steps_per_epoch
     self._saved, self._it = None, None
 
-  def run(self, state, epoch: int, *, progress: bool):
+  def run(self, state, epoch: int, *, steps: int, progress: bool):
     if self._it is None:
       self._it = self.stream.iterator(
           epoch=epoch, state=self._saved, process_index=jax.process_index(),
           process_count=jax.process_count())
     place = self.engine.placement.local_batch
-    batches = (place(next(self._it)) for _ in range(self.steps_per_epoch))
-    return self.engine.run_steps(state, batches, self.steps_per_epoch,
+    batches = (place(next(self._it)) for _ in range(steps))
+    return self.engine.run_steps(state, batches, steps,
                                  progress=progress, desc=f"epoch {epoch + 1}")
 
   def progress(self):
@@ -514,6 +523,10 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
                              and data.x_train.nbytes < config.scan_max_bytes
                              and scan_pays(model, state, data.x_train[:1])))
 
+  per_epoch = feeder.steps_per_epoch
+  epochs = config.epochs or -(-config.steps // per_epoch)
+  total_steps = config.steps or epochs * per_epoch
+
   # Callbacks: the built-in ones that change the state or the stop decision
   # first, the user's next, the run directory last (it checkpoints them all).
   hooks = [feeder]
@@ -533,19 +546,21 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
   # In a multi-process run only process 0 shows progress.
   progress = progress and parallel_lib.is_main_process()
   # A fresh copy: donation deletes the buffers of the state passed in.
-  loop = FitLoop(state=jax.tree.map(jnp.array, state), epochs=config.epochs,
+  loop = FitLoop(state=jax.tree.map(jnp.array, state), epochs=epochs,
                  callbacks=hooks, task=task)
   for c in hooks:
     c.on_fit_start(loop)
   t_start = time.perf_counter()
-  epoch_seconds = []
-  bar = tqdm(range(loop.epoch, config.epochs), initial=loop.epoch,
-             total=config.epochs, desc="fit", unit="epoch",
+  epoch_seconds, epoch_steps = [], []
+  bar = tqdm(range(loop.epoch, epochs), initial=loop.epoch,
+             total=epochs, desc="fit", unit="epoch",
              disable=not progress, leave=False)
   val_key = f"val_{task.metric}"
   for epoch in bar:
     t0 = time.perf_counter()
-    loop.state, metrics = feeder.run(loop.state, epoch, progress=progress)
+    epoch_steps.append(min(per_epoch, total_steps - epoch * per_epoch))
+    loop.state, metrics = feeder.run(loop.state, epoch, steps=epoch_steps[-1],
+                                     progress=progress)
     loop.epoch = epoch + 1
     record = {"epoch": loop.epoch, "step": int(loop.state.step),
               **_summarize(metrics, task)}
@@ -569,11 +584,12 @@ def fit(model, tx: optax.GradientTransformation | optim.Spec,
     c.on_fit_end(loop)
   wall = time.perf_counter() - t_start
   # The first epoch also compiles: time the others when there are any.
-  timed = epoch_seconds[1:] or epoch_seconds
-  steps = feeder.steps_per_epoch
+  first = 1 if len(epoch_seconds) > 1 else 0
+  timed = sum(epoch_seconds[first:])
   return FitResult(state=loop.state, history=loop.history,
                    stopped_early=loop.stop, wall_seconds=wall,
-                   steps_per_second=steps * len(timed) / sum(timed) if timed else 0.0)
+                   steps_per_second=sum(epoch_steps[first:]) / timed
+                   if timed else 0.0)
 
 
 def _run_config(model, optimizer: str, data: Dataset | Stream,
@@ -591,7 +607,7 @@ def _run_config(model, optimizer: str, data: Dataset | Stream,
   run_config = {"model": describe_model(model),
                 "model_spec": models.describe(model), "optimizer": optimizer,
                 "dataset": name, "data": description,
-                "task": task.name, "epochs": config.epochs,
+                "task": task.name, "epochs": config.epochs, "steps": config.steps,
                 "batch_size": config.batch_size, "seed": config.seed,
                 "input_shape": list(input_shape),
                 "input_dtype": str(input_dtype),

@@ -88,6 +88,30 @@ def run_cli(capsys, *argv):
   return code, out, err
 
 
+def jaxaccel_cmd(*args):
+  """The command line of `jaxaccel ARGS` in a fresh process."""
+  import sys
+  return [sys.executable, "-m", "jaxaccel.cli", *args]
+
+
+def run_until_killed(cmd, ready, *, settle: float = 0.0):
+  """Starts `cmd`, SIGKILLs it once `ready()` holds (plus `settle` seconds);
+  fails if it ended by itself first. Returns its stderr."""
+  import signal
+  import subprocess
+  import time
+  victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not ready() and victim.poll() is None:
+    time.sleep(0.005)
+  time.sleep(settle)
+  victim.send_signal(signal.SIGKILL)
+  _, err = victim.communicate(timeout=60)
+  assert victim.returncode == -signal.SIGKILL, f"ended before the kill: {err}"
+  return err
+
+
 def last_json(out: str) -> dict:
   """The JSON object on the last line of a command's stdout."""
   import json

@@ -10,7 +10,7 @@ import pytest
 
 from jaxaccel.checkpoint import RunDir
 
-from conftest import last_json, run_cli
+from conftest import jaxaccel_cmd, last_json, run_cli, run_until_killed
 
 
 TRAIN_KEYS = {"test_accuracy", "train_loss", "epochs", "steps_per_second",
@@ -177,31 +177,12 @@ def test_predict_rejects_wrong_shapes(capsys, tmp_path):
   assert code == 2 and "does not exist" in err
 
 
-def jaxaccel_cmd(*args):
-  return [sys.executable, "-m", "jaxaccel.cli", *args]
-
-
 def test_errors_reach_the_shell_without_traceback(tmp_path):
   proc = subprocess.run(jaxaccel_cmd("train", "--dataset", str(tmp_path / "x.npz")),
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("jaxaccel: error: data file")
   assert "Traceback" not in proc.stderr
-
-
-def _run_until(cmd, ready, *, settle: float = 0.0):
-  """Starts `cmd`, SIGKILLs it once `ready()` holds (plus `settle` seconds);
-  fails if it ended by itself first."""
-  victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and not ready() and victim.poll() is None:
-    time.sleep(0.005)
-  time.sleep(settle)
-  victim.send_signal(signal.SIGKILL)
-  _, err = victim.communicate(timeout=60)
-  assert victim.returncode == -signal.SIGKILL, f"ended before the kill: {err}"
-  return err
 
 
 def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
@@ -220,14 +201,14 @@ def test_a_requeued_command_killed_three_times_ends_as_if_never_killed(
   run = RunDir(tmp_path / "run")   # one reader, while other processes write
   ckpt = tmp_path / "run" / "checkpoint"
   # 1. before the first checkpoint: the run's config is written, no epoch is.
-  err = _run_until(jaxaccel_cmd(*args),
+  err = run_until_killed(jaxaccel_cmd(*args),
                    lambda: (tmp_path / "run" / "config.json").exists())
   assert "no checkpoint in" in err and "starting a fresh run" in err
   assert run.latest_epoch() is None
   # 2. somewhere inside an epoch after the third checkpoint.
-  _run_until(jaxaccel_cmd(*args), lambda: (ckpt / "3").exists(), settle=0.137)
+  run_until_killed(jaxaccel_cmd(*args), lambda: (ckpt / "3").exists(), settle=0.137)
   # 3. right as the eighth checkpoint lands.
-  _run_until(jaxaccel_cmd(*args), lambda: (ckpt / "8").exists())
+  run_until_killed(jaxaccel_cmd(*args), lambda: (ckpt / "8").exists())
   done = run.latest_epoch()
   assert done is not None and 8 <= done < 12
 

@@ -271,6 +271,9 @@ def test_corrupt_and_missing_checkpoints(digits, tmp_path):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(epochs=0), ConfigError, "epochs must be positive; got 0"),
+    (dict(steps=-1), ConfigError, "steps must be positive; got -1"),
+    (dict(epochs=1, steps=5), ConfigError, "give epochs or steps, not both"),
+    (dict(), ConfigError, r"give either epochs or steps \(the length"),
     (dict(epochs=1, batch_size=0), ConfigError, "batch size must be positive"),
     (dict(epochs=1, batch_size=5000), ConfigError, "larger than the 1350"),
     (dict(epochs=1, epoch_mode="fast"), ConfigError, "unknown epoch_mode 'fast'"),
