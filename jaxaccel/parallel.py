@@ -90,7 +90,9 @@ def initialize(coordinator: str | None = None, *,
   Every process runs the same program with the same arguments but its own
   `process_id`; process 0 also hosts the coordinator at `coordinator`.
   With `coordinator="auto"` JAX detects the cluster (SLURM, Open MPI, TPU
-  pods, ...) and reads the counts from it.
+  pods, ...) and reads the counts from it. A process whose runtime is
+  already initialized (by Ray's or Kubeflow's JAX launcher, or a call of
+  its own to `jax.distributed.initialize`) joins it.
 
   Args:
     coordinator: "HOST:PORT" of process 0, or "auto".
@@ -107,6 +109,15 @@ def initialize(coordinator: str | None = None, *,
       raise ConfigError("num_processes / process_id need the coordinator's "
                         "address: pass coordinator='HOST:PORT' "
                         "(--coordinator on the command line)")
+    return
+  if jax.distributed.is_initialized():
+    # A launcher (Ray, Kubeflow, the user's own call) started the runtime
+    # already: join it, if it is the run the arguments describe.
+    for name, given, actual in (("num_processes", num_processes, jax.process_count()),
+                                ("process_id", process_id, jax.process_index())):
+      if given is not None and given != actual:
+        raise ConfigError(f"jax.distributed is already initialized with "
+                          f"{name}={actual}, but {given} was asked for")
     return
   if coordinator == "auto":
     try:

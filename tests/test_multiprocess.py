@@ -28,8 +28,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(args, devices, log):
-  env = dict(os.environ, PYTHONPATH=str(ROOT),
+def launch(args, devices, log, **env):
+  env = dict(os.environ, **env, PYTHONPATH=str(ROOT),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", *TRAIN, *args],
@@ -56,15 +56,33 @@ def last_json(log) -> dict:
   return json.loads(pathlib.Path(log).read_text().strip().splitlines()[-1])
 
 
-def test_two_processes_match_one_process(digits, tmp_path):
-  """Two processes of two devices each train what this process trains on
-  its eight devices."""
+def slurm_job_id() -> int:
+  """A job id whose coordinator port (JAX takes 61440 + id % 4096 under
+  SLURM) is free here."""
+  for _ in range(100):
+    port = 61440 + int(np.random.default_rng().integers(4096))
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    return 4096 * 7 + port - 61440
+  pytest.skip("no free port in 61440..65535 for a SLURM coordinator")
+
+
+def test_two_slurm_tasks_with_coordinator_auto_match_one_process(digits, tmp_path):
+  """Two processes started with the environment `srun` gives each task, and
+  `--coordinator auto`, train what this process trains on its eight
+  devices (as do two started with an explicit coordinator, below)."""
   from jaxaccel import core, models, train
-  port = free_port()
   two = tmp_path / "two"
-  procs = [launch(["--out", str(two), "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", "2", "--process-id", str(i)], 2,
-                  tmp_path / f"proc{i}.log") for i in range(2)]
+  job = str(slurm_job_id())
+  procs = [launch(["--out", str(two), "--coordinator", "auto"], 2,
+                  tmp_path / f"proc{i}.log", SLURM_JOB_ID=job,
+                  SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                  SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                  SLURM_STEP_NUM_NODES="1", SLURM_NODELIST="localhost")
+           for i in range(2)]
   model = models.create("mlp", num_classes=10, widths=(32,))
   single = train.fit(model, "adam(learning_rate=0.001)", digits, epochs=2,
                      batch_size=64, parallel="sharded", progress=False)
@@ -147,3 +165,32 @@ def test_mismatched_process_counts_stop_both_processes(tmp_path):
   assert f"the run at 127.0.0.1:{port} has 2 processes, but this one was told 3" in logs[1]
   assert (f"process 0 of the run at 127.0.0.1:{port} could not reach all 2 "
           "processes") in logs[0]
+
+
+def test_a_process_whose_runtime_is_already_initialized_joins_it(tmp_path):
+  """As under Ray's or Kubeflow's launchers: jax.distributed is initialized
+  before jaxaccel runs; the command line (and fit) join that runtime."""
+  script = (
+      "import jax; jax.distributed.initialize("
+      f"coordinator_address='127.0.0.1:{free_port()}', num_processes=1, "
+      "process_id=0)\n"
+      "from jaxaccel import cli, parallel\n"
+      "try:\n"
+      "  parallel.initialize('10.0.0.1:1234', num_processes=2, process_id=0)\n"
+      "except Exception as e:\n"
+      "  print('refused:', e)\n"
+      "cli.main(['train', '--dataset', 'digits', '--model', 'mlp:16', '--epochs', "
+      "'4', '--batch-size', '32', '--optimizer', 'adam(0.01)', '--parallel', 'sharded', '--no-progress', "
+      "'--json', '--coordinator', '10.0.0.1:1234', '--num-processes', '1', "
+      "'--process-id', '0'])\n")
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=TIME_LIMIT)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert lines[0] == ("refused: jax.distributed is already initialized with "
+                      "num_processes=1, but 2 was asked for")
+  result = json.loads(lines[-1])
+  assert (result["processes"], result["devices"]) == (1, 2)
+  assert result["test_accuracy"] > 0.5

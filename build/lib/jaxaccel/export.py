@@ -1,0 +1,273 @@
+"""Artifacts that run a trained model without its Python code.
+
+`export_run(RUN, format=..., out=PATH)` (or `export(model, variables, ...)`)
+writes one file that takes the raw inputs `jaxaccel predict` takes (the run's
+normalization is part of the exported function), with any batch size, and
+returns logits:
+
+- "stablehlo": the compiled function through `jax.export`, behind a short
+  JSON header with what inference needs (input shape and dtype, class count,
+  normalization, versions). `load(PATH)` runs it with jax alone.
+- "onnx": an ONNX graph (`jaxaccel.onnx_graph`) for ONNX Runtime and other
+  ONNX runtimes; the same header goes into the model's metadata.
+
+An `out` name ending in `.gz` (`model.onnx.gz`) writes the artifact gzip
+compressed: pruned weights are runs of zeros, so a 90%-sparse int8 model
+shrinks several times more; `load`, `describe` and `jaxaccel predict
+--artifact` read either encoding, and `gunzip` gives the plain file.
+
+With `int8=True` every matmul and convolution on a weight runs int8 x int8
+-> int32 with jaxaccel's own per-channel weight scales and calibrated input
+scales (`compress.int8`), so the artifact predicts what jaxaccel's int8 path
+predicts.
+
+Examples:
+  >>> import tempfile, pathlib, jax, numpy as np
+  >>> from jaxaccel import export, models
+  >>> model = models.create("mlp", num_classes=3, widths=(8,))
+  >>> variables = model.init(jax.random.key(0), np.zeros((1, 4), np.float32))
+  >>> path = pathlib.Path(tempfile.mkdtemp()) / "mlp.stablehlo"
+  >>> _ = export.export(model, variables, input_shape=(4,), num_classes=3,
+  ...                   out=path)
+  >>> artifact = export.load(path)
+  >>> x = np.ones((5, 4), np.float32)
+  >>> bool(np.allclose(artifact(x), model.apply(variables, x), atol=1e-6))
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import pathlib
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxaccel.errors import ConfigError, DataError
+
+FORMATS = ("stablehlo", "onnx")
+MAGIC = b"JAXACCEL-STABLEHLO 1\n"
+GZIP_MAGIC = b"\x1f\x8b"
+CALIBRATION_ROWS = 1024      # training inputs that set the int8 input scales
+
+
+@dataclasses.dataclass
+class Artifact:
+  """A loaded artifact: call it on raw inputs of shape (n, *input_shape)."""
+  path: pathlib.Path
+  format: str
+  header: dict
+  run: Callable[[np.ndarray], np.ndarray]
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.header["input_shape"])
+
+  def check_input(self, x: np.ndarray) -> np.ndarray:
+    """x as float32 rows of the artifact's input shape (a missing trailing
+    channel axis of 1 is added); a DataError naming both shapes otherwise."""
+    from jaxaccel import data
+    return data.check_rows(x, self.input_shape, self.path.name).astype(
+        np.float32)
+
+  def __call__(self, x) -> np.ndarray:
+    return self.run(self.check_input(x))
+
+
+def _normalizer(stats: dict | None) -> Callable:
+  """The run's input normalization (`data.preprocess`) as a function of raw
+  inputs that an exported program can trace."""
+  from jaxaccel import data
+  return ((lambda x: data.preprocess(x, stats)) if stats
+          else (lambda x: x.astype(np.float32)))
+
+
+def calibration_inputs(x_train: np.ndarray, stats: dict | None,
+                       rows: int = CALIBRATION_ROWS) -> list[np.ndarray]:
+  """The first `rows` training inputs, normalized, in batches of 256 (what
+  `compress.quantization.calibration_batches` takes)."""
+  from jaxaccel import data
+  from jaxaccel.compress import quantization
+  x = np.asarray(x_train[:rows], np.float32)
+  return quantization.calibration_batches(
+      data.preprocess(x, stats) if stats else x, examples=rows, batch_size=256)
+
+
+def _check_format(format: str) -> None:
+  if format not in FORMATS:
+    raise ConfigError(f"unknown export format {format!r}; choose one of "
+                      f"{', '.join(FORMATS)}")
+
+
+def _header(fmt: str, input_shape, num_classes: int, stats: dict | None,
+            int8_summary: dict | None) -> dict:
+  import jax
+  import jaxaccel
+  return {
+      "format": fmt,
+      "input_shape": [int(d) for d in input_shape],
+      "input_dtype": "float32",
+      "num_classes": int(num_classes),
+      "output": "logits",
+      "normalization": ("standardize" if stats and "mean" in stats
+                        else "scale" if stats else "none"),
+      "int8": int8_summary is not None,
+      **({"int8_layers": int8_summary["int8"],
+          "float_layers": int8_summary["float"]} if int8_summary else {}),
+      "jaxaccel_version": jaxaccel.__version__,
+      "jax_version": jax.__version__,
+  }
+
+
+def export(model, variables: dict, *, input_shape, num_classes: int,
+           out, format: str = "stablehlo", normalization: dict | None = None,
+           int8: bool = False, calibration=None) -> pathlib.Path:
+  """Writes `model` at `variables` as an artifact; returns its path.
+
+  Args:
+    model: any model `jaxaccel.models.adapt` takes (registry, linen, NNX,
+      plain functions).
+    variables: `{"params": ..., **model_state}`.
+    input_shape: one raw input's shape, without the batch axis.
+    num_classes: the logits' width (recorded in the header).
+    out: the file to write.
+    format: "stablehlo" or "onnx".
+    normalization: the run's `Dataset.stats` (`{"scale", "mean", "std"}`),
+      applied inside the artifact to raw inputs; None for none.
+    int8: integer products for every matmul and convolution on a weight.
+    calibration: with int8, batches of normalized training inputs for the
+      input scales (`calibration_inputs`).
+
+  Raises:
+    ConfigError: an unknown format, int8 without calibration batches, or a
+      model with no quantizable layer (said by `compress.int8.convert`).
+  """
+  _check_format(format)
+  if int8 and not calibration:
+    raise ConfigError("int8 export needs calibration batches of training "
+                      "inputs (export.calibration_inputs)")
+  from jaxaccel.models import adapt
+  input_shape = tuple(int(d) for d in input_shape)
+  program = None
+  if int8:
+    from jaxaccel.compress import int8 as int8_lib
+    program = int8_lib.convert(model, variables, calibration)
+  header = _header(format, input_shape, num_classes, normalization,
+                   program.summary() if program else None)
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  if format == "onnx":
+    from jaxaccel import onnx_graph
+    _write(out, onnx_graph.build(
+        model, variables, input_shape=input_shape,
+        prepare=_normalizer(normalization), program=program,
+        metadata=header).SerializeToString())
+    return out
+  import jax
+  normalize = _normalizer(normalization)
+  adapter = adapt(model)
+  logits = (program.forward if program is not None
+            else lambda x: adapter.logits(variables, x))
+  fn = jax.jit(lambda x: logits(normalize(x)))
+  batch, = jax.export.symbolic_shape("batch")
+  exported = jax.export.export(fn)(
+      jax.ShapeDtypeStruct((batch, *input_shape), np.float32))
+  header["platforms"] = list(exported.platforms)
+  header["calling_convention_version"] = exported.calling_convention_version
+  _write(out, MAGIC + json.dumps(header).encode() + b"\n"
+         + bytes(exported.serialize()))
+  return out
+
+
+def _write(out: pathlib.Path, payload: bytes) -> None:
+  """Writes `payload` whole or not at all, gzip compressed (level 9, no
+  time stamp, so the same model gives the same bytes) when `out` ends in
+  `.gz`."""
+  if out.suffix == ".gz":
+    payload = gzip.compress(payload, compresslevel=9, mtime=0)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_bytes(payload)
+  tmp.replace(out)
+
+
+def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
+               model=None, data=None) -> pathlib.Path:
+  """Exports the model of a `jaxaccel train` run directory. NNX and other
+  models config.json cannot rebuild are given as `model`, as for
+  `train.load_run`. An int8 export calibrates on the run's training data,
+  rebuilt from its config.json, or `data` (a `Dataset`) for data built in
+  Python."""
+  from jaxaccel import train
+  from jaxaccel.checkpoint import RunDir
+  _check_format(format)      # before the run is loaded
+  task = RunDir(run).read_config().get("task", "classification")
+  if task != "classification":
+    raise ConfigError(f"export writes classifiers of float inputs; {run} was "
+                      f"trained for the {task} task: use its run directory "
+                      "(predict --run, generate --run) instead")
+  model, variables, config = train.load_run(run, model=model)
+  stats = RunDir(run).read_normalization() or None
+  calibration = None
+  if int8:
+    ds = train.load_run_data(config, data)
+    calibration = calibration_inputs(ds.x_train, None)   # already normalized
+  return export(model, variables, input_shape=config["input_shape"],
+                num_classes=config["num_classes"], out=out, format=format,
+                normalization=stats, int8=int8, calibration=calibration)
+
+
+def _read(path) -> tuple[pathlib.Path, str, dict, bytes]:
+  """(path, format, header, raw bytes) of an artifact written by `export`,
+  the header with the file's `encoding` ("gzip" or "none") added; a
+  DataError names a missing, corrupt or foreign file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f"artifact {path} does not exist; write one with "
+                    "`jaxaccel export`")
+  raw = path.read_bytes()
+  encoding = "gzip" if raw.startswith(GZIP_MAGIC) else "none"
+  if encoding == "gzip":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise DataError(f"{path} is a corrupt gzip file ({e}); export it "
+                      "again") from None
+  if raw.startswith(MAGIC):
+    end = raw.find(b"\n", len(MAGIC))
+    try:
+      header = json.loads(raw[len(MAGIC):end])
+    except ValueError as e:
+      raise DataError(f"{path} is a corrupt StableHLO artifact "
+                      f"({type(e).__name__}); export it again") from None
+    return path, "stablehlo", {**header, "encoding": encoding}, raw[end + 1:]
+  if raw.startswith(b"JAXACCEL-"):
+    raise DataError(f"{path} is a jaxaccel artifact of a newer kind than this "
+                    f"version reads ({raw.split(b' ')[0].decode(errors='replace')})")
+  from jaxaccel import onnx_graph
+  return path, "onnx", {**onnx_graph.header(path, raw),
+                        "encoding": encoding}, raw
+
+
+def load(path) -> Artifact:
+  """Loads an artifact written by `export`, ready to run."""
+  path, fmt, header, payload = _read(path)
+  if fmt == "onnx":
+    from jaxaccel import onnx_graph
+    return Artifact(path, fmt, header, onnx_graph.runner(payload))
+  import jax
+  try:
+    exported = jax.export.deserialize(bytearray(payload))
+  except Exception as e:
+    raise DataError(f"{path} is a corrupt StableHLO artifact "
+                    f"({type(e).__name__}); export it again") from None
+  call = jax.jit(exported.call)
+  return Artifact(path, fmt, header, lambda x: np.asarray(call(x)))
+
+
+def describe(path) -> dict[str, Any]:
+  """An artifact's header plus its size on disk and its encoding ("gzip"
+  or "none"), without loading it to run."""
+  path, _, header, _ = _read(path)
+  return {**header, "path": str(path), "bytes": path.stat().st_size}
