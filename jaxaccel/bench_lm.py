@@ -164,15 +164,16 @@ def time_nnx(spec: dict, weights: dict, ds: data.Dataset, steps: int,
   nll = np.mean([float(_nnx_loss_of(logits(model, vx[i:i + BATCH]),
                                     vy[i:i + BATCH]))
                  for i in range(0, len(vx), BATCH)])
-  return _tokens_per_second(steps, times), nll / math.log(2)
+  return (_tokens_per_second(steps, times, x.shape[1]),
+          nll / math.log(2))
 
 
 def _nnx_loss_of(logits, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _tokens_per_second(steps: int, times: list[float]) -> float:
-  return bench._steps_per_second(steps, times) * BATCH * CONTEXT
+def _tokens_per_second(steps: int, times: list[float], context: int) -> float:
+  return bench._steps_per_second(steps, times) * BATCH * context
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -265,7 +266,8 @@ def time_torch(weights: dict, heads: int, ds: data.Dataset, steps: int,
     nll = np.mean([F.cross_entropy(net(vx[i:i + BATCH]).flatten(0, 1),
                                    vy[i:i + BATCH].flatten()).item()
                    for i in range(0, len(vx), BATCH)])
-  return _tokens_per_second(steps, times), nll / math.log(2)
+  return (_tokens_per_second(steps, times, x.shape[1]),
+          nll / math.log(2))
 
 
 def torch_generate(net, prompt: np.ndarray, tokens: int) -> np.ndarray:
@@ -297,29 +299,29 @@ def _spec(model_spec: str) -> dict:
 
 
 def time_generation(spec: dict, prompt: np.ndarray, *, repeats: int,
-                    torch_peer: bool) -> dict:
+                    torch_peer: bool, new_tokens: int = NEW_TOKENS) -> dict:
   """Greedy tokens/s at batch 1 of `jaxaccel.generate` (compiled once
   first) and the PyTorch cache loop, on one network of context
   prompt + new tokens; best of `repeats`, interleaved."""
-  context = len(prompt) + NEW_TOKENS
+  context = len(prompt) + new_tokens
   model = models.create("gpt", num_classes=256, context=context, **spec)
   variables = model.init(jax.random.key(0), np.zeros((1, context), np.int32))
   text = bytes(prompt.astype(np.uint8).tolist())
-  first = generate(model, variables, text, tokens=NEW_TOKENS)   # compiles
+  first = generate(model, variables, text, tokens=new_tokens)   # compiles
   net = torch_gpt(fused_weights(variables["params"]), spec["heads"]) \
       if torch_peer else None
   best = {"jaxaccel": 0.0, "torch": 0.0}
   same = None
   for _ in range(repeats):
     best["jaxaccel"] = max(best["jaxaccel"], generate(
-        model, variables, text, tokens=NEW_TOKENS)["tokens_per_second"])
+        model, variables, text, tokens=new_tokens)["tokens_per_second"])
     if net is not None:
       t = time.perf_counter()
-      ids = torch_generate(net, prompt, NEW_TOKENS)
-      best["torch"] = max(best["torch"], NEW_TOKENS / (time.perf_counter() - t))
+      ids = torch_generate(net, prompt, new_tokens)
+      best["torch"] = max(best["torch"], new_tokens / (time.perf_counter() - t))
       same = float(np.mean(ids == first["ids"][len(prompt):]))
   out = {"tokens_per_second": round(best["jaxaccel"], 1),
-         "prompt": len(prompt), "new_tokens": NEW_TOKENS}
+         "prompt": len(prompt), "new_tokens": new_tokens}
   if net is not None:
     out.update(torch_tokens_per_second=round(best["torch"], 1),
                ratio_vs_torch=round(best["jaxaccel"] / best["torch"], 3),
@@ -329,31 +331,32 @@ def time_generation(spec: dict, prompt: np.ndarray, *, repeats: int,
 
 def run_lm_suite(*, model_spec: str = DEFAULT_MODEL, steps: int = 40,
                  epochs: int = 3, repeats: int = 3, torch_peer: bool = True,
-                 progress: bool = True) -> dict:
+                 context: int = CONTEXT, prompt: int = PROMPT,
+                 new_tokens: int = NEW_TOKENS, progress: bool = True) -> dict:
   """Training tokens/s and validation bits per byte of the three sides
   after `epochs` x `steps` steps (the first epoch, which compiles, is not
-  timed); then generation tokens/s."""
+  timed); then generation tokens/s (`prompt` bytes, then `new_tokens`)."""
   spec = _spec(model_spec)
   torch_peer = torch_peer and bench.torch_available()
-  full = lm_data(steps)
+  full = lm_data(steps, context=context)
   n = steps * BATCH
   ds = dataclasses.replace(full, x_train=full.x_train[:n],
                            y_train=full.y_train[:n], x_val=full.x_val[:256],
                            y_val=full.y_val[:256])
-  model = models.create("gpt", num_classes=256, context=CONTEXT, **spec)
-  variables, _ = core.init_variables(model, (CONTEXT,), dtype=jnp.int32)
+  model = models.create("gpt", num_classes=256, context=context, **spec)
+  variables, _ = core.init_variables(model, (context,), dtype=jnp.int32)
   weights = fused_weights(variables["params"])
   say = print if progress else (lambda *a, **k: None)
 
-  say(f"lm suite: {model_spec}, context {CONTEXT}, batch {BATCH}, "
+  say(f"lm suite: {model_spec}, context {context}, batch {BATCH}, "
       f"{epochs} x {steps} steps per side", flush=True)
   result = train.fit(model, _tx(), ds, epochs=epochs, batch_size=BATCH,
                      progress=False)
-  ours = {"tokens_per_second": result.steps_per_second * BATCH * CONTEXT,
+  ours = {"tokens_per_second": result.steps_per_second * BATCH * context,
           "val_bits_per_byte": train.evaluate(
               model, result.state, ds.x_val, ds.y_val)["bits_per_byte"]}
   say(f"  jaxaccel {ours['tokens_per_second']:.0f} tokens/s", flush=True)
-  nnx_tps, nnx_bpb = time_nnx({**spec, "context": CONTEXT}, weights, ds,
+  nnx_tps, nnx_bpb = time_nnx({**spec, "context": context}, weights, ds,
                               steps, epochs)
   say(f"  flax NNX {nnx_tps:.0f} tokens/s", flush=True)
   gpt = {"tokens_per_second": round(ours["tokens_per_second"], 1),
@@ -367,13 +370,14 @@ def run_lm_suite(*, model_spec: str = DEFAULT_MODEL, steps: int = 40,
     gpt.update(torch_tokens_per_second=round(torch_tps, 1),
                ratio_vs_torch=round(ours["tokens_per_second"] / torch_tps, 3),
                torch_val_bits_per_byte=round(torch_bpb, 4))
-  flops = _step_flops(model, (CONTEXT,))
+  flops = _step_flops(model, (context,))
   gpt["gflops"] = round(flops * ours["tokens_per_second"]
-                        / (BATCH * CONTEXT) / 1e9, 1)
-  prompt = ds.x_val[0, :PROMPT].astype(np.int32)
-  gpt["generation"] = time_generation(spec, prompt, repeats=repeats,
-                                      torch_peer=torch_peer)
-  return {"suite": "lm", "dataset": "pycode", "context": CONTEXT,
+                        / (BATCH * context) / 1e9, 1)
+  text = ds.x_val[0, :prompt].astype(np.int32)
+  gpt["generation"] = time_generation(spec, text, repeats=repeats,
+                                      torch_peer=torch_peer,
+                                      new_tokens=new_tokens)
+  return {"suite": "lm", "dataset": "pycode", "context": context,
           "batch_size": BATCH, "steps": steps * epochs,
           "timed_steps": steps * (epochs - 1),
           "optimizer": f"adamw({LEARNING_RATE}, weight_decay={WEIGHT_DECAY})",

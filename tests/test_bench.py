@@ -126,15 +126,16 @@ def test_lm_suite_sides_train_the_same_network():
   batches: after the same steps both reach the same validation bits per
   byte (a gap would mean one side trains another network or other bytes)."""
   from jaxaccel import bench_lm
-  report = bench_lm.run_lm_suite(model_spec="gpt:1,2,32", steps=3, epochs=2,
-                                 repeats=1, torch_peer=False, progress=False)
+  report = bench_lm.run_lm_suite(model_spec="gpt:1,2,16", steps=3, epochs=2,
+                                 repeats=1, torch_peer=False, context=16,
+                                 prompt=8, new_tokens=8, progress=False)
   gpt = report["models"]["gpt"]
   assert gpt["val_bits_per_byte"] == pytest.approx(
       gpt["flax_val_bits_per_byte"], abs=2e-3)
   assert 5.0 < gpt["val_bits_per_byte"] < 8.0    # 6 steps from uniform (8)
   assert gpt["ratio_vs_flax"] == pytest.approx(
       gpt["tokens_per_second"] / gpt["flax_tokens_per_second"], rel=1e-2)
-  assert gpt["generation"]["new_tokens"] == 256
+  assert gpt["generation"]["new_tokens"] == 8 and report["context"] == 16
   assert "flax NNX" in bench_lm.format_lm_report(report)
 
 

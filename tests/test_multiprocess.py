@@ -180,7 +180,7 @@ def test_a_process_whose_runtime_is_already_initialized_joins_it(tmp_path):
       "except Exception as e:\n"
       "  print('refused:', e)\n"
       "cli.main(['train', '--dataset', 'digits', '--model', 'mlp:16', '--epochs', "
-      "'4', '--batch-size', '32', '--optimizer', 'adam(0.01)', '--parallel', 'sharded', '--no-progress', "
+      "'1', '--batch-size', '16', '--optimizer', 'adam(0.01)', '--parallel', 'sharded', '--no-progress', "
       "'--json', '--coordinator', '10.0.0.1:1234', '--num-processes', '1', "
       "'--process-id', '0'])\n")
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
