@@ -132,9 +132,12 @@ class NNXGPT(nnx.Module):
     return self
 
 
+def _cross_entropy(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
 def _nnx_loss(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      model(x), y).mean()
+  return _cross_entropy(model(x), y)
 
 
 def time_nnx(spec: dict, weights: dict, ds: data.Dataset, steps: int,
@@ -161,15 +164,11 @@ def time_nnx(spec: dict, weights: dict, ds: data.Dataset, steps: int,
     times.append(time.perf_counter() - t)
   logits = nnx.jit(lambda m, x: m(x))
   vx, vy = ds.x_val.astype(np.int32), ds.y_val.astype(np.int32)
-  nll = np.mean([float(_nnx_loss_of(logits(model, vx[i:i + BATCH]),
+  nll = np.mean([float(_cross_entropy(logits(model, vx[i:i + BATCH]),
                                     vy[i:i + BATCH]))
                  for i in range(0, len(vx), BATCH)])
   return (_tokens_per_second(steps, times, x.shape[1]),
           nll / math.log(2))
-
-
-def _nnx_loss_of(logits, y):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def _tokens_per_second(steps: int, times: list[float], context: int) -> float:
@@ -337,7 +336,8 @@ def run_lm_suite(*, model_spec: str = DEFAULT_MODEL, steps: int = 40,
   after `epochs` x `steps` steps (the first epoch, which compiles, is not
   timed); then generation tokens/s (`prompt` bytes, then `new_tokens`)."""
   spec = _spec(model_spec)
-  torch_peer = torch_peer and bench.torch_available()
+  torch_missing = torch_peer and not bench.torch_available()
+  torch_peer = torch_peer and not torch_missing
   full = lm_data(steps, context=context)
   n = steps * BATCH
   ds = dataclasses.replace(full, x_train=full.x_train[:n],
@@ -382,6 +382,7 @@ def run_lm_suite(*, model_spec: str = DEFAULT_MODEL, steps: int = 40,
           "timed_steps": steps * (epochs - 1),
           "optimizer": f"adamw({LEARNING_RATE}, weight_decay={WEIGHT_DECAY})",
           "matmul_gflops": round(bench.matmul_gflops(), 1),
+          "torch_missing": torch_missing,
           "models": {"gpt": {"spec": model_spec, **gpt}}}
 
 
@@ -422,4 +423,7 @@ def format_lm_report(r: dict) -> str:
              f"({gen['ratio_vs_torch']:.2f}x); greedy tokens equal on "
              f"{gen['greedy_agreement_with_torch']:.0%}")
   lines.append(line)
+  if r.get("torch_missing"):
+    lines.append("PyTorch is not installed: pip install 'jaxaccel[bench]' "
+                 "for its side")
   return "\n".join(lines)

@@ -254,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset", default="auto",
                  help="fashion_mnist (digits when absent) or a data set name")
   p.add_argument("--models", help="comma-separated (default: mlp,cnn,resnet18 "
-                                  "for the train suite, mlp,cnn otherwise)")
+                                  "for the train suite, mlp,cnn otherwise; "
+                                  "lm: one gpt:LAYERS,HEADS,WIDTH, default "
+                                  "gpt:4,4,128)")
   p.add_argument("--steps", type=_positive_int,
-                 help="steps per timed epoch at batch 128 (default: 400 for "
+                 help="steps per timed epoch at batch 128 (lm: at batch 32, "
+                      "default 40; otherwise default: 400 for "
                       "mlp, 60 for cnn, 2 for resnet18)")
   p.add_argument("--repeats", type=_positive_int, default=3,
                  help="runs per side, interleaved; the best is kept")
