@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--optimizer", default="adam(learning_rate=1e-3)",
                  help="optax chain spec, e.g. 'clip_by_global_norm(1.0) | adam(1e-3)'"
                       " or a .toml file")
-  p.add_argument("--epochs", type=_positive_int, default=10)
+  p.add_argument("--epochs", type=_positive_int,
+                 help="passes over the training set (default 10)")
   p.add_argument("--steps", type=_positive_int,
                  help="train this many steps in all instead of --epochs (the "
                       "last epoch stops short)")
@@ -339,6 +340,9 @@ def _training_data(args) -> _TrainingData:
 
 def cmd_train(args) -> None:
   from jaxaccel import core, data, models, optim, parallel, train
+  if args.steps and args.epochs:
+    raise ConfigError(f"--epochs {args.epochs} and --steps {args.steps}: give "
+                      "one (the length of the run)")
   # Joins the other processes before anything touches a device.
   parallel.initialize(args.coordinator, num_processes=args.num_processes,
                       process_id=args.process_id,
@@ -379,7 +383,7 @@ def cmd_train(args) -> None:
     if not args.no_progress:
       print(f"warm start from {args.init_from}: copied {', '.join(copied)}")
   result = train.fit(model, calls, training.train,
-                     epochs=None if args.steps else args.epochs,
+                     epochs=None if args.steps else args.epochs or 10,
                      steps=args.steps,
                      val_data=training.val, task=training.task,
                      **({} if training.streamed else {"batch_size": args.batch_size}),

@@ -173,6 +173,9 @@ def test_train_and_generate_from_the_command_line(tmp_path, capsys):
   assert code == 2 and "use a sequence model such as --model gpt" in err
   code, _, err = run_cli(capsys, "train", "--model", "gpt:1,2,32")
   assert code == 2 and "model 'gpt' reads sequences of token ids" in err
+  code, _, err = run_cli(capsys, *args, "--epochs", "2")
+  assert code == 2 and err.strip() == ("jaxaccel: error: --epochs 2 and --steps "
+                                       "60: give one (the length of the run)")
 
 
 @requires_fortunes
