@@ -715,7 +715,7 @@ def cmd_compress(args) -> None:
 def cmd_bench(args) -> None:
   from jaxaccel import bench
   if args.suite == "lm":
-    from jaxaccel import bench_lm
+    from jaxaccel.bench import lm as bench_lm
     report = bench_lm.run_lm_suite(
         model_spec=args.models or bench_lm.DEFAULT_MODEL,
         steps=args.steps or 40, repeats=args.repeats,
@@ -736,7 +736,7 @@ def cmd_bench(args) -> None:
     _emit(args, bench.format_compress_report(report), report)
     return
   if args.suite == "deploy":
-    from jaxaccel import bench_deploy
+    from jaxaccel.bench import deploy as bench_deploy
     report = bench_deploy.run_deploy_suite(
         dataset=args.dataset, model_names=args.models.split(","),
         torch_peer=not args.no_torch, progress=not args.no_progress)

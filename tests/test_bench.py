@@ -92,7 +92,7 @@ def test_compress_suite_runs_the_shipped_recipes():
 
 
 def test_deploy_suite_serves_one_model_every_way():
-  from jaxaccel import bench_deploy
+  from jaxaccel.bench import deploy as bench_deploy
   report = bench_deploy.run_deploy_suite(dataset="digits", model_names=("mlp",),
                                          rounds=1, epochs=5, torch_peer=False,
                                          progress=False)
@@ -125,7 +125,7 @@ def test_lm_suite_sides_train_the_same_network():
   """The flax NNX side loads jaxaccel's initial weights and takes fit's
   batches: after the same steps both reach the same validation bits per
   byte (a gap would mean one side trains another network or other bytes)."""
-  from jaxaccel import bench_lm
+  from jaxaccel.bench import lm as bench_lm
   report = bench_lm.run_lm_suite(model_spec="gpt:1,2,16", steps=3, epochs=2,
                                  repeats=1, torch_peer=False, context=16,
                                  prompt=8, new_tokens=8, progress=False)
@@ -143,7 +143,8 @@ def test_lm_torch_peer_computes_what_the_registry_gpt_computes():
   torch = pytest.importorskip("torch")
   import jax
   import numpy as np
-  from jaxaccel import bench_lm, models
+  from jaxaccel import models
+  from jaxaccel.bench import lm as bench_lm
   model = models.create("gpt", num_classes=256, layers=2, heads=2, width=16,
                         context=16)
   x = np.arange(32, dtype=np.int32).reshape(2, 16) * 7 % 256

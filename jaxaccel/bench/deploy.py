@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxaccel import bench, core, data, export, models, onnx_graph, optim, train
+from jaxaccel import core, data, export, models, onnx_graph, optim, train
+from jaxaccel.bench.common import bench_data, interleaved_ms, torch_available
 from jaxaccel.compress import int8, report
 
 BATCHES = (1, 1024)
@@ -140,8 +141,8 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
   model: `accuracy` per side, `bytes` per artifact, and per batch size
   `ms` per side and `speedup_vs_torch_dynamic_int8` (jaxaccel's fastest int8
   side against PyTorch's dynamic int8)."""
-  torch_peer = torch_peer and bench.torch_available()
-  ds = bench.bench_data(dataset)
+  torch_peer = torch_peer and torch_available()
+  ds = bench_data(dataset)
   # raw inputs, as a user's request brings them (bench data is only scaled)
   raw_test = (ds.x_test * np.float32(ds.stats["scale"])).astype(np.float32)
   out = {"suite": "deploy", "dataset": ds.name, "cpu_count": os.cpu_count(),
@@ -176,7 +177,7 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
         bar.set_postfix(model=name, stage=f"batch {b}")
         x = np.resize(raw_test, (b, *ds.input_shape)).astype(np.float32)
         block = BLOCK.get(b, 10)
-        ms = bench.interleaved_ms({k: (lambda f: lambda: f(x))(f)
+        ms = interleaved_ms({k: (lambda f: lambda: f(x))(f)
                                    for k, (f, _) in sides.items()},
                                   repeats=rounds * block, block=block)
         entry = {"ms": {k: round(v, 4) for k, v in ms.items()}}

@@ -30,7 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxaccel import bench, core, data, models, train
+from jaxaccel import core, data, models, train
+from jaxaccel.bench.common import (_aligned, _steps_per_second, matmul_gflops,
+                                   torch_available)
 from jaxaccel.generate import generate
 from jaxaccel.models import registry
 
@@ -172,7 +174,7 @@ def time_nnx(spec: dict, weights: dict, ds: data.Dataset, steps: int,
 
 
 def _tokens_per_second(steps: int, times: list[float], context: int) -> float:
-  return bench._steps_per_second(steps, times) * BATCH * context
+  return _steps_per_second(steps, times) * BATCH * context
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -336,7 +338,7 @@ def run_lm_suite(*, model_spec: str = DEFAULT_MODEL, steps: int = 40,
   after `epochs` x `steps` steps (the first epoch, which compiles, is not
   timed); then generation tokens/s (`prompt` bytes, then `new_tokens`)."""
   spec = _spec(model_spec)
-  torch_missing = torch_peer and not bench.torch_available()
+  torch_missing = torch_peer and not torch_available()
   torch_peer = torch_peer and not torch_missing
   full = lm_data(steps, context=context)
   n = steps * BATCH
@@ -381,7 +383,7 @@ def run_lm_suite(*, model_spec: str = DEFAULT_MODEL, steps: int = 40,
           "batch_size": BATCH, "steps": steps * epochs,
           "timed_steps": steps * (epochs - 1),
           "optimizer": f"adamw({LEARNING_RATE}, weight_decay={WEIGHT_DECAY})",
-          "matmul_gflops": round(bench.matmul_gflops(), 1),
+          "matmul_gflops": round(matmul_gflops(), 1),
           "torch_missing": torch_missing,
           "models": {"gpt": {"spec": model_spec, **gpt}}}
 
@@ -410,7 +412,7 @@ def format_lm_report(r: dict) -> str:
   lines = [f"{g['spec']} on pycode, context {r['context']}, batch "
            f"{r['batch_size']}, {r['optimizer']}, {r['steps']} steps "
            f"({r['timed_steps']} timed)", ""]
-  lines += bench._aligned(["side", "tokens/s", "jaxaccel x", "val bits/byte"],
+  lines += _aligned(["side", "tokens/s", "jaxaccel x", "val bits/byte"],
                           rows)
   lines.append(f"\njaxaccel: {g['gflops']} GFLOP/s of {r['matmul_gflops']} "
                "(this machine's float32 matmul rate)")
