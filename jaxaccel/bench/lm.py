@@ -33,6 +33,7 @@ from flax import nnx
 from jaxaccel import core, data, models, train
 from jaxaccel.bench.common import (_aligned, _steps_per_second, matmul_gflops,
                                    torch_available)
+from jaxaccel.errors import ConfigError
 from jaxaccel.generate import generate
 from jaxaccel.models import registry
 
@@ -293,8 +294,8 @@ def torch_generate(net, prompt: np.ndarray, tokens: int) -> np.ndarray:
 def _spec(model_spec: str) -> dict:
   name, kwargs = registry.parse_model_spec(model_spec)
   if name != "gpt":
-    raise SystemExit(f"the lm suite benchmarks a gpt:LAYERS,HEADS,WIDTH; "
-                     f"got {model_spec!r}")
+    raise ConfigError(f"the lm suite benchmarks a gpt:LAYERS,HEADS,WIDTH; "
+                      f"got {model_spec!r}")
   return {"layers": kwargs["layers"], "heads": kwargs["heads"],
           "width": kwargs["width"]}
 
