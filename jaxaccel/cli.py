@@ -631,7 +631,7 @@ def _demo_compression_rows(model, state, ds, *, progress: bool) -> list[dict]:
   """The demo's compressed rows: 80% pruned and fine-tuned, int8, both."""
   import optax
   from jaxaccel import train
-  from jaxaccel.compress import pruning, quantization, report
+  from jaxaccel.compress import int8, pruning, quantization, report
   x, y = ds.x_test, ds.y_test
   params = state.params
   pruned, masks = pruning.prune(params, 0.8)
@@ -641,17 +641,15 @@ def _demo_compression_rows(model, state, ds, *, progress: bool) -> list[dict]:
                     state=state._replace(params=pruned,
                                          opt_state=tx.init(pruned)))
   pruned = tuned.state.params
-  calib = [ds.x_train[:500], ds.x_train[500:1000]]
+  calib = int8.calibration_batches(ds.x_train, examples=1000, batch_size=500)
   rows = [report.measure("80% pruned, 5 epochs fine-tuned", pruned,
                          lambda xb: model.apply({"params": pruned}, xb), x, y,
                          latency=False)]
   for name, p in (("int8 (int8 matmuls)", params),
                   ("80% pruned + int8", pruned)):
-    q = quantization.quantize(p, bits=8)
-    scales = quantization.calibrate(p, calib)
-    rows.append(report.measure(
-        name, q, quantization.int8_mlp(q, scales),
-        x, y, latency=False))
+    program = int8.convert(model, {"params": p}, calib)
+    rows.append(report.measure(name, quantization.quantize(p, bits=8), program,
+                               x, y, latency=False))
   return rows
 
 

@@ -72,8 +72,20 @@ class Artifact:
     return data.check_rows(x, self.input_shape, self.path.name).astype(
         np.float32)
 
-  def __call__(self, x) -> np.ndarray:
-    return self.run(self.check_input(x))
+  def __call__(self, x, *, batch_size: int = 1024) -> np.ndarray:
+    """Logits of raw inputs, run `batch_size` rows at a time (the last
+    batch padded, so a program sees at most two batch shapes)."""
+    x = self.check_input(x)
+    batch_size = max(1, min(batch_size, len(x)))
+    outs = []
+    for i in range(0, len(x), batch_size):
+      xb = x[i:i + batch_size]
+      n = len(xb)
+      if n < batch_size:
+        xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]),
+                                          xb.dtype)])
+      outs.append(np.asarray(self.run(xb))[:n])
+    return np.concatenate(outs)
 
 
 def _normalizer(stats: dict | None) -> Callable:
@@ -87,11 +99,11 @@ def _normalizer(stats: dict | None) -> Callable:
 def calibration_inputs(x_train: np.ndarray, stats: dict | None,
                        rows: int = CALIBRATION_ROWS) -> list[np.ndarray]:
   """The first `rows` training inputs, normalized, in batches of 256 (what
-  `compress.quantization.calibration_batches` takes)."""
+  `compress.int8.calibration_batches` gives)."""
   from jaxaccel import data
-  from jaxaccel.compress import quantization
+  from jaxaccel.compress import int8
   x = np.asarray(x_train[:rows], np.float32)
-  return quantization.calibration_batches(
+  return int8.calibration_batches(
       data.preprocess(x, stats) if stats else x, examples=rows, batch_size=256)
 
 

@@ -629,13 +629,17 @@ def load_run(path, *, model=None) -> tuple[Any, dict, dict]:
   desc = config.get("model_spec")
   if model is None:
     if not desc:
+      name = " ".join(str(config.get("model", "unknown")).split())
       raise CheckpointError(
           f"{run.path} was trained with a model that config.json cannot "
-          f"rebuild ({config.get('model', 'unknown')}); load it in Python "
-          "with the model object: jaxaccel.train.load_run(path, model=...)")
+          f"rebuild ({name if len(name) <= 60 else name[:57] + '...'}); load "
+          "it in Python with the model object: "
+          "jaxaccel.train.load_run(path, model=...)")
     model = models.from_description(desc)
-  variables = run.restore_variables()
-  run.close()
+  try:
+    variables = run.restore_variables()
+  finally:
+    run.close()
   return model, variables, config
 
 

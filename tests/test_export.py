@@ -373,3 +373,119 @@ def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
   assert not (tmp_path / "m.onnx").exists()
   with pytest.raises(DataError, match="does not exist"):
     export.load(tmp_path / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, digits):
+  """A small run, its two artifacts, and the logits every valid input must
+  get: (run dir, {format: artifact}, reference logits of raw inputs)."""
+  from jaxaccel import cli
+  root = tmp_path_factory.mktemp("served")
+  run = root / "run"
+  assert cli.main(["train", "--model", "mlp:16", "--epochs", "1", "--out",
+                   str(run), "--no-progress"]) == 0
+  artifacts = {}
+  for fmt in export.FORMATS:
+    assert cli.main(["export", "--run", str(run), "--format", fmt, "--out",
+                     str(root / f"m.{fmt}")]) == 0
+    artifacts[fmt] = export.load(root / f"m.{fmt}")
+  model, variables, _ = train.load_run(run)
+  stats = RunDir(run).read_normalization()
+
+  def reference(x):
+    x = np.asarray(x, np.float32).reshape(len(x), 8, 8, 1)
+    return train.predict(model, variables, data.preprocess(x, stats))
+  return run, artifacts, reference
+
+
+def _predict_run(run, x, path):
+  """`jaxaccel predict --run RUN --input X.npy --json` in this process:
+  (exit code, stdout, stderr)."""
+  import contextlib
+  import io
+  from jaxaccel import cli
+  np.save(path, x)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(["predict", "--run", str(run), "--input", str(path),
+                     "--json"])
+  return code, out.getvalue(), err.getvalue()
+
+
+def _inputs():
+  """Input arrays a user might hand to `predict`: numbers of every dtype,
+  strings, good and bad shapes, empty, with NaN or infinities planted."""
+  from hypothesis import strategies as st
+  from hypothesis.extra import numpy as hnp
+  good = st.sampled_from([(1, 8, 8), (3, 8, 8), (2, 8, 8, 1)])
+  shapes = st.one_of(good, st.sampled_from([(0, 8, 8), (8, 8), (2, 64),
+                                            (3, 9, 9), (2, 8, 8, 3), (4,), ()]))
+  numbers = st.sampled_from([np.float32, np.float64, np.int32, np.uint8,
+                             np.bool_]).flatmap(
+      lambda t: st.just(np.dtype(t)))
+
+  def array(dtype, shape):
+    if dtype.kind == "f":
+      elements = st.floats(-20, 20, width=32)
+    elif dtype.kind == "b":
+      elements = st.booleans()
+    else:
+      elements = st.integers(0, 16)
+    return hnp.arrays(dtype, shape, elements=elements)
+  numeric = st.tuples(numbers, shapes).flatmap(lambda a: array(*a))
+  valid = st.tuples(numbers, good).flatmap(lambda a: array(*a))
+  texts = shapes.flatmap(lambda s: hnp.arrays(np.dtype("<U3"), s))
+  planted = st.tuples(numeric, st.sampled_from([np.nan, np.inf, -np.inf]),
+                      st.integers(0, 10 ** 6))
+
+  def plant(args):
+    x, value, where = args
+    if x.dtype.kind == "f" and x.size:
+      x = x.copy()
+      x.reshape(-1)[where % x.size] = value
+    return x
+  return st.one_of(valid, numeric, texts, planted.map(plant))
+
+
+def test_any_input_array_is_answered_or_refused_in_one_line(served, tmp_path):
+  """Property: every array into `predict --run` and into both artifact
+  formats gets the model's answer or one line that says what is wrong."""
+  from hypothesis import HealthCheck, given, settings
+  run, artifacts, reference = served
+  seen = {True: 0, False: 0}
+
+  @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow])
+  @given(_inputs())
+  def check(x):
+    valid = (x.dtype.kind in "biuf" and x.ndim >= 2 and len(x) > 0
+             and x.shape[1:] in ((8, 8), (8, 8, 1))
+             and bool(np.isfinite(x.astype(np.float64)).all()))
+    seen[valid] += 1
+    code, out, err = _predict_run(run, x, tmp_path / "x.npy")
+    for artifact in artifacts.values():
+      try:
+        logits = artifact(x)
+      except DataError as e:
+        assert not valid and len(str(e).splitlines()) == 1, (x, e)
+      else:
+        assert valid, x
+        np.testing.assert_allclose(logits, reference(x), atol=1e-4, rtol=1e-4)
+    if valid:
+      assert code == 0, err
+      assert last_json(out)["predictions"] == reference(x).argmax(-1).tolist()
+    else:
+      assert code == 2 and out == "", (x, out)
+      assert len(err.strip().splitlines()) == 1, err
+      assert err.startswith("jaxaccel: error: the input "), err
+  check()
+  assert min(seen.values()) >= 5, seen     # both kinds were tried
+
+
+def test_a_batch_larger_than_the_artifacts_batch_runs_in_pieces(served):
+  run, artifacts, reference = served
+  x = np.random.default_rng(0).uniform(0, 16, (2500, 8, 8)).astype(np.float32)
+  want = reference(x)
+  for artifact in artifacts.values():
+    np.testing.assert_allclose(artifact(x, batch_size=1024), want, atol=1e-4,
+                               rtol=1e-4)

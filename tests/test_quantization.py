@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from jaxaccel import models, train
-from jaxaccel.compress import pruning, quantization as q, report
+from jaxaccel.compress import int8, pruning, quantization as q, report
 from jaxaccel.errors import ConfigError
 
 from conftest import requires_fashion_mnist
@@ -104,96 +104,34 @@ def test_qarray_is_a_pytree_through_jit():
   jax.tree.map(np.testing.assert_array_equal, out, q.dequantize(qp))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def trained_digits_mlp(digits):
   model = models.create("mlp", num_classes=10, widths=(32,))
   result = train.fit(model, optax.adam(3e-3), digits, epochs=3, batch_size=64,
                      progress=False)
-  return model, result.state.params
+  return model, jax.tree.map(jnp.array, result.state.params)
 
 
-def int8_rounded_float_mlp(params, act_scales, x):
-  """The int8 path's arithmetic in float: the same rounding of weights and
-  activations, float matmuls; equal to it up to summation order."""
-  names = sorted(params, key=lambda k: int(k.split("_")[1]))
-  h = x.reshape(x.shape[0], -1)
-  for i, name in enumerate(names):
-    s = act_scales[i]
-    h = jnp.clip(jnp.round(h * (1.0 / s)), -127, 127) * s
-    h = h @ params[name]["kernel"] + params[name]["bias"]
-    if i < len(names) - 1:
-      h = jax.nn.relu(h)
-  return h
-
-
-def test_int8_path_matches_float_inference(digits, trained_digits_mlp):
+def test_int8_program_of_the_mlp_runs_integer_products(digits, trained_digits_mlp):
   model, params = trained_digits_mlp
   x = jnp.asarray(digits.x_test)
-  scales = q.calibrate(params, [digits.x_train[:256], digits.x_train[256:512]])
-  qp = q.quantize(params, bits=8, granularity="channel")
-  logits = q.int8_mlp_apply(qp, scales, x)
-  # same roundings in float: equal up to summation order
-  ref = int8_rounded_float_mlp(q.dequantize(qp), scales, x)
-  np.testing.assert_allclose(logits, ref, atol=1e-4 * float(jnp.abs(ref).max()))
-  # against the float model: within the quantization error, same answers
+  program = int8.convert(model, {"params": params},
+                         int8.calibration_batches(digits.x_train, examples=512,
+                                                  batch_size=256))
+  logits = program(x)
   float_logits = model.apply({"params": params}, x)
+  # within the quantization error of the float model, the same answers
   err = float(jnp.abs(logits - float_logits).max())
   assert 0 < err < 0.05 * float(jnp.abs(float_logits).max()), err
   agree = float(jnp.mean(logits.argmax(-1) == float_logits.argmax(-1)))
   assert agree >= 0.98
   # the matmuls really are int8 x int8 -> int32
-  jaxpr = str(jax.make_jaxpr(q.int8_mlp_apply)(qp, scales, x[:2]))
-  assert jaxpr.count("dot_general") == 2
-  assert "i8[2,64]" in jaxpr and "preferred_element_type=int32" in jaxpr
-  np.testing.assert_allclose(q.predict_int8(qp, scales, digits.x_test,
-                                            batch_size=100), logits, atol=1e-5)
-
-
-def test_int8_layers_run_as_the_pure_path_and_float_layout_matches_flax(
-    digits, trained_digits_mlp):
-  model, params = trained_digits_mlp
-  x = jnp.asarray(digits.x_test)
-  scales = q.calibrate(params, [digits.x_train[:256]])
-  qp = q.quantize(params, bits=8)
-  layers = q.int8_layers(qp, scales)
-  # laid out once: kernels [out, in], the two scales folded per channel
-  assert layers[0]["kernel"].shape == (32, 64) and layers[0]["kernel"].dtype == jnp.int8
-  np.testing.assert_allclose(layers[1]["out_scale"],
-                             scales[1] * qp["Dense_1"]["kernel"].scale.reshape(-1))
-  # jitted and eager differ only in float rounding of the rescale
-  np.testing.assert_allclose(q.int8_mlp(qp, scales)(x), q.int8_mlp_apply(qp, scales, x),
-                             rtol=0, atol=1e-5)
-  # composes inside a caller's jit
-  predict = q.int8_mlp(qp, scales)
-  np.testing.assert_allclose(jax.jit(lambda a: predict(a) * 2.0)(x), 2.0 * predict(x),
-                             rtol=0, atol=1e-5)
-  # from batch 256 on, the layers after the first run on two halves of the
-  # batch: the same logits as small, unsplit batches
-  assert x.shape[0] >= 256
-  chunks = jnp.concatenate([q.int8_mlp(qp, scales)(c) for c in jnp.split(x[:300], 3)])
-  np.testing.assert_allclose(q.int8_mlp(qp, scales)(x[:300]), chunks, rtol=0, atol=1e-5)
-  # the float reference in the same layout is the flax model
-  np.testing.assert_allclose(q.feature_major_float(params)(x),
-                             model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)
-  with pytest.raises(ConfigError, match="one activation scale per Dense layer: "
-                                        "2 layers, 1 scales"):
-    q.int8_layers(qp, scales[:1])
-
-
-def test_int8_path_uses_only_the_integer_values(digits, trained_digits_mlp):
-  params = jax.tree.map(jnp.array, trained_digits_mlp[1])   # a copy to edit
-  x = jnp.asarray(digits.x_test[:50])
-  scales = q.calibrate(params, [digits.x_train[:256]])
-  qp = q.quantize(params, bits=8)
-  logits = q.int8_mlp_apply(qp, scales, x)
-  # zeroing the float weights changes nothing ...
+  jaxpr = str(jax.make_jaxpr(program)(x[:2]))
+  assert jaxpr.count("i32[2,32] = dot_general") == 1
+  assert jaxpr.count("i32[2,10] = dot_general") == 1 and "i8[64,32]" in jaxpr
+  # the program holds the int8 values: editing the float weights changes nothing
   params["Dense_0"]["kernel"] = jnp.zeros_like(params["Dense_0"]["kernel"])
-  np.testing.assert_array_equal(q.int8_mlp_apply(qp, scales, x), logits)
-  # ... zeroing the int8 values does
-  k = qp["Dense_0"]["kernel"]
-  qp["Dense_0"]["kernel"] = q.QArray(jnp.zeros_like(k.values), k.scale, bits=8)
-  changed = q.int8_mlp_apply(qp, scales, x)
-  assert float(jnp.abs(changed - logits).max()) > 0.1
+  np.testing.assert_array_equal(program(x), logits)
 
 
 def test_quantization_aware_training_trains_through_rounding(digits):
@@ -222,10 +160,6 @@ def test_quantization_aware_training_trains_through_rounding(digits):
     (lambda: q.quantize({"w": jnp.ones((2, 2)), "n": jnp.arange(3)}),
      "cannot quantize leaf n: it holds int32"),
     (lambda: q.fake_quantize(jnp.ones(3), scheme="asymmetric"), "symmetric and pow2"),
-    (lambda: q.calibrate(make_params(), [], bits=8), "no batches"),
-    (lambda: q.int8_mlp_apply({"conv": {}}, [], jnp.ones((1, 3))), "the int8 path runs MLPs"),
-    (lambda: q.int8_mlp_apply(q.quantize(make_params(), bits=4), [1.0, 1.0],
-                              jnp.ones((1, 12))), "needs symmetric int8 kernels"),
 ])
 def test_bad_quantization_arguments(call, message):
   with pytest.raises(ConfigError, match=message):
@@ -241,10 +175,12 @@ def test_fashion_mnist_int8_ptq_within_a_third_of_a_point(fashion_lenet):
   model, ds, trained = fashion_lenet
   params = trained.params
   before = train.evaluate(model, trained, ds.x_test, ds.y_test)["accuracy"]
-  scales = q.calibrate(params, [ds.x_train[i:i + 1000] for i in range(0, 5000, 1000)])
-  qp = q.quantize(params, bits=8, granularity="channel")
-  logits = q.predict_int8(qp, scales, ds.x_test)
+  program = int8.convert(model, {"params": params},
+                         int8.calibration_batches(ds.x_train))
+  logits = np.concatenate([program(ds.x_test[i:i + 2000])
+                           for i in range(0, len(ds.x_test), 2000)])
   after = float(np.mean(logits.argmax(-1) == ds.y_test))
+  qp = q.quantize(params, bits=8, granularity="channel")
   assert after >= before - 0.003, (before, after)
   # one float32 scale per output channel: 3.98x rather than 4x
   assert stored_bytes(params) / stored_bytes(qp) > 3.95

@@ -100,8 +100,8 @@ def int8_against_float32(model, variables, ds: data.Dataset, *, rounds: int,
   its int8 program ("int8"; calibrated as the int8 recipe calibrates),
   plus any `extra` jitted forward passes, in `rounds` of interleaved
   timing in this process: one {side: ms} dict a round."""
-  from jaxaccel.compress import int8, quantization
-  program = int8.convert(model, variables, quantization.calibration_batches(
+  from jaxaccel.compress import int8
+  program = int8.convert(model, variables, int8.calibration_batches(
       ds.x_train), percentile=99.99)
   f32 = jax.jit(lambda x: models.adapt(model).logits(variables, x))
   xb = np.resize(ds.x_test, (1024, *ds.input_shape))

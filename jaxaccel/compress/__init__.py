@@ -22,19 +22,17 @@ from jaxaccel.compress.pruning import (GradientStats, MaskState, PruneState,
                                        apply_masks, gradient_statistics,
                                        keep_masks, prune, prune_gradually,
                                        sparsity_report)
-from jaxaccel.compress.quantization import (QArray, QuantAwareModel, calibrate,
-                                            dequantize, fake_quantize,
-                                            int8_mlp, int8_mlp_apply, quantize)
+from jaxaccel.compress.quantization import (QArray, QuantAwareModel,
+                                            dequantize, fake_quantize, quantize)
 from jaxaccel.compress.report import size_bytes
 from jaxaccel.compress.stages import (Settings, compress_run, list_recipes,
                                       load_recipe, run)
 
 __all__ = [
     "GradientStats", "LowRankMLP", "MaskState", "PruneState", "QArray",
-    "QuantAwareModel", "Settings", "apply_masks", "calibrate", "compress_run",
+    "QuantAwareModel", "Settings", "apply_masks", "compress_run",
     "dequantize", "distill", "distillation", "distillation_loss", "factorize",
-    "fake_quantize", "gradient_statistics", "int8", "int8_mlp",
-    "int8_mlp_apply",
+    "fake_quantize", "gradient_statistics", "int8",
     "keep_masks", "list_recipes", "load_recipe",
     "lowrank", "lowrank_model", "make_distillation_loss", "prune",
     "prune_gradually", "pruning", "quantization", "quantize", "report", "run",

@@ -467,6 +467,13 @@ def _traced(model, variables: dict, prepare: Callable | None = None):
   return trace, leaves, names
 
 
+def calibration_batches(x: np.ndarray, *, examples: int = 5000,
+                        batch_size: int = 1000) -> list[np.ndarray]:
+  """The first `examples` inputs of x in batches: what `convert` reads."""
+  return [x[i:i + batch_size]
+          for i in range(0, min(examples, len(x)), batch_size)]
+
+
 def convert(model, variables: dict, batches: Iterable, *,
             percentile: float = 99.99) -> Int8Model:
   """The int8 forward pass of `model` at `variables`.
@@ -476,7 +483,7 @@ def convert(model, variables: dict, batches: Iterable, *,
     variables: `{"params": ..., **model_state}`, float (dequantize a
       quantized tree first: its per-channel values come back unchanged).
     batches: a few batches of training inputs, for the activation scales
-      (`quantization.calibration_batches`).
+      (`calibration_batches`).
     percentile: each activation's range is this percentile of |input|
       (averaged over batches), divided by 127; 100 takes the maximum.
 

@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel.compress import quantization
 from jaxaccel.errors import ConfigError
 
 PyTree = Any
@@ -77,9 +76,15 @@ def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
 
 
 def _dense_names(params: PyTree) -> list[str]:
-  return quantization.mlp_layer_names(
-      params, "factorize takes MLP params (Dense_0..Dense_k with 2-D kernels "
-              "and biases)")
+  """Names Dense_0..Dense_k of an MLP's params, in order, checked."""
+  names = sorted((k for k in params if k.startswith("Dense_")),
+                 key=lambda k: int(k.split("_")[1]))
+  if not names or set(params) != set(names) or any(
+      set(params[n]) != {"kernel", "bias"} or len(params[n]["kernel"].shape) != 2
+      for n in names):
+    raise ConfigError("factorize takes MLP params (Dense_0..Dense_k with 2-D "
+                      f"kernels and biases); got layers {sorted(params)}")
+  return names
 
 
 def factorize(params: PyTree, *, rank: int | Sequence[int] | None = None,

@@ -275,7 +275,7 @@ def quantize_stage(model, variables, data, settings, *, bits="int8",
   floats = {"params": quantization.dequantize(q), **rest}
   extra = {}
   if bits == "int8":
-    program = int8.convert(model, floats, quantization.calibration_batches(
+    program = int8.convert(model, floats, int8.calibration_batches(
         data.x_train, examples=calibration_examples), percentile=percentile)
     fn, path = program, "int8 products"
     summary = program.summary()

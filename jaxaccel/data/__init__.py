@@ -273,17 +273,34 @@ def standardize(x_train: np.ndarray, *others: np.ndarray, eps: float = 1e-6):
   return out, (mean.astype(np.float32), std.astype(np.float32))
 
 
-def check_rows(x: np.ndarray, shape, source: str) -> np.ndarray:
-  """x as rows of `shape` (a missing trailing channel axis of 1 is added);
-  a DataError naming both shapes and `source` (what takes the rows)."""
-  x = np.asarray(x)
+def check_rows(x, shape, source: str) -> np.ndarray:
+  """x as a numeric array of rows of `shape` (a missing trailing channel
+  axis of 1 is added); a one-line DataError, naming `source` (what takes
+  the rows), for anything else: values that are not numbers (strings,
+  objects), no rows, the wrong shape, NaN or infinite values."""
+  try:
+    x = np.asarray(x)
+  except (ValueError, TypeError) as e:     # ragged nested lists
+    raise DataError(f"the input is not an array of numbers ({e})") from None
+  if x.dtype.kind not in "biuf":
+    raise DataError(f"the input holds {x.dtype} values, but {source} takes "
+                    "numbers: save a numeric array (float32 or integers)")
   want = tuple(shape)
-  if x.shape[1:] != want and x.shape[1:] + (1,) == want:
+  if x.ndim >= 1 and x.shape[1:] != want and x.shape[1:] + (1,) == want:
     x = x[..., None]
   if x.ndim < 1 or x.shape[1:] != want:
     raise DataError(f"the input has shape {x.shape}, but {source} takes rows "
                     f"of shape {want}: give an array of shape "
                     f"(n, {', '.join(map(str, want))})")
+  if len(x) == 0:
+    raise DataError(f"the input has no rows: give {source} at least one of "
+                    f"shape {want}")
+  if x.dtype.kind == "f":
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+      raise DataError(f"the input holds NaN or infinite values in "
+                      f"{int(bad.sum())} of its {len(x)} rows (the first is "
+                      f"row {int(bad.argmax())}): {source} takes finite numbers")
   return x
 
 
