@@ -42,20 +42,20 @@ def test_sweep_suite_reports_both_sides_of_the_same_configurations():
 
 
 def test_compress_suite_runs_the_shipped_recipes():
+  # The CNN's int8 program is tested in test_int8; the suite's CNN leg
+  # only adds its timing.
   report = bench.run_compress_suite(dataset="digits", epochs=2, seeds=1,
+                                    model_names=("mlp",),
                                     share=0.1, teacher_widths=(64, 64),
                                     latency_rounds=1, latency_repeats=2,
                                     stage_latency=False, progress=False)
   m = report["mlp"]
   assert not report["full"] and report["recipe_share"] == 0.1
-  # each recipe's figures are its last stage's against the dense model's
+  # each recipe's figures are its last stage's
   for name in bench.MLP_RECIPES:
-    f = m[name]
-    assert f["loss_points"] == pytest.approx(
-        100 * (m["dense"]["accuracy"] - f["accuracy"]), abs=1e-3)
-    assert f["ratio"] == pytest.approx(m["dense"]["size_bytes"] / f["size_bytes"],
-                                       abs=0.01)
-    assert f["stages"][-1]["accuracy"] == f["accuracy"]
+    assert m[name]["stages"][-1]["accuracy"] == m[name]["accuracy"]
+  # int8 post-training quantization barely moves the dense model
+  assert abs(m["int8"]["accuracy"] - m["dense"]["accuracy"]) < 0.02
   # the recipe files, a tenth of their fine-tuning: prune-90's 2,000 steps
   assert m["prune-90"]["stages"][0]["options"]["min_steps"] == 200
   assert m["prune-90"]["sparsity"] == pytest.approx(0.9, abs=0.01)
@@ -79,14 +79,9 @@ def test_compress_suite_runs_the_shipped_recipes():
   if gap > 0:
     assert d["gap_closed"] == pytest.approx(
         (d["student_distilled"] - d["student_labels_only"]) / gap, abs=1e-3)
-  c = report["cnn"]["int8"]
-  assert c["int8_layers"] == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
-                              "Dense_1/kernel"]
-  assert c["speedup_batch_1024"] == pytest.approx(
-      c["latency_ms_batch_1024"]["float32"] / c["latency_ms_batch_1024"]["int8"],
-      rel=1e-2)
+  assert "cnn" not in report
   text = bench.format_compress_report(report)
-  assert "--recipe shrink-50" in text and "CNN --recipe int8" in text
+  assert "--recipe shrink-50" in text and "CNN" not in text
   assert "0.1 of each recipe's fine-tuning" in text
   assert "peer int8 PTQ: jaxaccel" in text and "jaxpruner's polynomial" in text
 
