@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FORTUNES := /usr/share/games/fortunes/fortunes
 
-.PHONY: demo test bench fashion-mnist clean
+.PHONY: demo test docs bench fashion-mnist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,export]"
+	$(BIN)/python -m pip install -q -e ".[test,export,docs]"
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -44,6 +44,11 @@ test: $(VENV)/.installed-test fashion-mnist
 	$(BIN)/python -m pytest -q -rs -n 3 --dist loadgroup --timeout=900 --durations=25 \
 	  --doctest-modules --nbmake jaxaccel tests notebooks
 
+# The documentation site, warnings as errors (the test command builds it too).
+docs: $(VENV)/.installed-test
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@
@@ -52,4 +57,4 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/jaxaccel bench --suite train
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/notebooks

@@ -55,7 +55,7 @@ CALIBRATION_ROWS = 1024      # training inputs that set the int8 input scales
 
 @dataclasses.dataclass
 class Artifact:
-  """A loaded artifact: call it on raw inputs of shape (n, *input_shape)."""
+  """A loaded artifact: call it on raw inputs of shape `(n, *input_shape)`."""
   path: pathlib.Path
   format: str
   header: dict

@@ -447,6 +447,7 @@ def _inputs():
   return st.one_of(valid, numeric, texts, planted.map(plant))
 
 
+@pytest.mark.xdist_group("served")   # one worker builds served once
 def test_any_input_array_is_answered_or_refused_in_one_line(served, tmp_path):
   """Property: every array into `predict --run` and into both artifact
   formats gets the model's answer or one line that says what is wrong."""
@@ -482,6 +483,7 @@ def test_any_input_array_is_answered_or_refused_in_one_line(served, tmp_path):
   assert min(seen.values()) >= 5, seen     # both kinds were tried
 
 
+@pytest.mark.xdist_group("served")   # one worker builds served once
 def test_a_batch_larger_than_the_artifacts_batch_runs_in_pieces(served):
   run, artifacts, reference = served
   x = np.random.default_rng(0).uniform(0, 16, (2500, 8, 8)).astype(np.float32)

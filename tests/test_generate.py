@@ -29,6 +29,7 @@ def tiny_gpt():
   return model, ds, result
 
 
+@pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
 def test_a_tiny_gpt_learns_python_source(tiny_gpt):
   _, ds, result = tiny_gpt
   first, last = result.history[0], result.history[-1]
@@ -40,6 +41,7 @@ def test_a_tiny_gpt_learns_python_source(tiny_gpt):
   assert ds.description["python"] and ds.description["files"] > 500
 
 
+@pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
 def test_a_users_nnx_gpt_trains_and_generates(tiny_gpt):
   """An NNX GPT written by hand goes through the same fit and generation
   (no cache: it runs its window again each step)."""
@@ -54,6 +56,7 @@ def test_a_users_nnx_gpt_trains_and_generates(tiny_gpt):
   assert out["text"].startswith("def ") and len(out["ids"]) == 12
 
 
+@pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
 def test_a_gpt_sweep_ranks_learning_rates_by_validation_bits_per_byte(tiny_gpt):
   """Three learning rates x two seeds, one vmapped program, 20 steps each on
   a slice; the lowest bits per byte first."""
@@ -76,6 +79,7 @@ def test_a_gpt_sweep_ranks_learning_rates_by_validation_bits_per_byte(tiny_gpt):
   assert out.best["hyperparams"]["learning_rate"] == 1e-2
 
 
+@pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
 def test_cached_greedy_generation_equals_running_the_whole_window(tiny_gpt):
   model, _, result = tiny_gpt
   cached = ja.generate(model, result.state, "def ", tokens=24)
@@ -97,6 +101,7 @@ def test_cached_greedy_generation_equals_running_the_whole_window(tiny_gpt):
     ("abc", CONTEXT, f"exceed the model's context of {CONTEXT}: ask for at most "
                      f"{CONTEXT - 3} tokens"),
 ])
+@pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
 def test_bad_prompts_are_refused_in_one_line(tiny_gpt, prompt, tokens, message):
   model, _, result = tiny_gpt
   with pytest.raises(ConfigError, match=message):

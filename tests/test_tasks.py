@@ -68,6 +68,7 @@ def regression_run(tmp_path_factory):
   return ds, model, result, out
 
 
+@pytest.mark.xdist_group("regression_run")   # one worker builds regression_run once
 def test_regression_trains_below_an_mse_bar_and_ranks_by_val_mse(regression_run):
   ds, model, result, out = regression_run
   assert ds.num_classes is None and ds.y_train.dtype == np.float32
@@ -193,6 +194,7 @@ def test_classification_targets_must_be_integers(digits):
               epochs=1, task="classification", progress=False)
 
 
+@pytest.mark.xdist_group("regression_run")   # one worker builds regression_run once
 def test_compression_records_a_regression_by_its_mse(regression_run):
   """The compress stages measure and compare with the task's metric: MSE,
   lower is better, for a regression run."""

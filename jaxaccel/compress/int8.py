@@ -484,7 +484,7 @@ def convert(model, variables: dict, batches: Iterable, *,
       quantized tree first: its per-channel values come back unchanged).
     batches: a few batches of training inputs, for the activation scales
       (`calibration_batches`).
-    percentile: each activation's range is this percentile of |input|
+    percentile: each activation's range is this percentile of the absolute input
       (averaged over batches), divided by 127; 100 takes the maximum.
 
   Raises:

@@ -562,19 +562,28 @@ def recipe_from_flags(*, prune: float | None = None,
   return stages
 
 
-def compress_run(run_dir, stages: list, *, settings: Settings = Settings(),
-                 model=None, data: Dataset | None = None) -> dict:
+def compress_run(run_dir, stages: list | str, *,
+                 settings: Settings = Settings(), model=None,
+                 data: Dataset | None = None, out=None) -> dict:
   """Compresses a trained run directory with a recipe's stages.
 
   The model and its training data are rebuilt from the run's config.json;
   give them as `model` (as for `train.load_run`) and `data` when they were
-  built in Python. The stages are checked before the run is loaded. The
-  result holds the
+  built in Python. `stages` is a recipe's name (`list_recipes()`) or its
+  list of stages, checked before the run is loaded. The result holds the
   `jaxaccel compress` keys (before = the trained run, after = the last
   stage), `stages` (one record each), `compressed_model` and
   `compressed_variables` (whose params `report.save_compressed` stores).
+  With `out`, the compressed model is written there as `jaxaccel compress
+  --out` writes it: a run directory that `load_run`, `predict --run` and
+  `export --run` take, beside the stored `params.npz` and `report.json`.
   """
+  recipe = stages
+  if isinstance(stages, str):
+    stages = load_recipe(stages)["stages"]
   check_recipe(stages)
+  if out is not None:
+    check_out(out)
   model, variables, config = train.load_run(run_dir, model=model)
   data = train.load_run_data(config, data)
   if settings.task is None and config.get("task") in tasks.NAMES:
@@ -584,6 +593,12 @@ def compress_run(run_dir, stages: list, *, settings: Settings = Settings(),
   payload = creport.compare(records[0], records[-1])
   payload.update(stages=records, dataset=data.name,
                  compressed_model=model, compressed_variables=variables)
+  if out is not None:
+    stored = {k: v for k, v in payload.items()
+              if k not in ("compressed_model", "compressed_variables")}
+    creport.save_compressed(out, variables["params"], {**stored,
+                                                       "recipe": recipe})
+    write_run(out, run_dir, model, variables, recipe)
   return payload
 
 

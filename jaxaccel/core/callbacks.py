@@ -83,8 +83,8 @@ class EarlyStopping(Callback):
   """Stops when a validation metric has not improved for `patience` epochs.
 
   Args:
-    metric: the record's key to watch: "val_loss" (lower is better) or
-      "val_" + the task's ranking metric (`val_accuracy` for classification,
+    metric: the record's key to watch: `"val_loss"` (lower is better) or
+      `"val_"` + the task's ranking metric (`val_accuracy` for classification,
       higher is better; `val_mse`, `val_bits_per_byte`: lower is). Default:
       the task's ranking metric.
     patience: epochs without improvement before the run stops.
