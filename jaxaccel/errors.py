@@ -23,3 +23,14 @@ class CheckpointError(JaxaccelError):
 
 class SpecError(JaxaccelError):
   """An optimizer chain spec cannot be parsed or names something unknown."""
+
+
+def optional(module: str, extra: str):
+  """Imports `module`, an optional dependency; a ConfigError naming the
+  extra that installs it when it is missing."""
+  import importlib
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise ConfigError(f"this needs {module.split('.')[0]}, which is optional: "
+                      f"pip install 'jaxaccel[{extra}]'") from None

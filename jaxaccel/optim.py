@@ -615,7 +615,8 @@ def plot_schedule(*schedules, steps: int, ax=None, labels=None):
     >>> ax = plot_schedule("warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000)",
     ...                    steps=1000)
   """
-  import matplotlib.pyplot as plt
+  from jaxaccel.errors import optional
+  plt = optional("matplotlib.pyplot", "plots")
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 3.5))
   t = jnp.arange(steps)

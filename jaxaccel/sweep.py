@@ -453,7 +453,8 @@ def _family_label(entry: dict, entries: list[dict]) -> str:
 
 def plot_sweep(result: SweepResult, ax=None):
   """A heat map of `accuracy_table`, each cell labelled with its value."""
-  import matplotlib.pyplot as plt
+  from jaxaccel.errors import optional
+  plt = optional("matplotlib.pyplot", "plots")
   rows, cols, table = accuracy_table(result)
   if ax is None:
     _, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.6 * len(rows)))
@@ -474,7 +475,8 @@ def plot_sweep(result: SweepResult, ax=None):
 
 def plot_batch_sizes(search: dict, ax=None):
   """Validation accuracy and examples/s per batch size, side by side."""
-  import matplotlib.pyplot as plt
+  from jaxaccel.errors import optional
+  plt = optional("matplotlib.pyplot", "plots")
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 3.5))
   runs = search["results"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxaccel import optim
-from jaxaccel.errors import SpecError
+from jaxaccel.errors import ConfigError, SpecError
 
 PARAMS = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.1, -0.2])}
 
@@ -296,3 +296,11 @@ def test_pattern_errors_name_what_failed():
                              -0.5 * NET_GRADS["Dense_1"]["kernel"], rtol=1e-6)
   np.testing.assert_allclose(updates["Dense_0"]["kernel"],
                              -0.1 * NET_GRADS["Dense_0"]["kernel"], rtol=1e-6)
+
+
+def test_a_plot_without_matplotlib_names_the_extra(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)   # not installed
+  with pytest.raises(ConfigError, match=r"this needs matplotlib, which is "
+                     r"optional: pip install 'jaxaccel\[plots\]'"):
+    optim.plot_schedule("constant_schedule(1e-3)", steps=10)

@@ -208,7 +208,8 @@ def plot_accuracy_vs_size(records: list[dict], path=None, *, ax=None,
   """Scatter of the test metric (accuracy for a classifier) against stored
   kilobytes (log scale), the Pareto front drawn through the points no other
   point beats on both."""
-  import matplotlib
+  from jaxaccel.errors import optional
+  matplotlib = optional("matplotlib", "plots")
   if path is not None and ax is None:
     matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -227,8 +227,9 @@ class TensorBoard(Callback):
 
   def on_fit_start(self, loop):
     if _is_main_process():
-      from tensorboardX import SummaryWriter   # only runs that log need it
-      self._writer = SummaryWriter(str(self.logdir))
+      from jaxaccel.errors import optional   # only runs that log need it
+      writer = optional("tensorboardX", "tensorboard").SummaryWriter
+      self._writer = writer(str(self.logdir))
 
   def on_epoch_end(self, loop, record):
     if self._writer is None:
