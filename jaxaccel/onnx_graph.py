@@ -715,6 +715,10 @@ def build(model, variables: dict, *, input_shape, prepare=None,
     raise ConfigError("the model's output does not depend on its input")
   g.nodes.append(helper.make_node("Identity", [out], [OUTPUT]))
   classes = jaxpr.outvars[0].aval.shape[-1]
+  # Constants made for a form the emitter then did not take (a zero point
+  # of a product it wrote another way) are left out of the file.
+  used = {name for node in g.nodes for name in node.input}
+  g.inits = [t for t in g.inits if t.name in used]
   graph = helper.make_graph(
       g.nodes, "jaxaccel",
       [helper.make_tensor_value_info(INPUT, onnx.TensorProto.FLOAT,

@@ -178,6 +178,9 @@ def test_int8_onnx_pools_a_convolution_in_nchw(pool, sign):
   ops = [n.op_type for n in proto.graph.node]
   assert ops.count(pool) == 2 and "ReduceMax" not in ops
   assert ops.count("Transpose") == 4
+  # every stored constant is read by a node (no initializer left unused)
+  read = {name for node in proto.graph.node for name in node.input}
+  assert {t.name for t in proto.graph.initializer} <= read
   got = onnx_graph.session(proto.SerializeToString()).run(None, {"x": x})[0]
   want = np.asarray(program(x))
   agree, bound = (0.995, 0.02) if pool == "MaxPool" else (0.98, 0.03)
