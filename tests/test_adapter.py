@@ -270,6 +270,24 @@ def test_nnx_run_loads_with_the_model_object(digits, tmp_path):
                                 train.predict(model, result.state, digits.x_test))
 
 
+def test_a_run_of_a_class_defined_in_a_notebook_says_so_in_one_line(digits,
+                                                                   tmp_path):
+  import flax.linen as nn
+
+  class Local(nn.Module):        # as in a notebook: not importable
+    width: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10)(nn.Dense(self.width)(x.reshape(x.shape[0], -1)))
+  train.fit(Local(), "adam(1e-3)", _first_steps(digits, 2, 32), epochs=1,
+            batch_size=32, out=tmp_path, progress=False)
+  with pytest.raises(CheckpointError) as e:
+    train.load_run(tmp_path)
+  assert len(str(e.value).splitlines()) == 1
+  assert "cannot rebuild (Local( # attributes width = 8 )); load it" in str(e.value)
+
+
 def test_anything_else_is_refused_with_what_is_accepted():
   with pytest.raises(ConfigError, match="cannot use a model of type int: give "
                      "a flax linen module, a flax NNX module, an "
