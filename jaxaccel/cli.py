@@ -221,7 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="fraction of weights set to zero, in [0, 1)")
   p.add_argument("--prune-method", default="magnitude",
                  help="magnitude, saliency, taylor or random (default magnitude)")
-  p.add_argument("--prune-scope", default="layer", help="layer or global")
+  p.add_argument("--prune-scope",
+                 help="global or layer (default: global, as the recipes; "
+                 "layer for channel and N:M patterns)")
+  p.add_argument("--prune-schedule", choices=("gradual", "one-shot"),
+                 help="gradual (default: over the fine-tuning, as the "
+                 "prune-90 recipe) or one-shot (then --finetune-epochs)")
   p.add_argument("--prune-pattern", default="unstructured",
                  help="unstructured, channel, or N:M such as 2:4")
   p.add_argument("--quantize", help="int8 or int4")
@@ -233,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mixup", type=float, metavar="CONCENTRATION",
                  help="distill on inputs mixed with Beta(C, C) weights, the "
                       "teacher labelling them (needs --alpha 1)")
-  p.add_argument("--finetune-epochs", type=int, default=0,
-                 help="epochs of fine-tuning with the pruning masks held")
+  p.add_argument("--finetune-epochs", type=int, default=None,
+                 help="epochs of fine-tuning with the pruning masks held "
+                 "(default 10 for gradual pruning, 0 for one-shot)")
   p.add_argument("--learning-rate", type=float, default=1e-3)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", help="write params.npz, report.json and the "
@@ -665,15 +671,17 @@ def cmd_compress(args) -> None:
                       "`jaxaccel train`)")
   flags = dict(prune=args.prune, prune_method=args.prune_method,
                prune_scope=args.prune_scope, prune_pattern=args.prune_pattern,
+               prune_schedule=args.prune_schedule,
                quantize=args.quantize, distill_student=args.distill_student,
                distill_epochs=args.distill_epochs,
                temperature=args.temperature, alpha=args.alpha,
                mixup=args.mixup, finetune_epochs=args.finetune_epochs,
                learning_rate=args.learning_rate)
   if args.recipe:
-    given = [f"--{k.replace('_', '-')}" for k in ("prune", "quantize", "mixup")
-             if flags[k] is not None] + (
-                 ["--finetune-epochs"] if args.finetune_epochs else [])
+    given = [f"--{k.replace('_', '-')}" for k in ("prune", "quantize", "mixup",
+                                                  "prune_schedule",
+                                                  "finetune_epochs")
+             if flags[k] is not None]
     if given:
       raise ConfigError(f"--recipe {args.recipe} and {', '.join(given)}: give "
                         "a recipe or the shorthand flags, not both")

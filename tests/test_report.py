@@ -75,7 +75,8 @@ def trained_run(tmp_path_factory):
 
 def test_compress_prune_and_int8_json(capsys, trained_run, tmp_path):
   code, out, err = run_cli(capsys, "compress", "--from", str(trained_run),
-                           "--prune", "0.5", "--finetune-epochs", "2",
+                           "--prune", "0.5", "--prune-schedule", "one-shot",
+                           "--prune-scope", "layer", "--finetune-epochs", "2",
                            "--quantize", "int8", "--json", "--no-progress",
                            "--out", str(tmp_path / "c"),
                            "--plot", str(tmp_path / "c.png"))
@@ -252,7 +253,8 @@ def test_compress_a_run_trained_on_an_npz_file(capsys, tiny_npz, tmp_path):
   assert run_cli(capsys, "train", "--dataset", str(tiny_npz), "--model", "mlp:16",
                  "--epochs", "3", "--out", str(tmp_path / "r"), "--no-progress")[0] == 0
   code, out, err = run_cli(capsys, "compress", "--from", str(tmp_path / "r"),
-                           "--prune", "0.5", "--json", "--no-progress")
+                           "--prune", "0.5", "--prune-schedule", "one-shot",
+                           "--json", "--no-progress")
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert result["sparsity"] == pytest.approx(0.5, abs=0.01)

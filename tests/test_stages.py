@@ -93,3 +93,21 @@ def test_stages_run_on_an_nnx_model(digits):
 def test_bad_recipes_name_the_stage_and_value(recipe, message):
   with pytest.raises(ConfigError, match=message):
     stages.check_recipe(recipe)
+
+
+def test_the_shorthand_flags_build_the_shipped_recipes_stages():
+  """`--prune 0.9 --quantize int8` is prune-90-int8: same stages, same
+  options; what the recipe leaves out is the stage's own default."""
+  import inspect
+  flags = stages.recipe_from_flags(prune=0.9, quantize="int8")
+  recipe = stages.load_recipe("prune-90-int8")["stages"]
+  assert [s["stage"] for s in flags] == [s["stage"] for s in recipe]
+  for got, want in zip(flags, recipe):
+    defaults = {k: p.default for k, p in inspect.signature(
+        stages.STAGES[want["stage"]].run).parameters.items()
+        if p.default is not inspect.Parameter.empty}
+    assert {**defaults, **got} == {**defaults, **want}, (got, want)
+  one_shot = stages.recipe_from_flags(prune=0.5, prune_schedule="one-shot")
+  assert (one_shot[0]["schedule"], one_shot[0]["epochs"]) == ("one-shot", 0)
+  with pytest.raises(ConfigError, match="unknown pruning schedule 'cubic'"):
+    stages.recipe_from_flags(prune=0.5, prune_schedule="cubic")

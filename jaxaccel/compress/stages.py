@@ -530,16 +530,23 @@ def check_model(model, plan: list[tuple[str, dict]]) -> None:
 
 def recipe_from_flags(*, prune: float | None = None,
                       prune_method: str = "magnitude",
-                      prune_scope: str = "layer",
+                      prune_scope: str | None = None,
                       prune_pattern: str = "unstructured",
+                      prune_schedule: str | None = None,
                       quantize: str | None = None,
                       distill_student: str | None = None,
                       distill_epochs: int = 10, temperature: float = 4.0,
                       alpha: float = 0.9, mixup: float | None = None,
-                      finetune_epochs: int = 0,
+                      finetune_epochs: int | None = None,
                       learning_rate: float = 1e-3) -> list[dict]:
   """The recipe the command line's shorthand flags stand for: distill, then
-  prune (one-shot, with `finetune_epochs` of fine-tuning), then quantize."""
+  prune, then quantize, with the shipped recipes' defaults, so `--prune 0.9
+  --quantize int8` builds the stages of `prune-90-int8`: gradual global
+  pruning over 10 epochs of fine-tuning (at least 2,000 steps).
+  `prune_schedule="one-shot"` prunes at once and fine-tunes only
+  `finetune_epochs` (the default for N:M patterns and gradient-scored
+  methods, which gradual pruning does not take). The scope is global for
+  unstructured pruning and per layer for channels and N:M, unless given."""
   stages = []
   if distill_student is not None:
     stages.append({"stage": "distill", "student": distill_student,
@@ -549,11 +556,25 @@ def recipe_from_flags(*, prune: float | None = None,
   elif mixup is not None:
     raise ConfigError(f"mixup {mixup} mixes the inputs a student is distilled "
                       "on: give a student (--distill-student) or drop it")
+  kind = pruning.parse_pattern(prune_pattern)[0]
+  if prune_scope is None:
+    prune_scope = "global" if kind == "unstructured" else "layer"
   pruning.check_scope(prune_scope, prune_pattern)
-  if prune is not None or pruning.parse_pattern(prune_pattern)[0] != "unstructured":
+  # Gradual pruning scores by magnitude, unstructured or by channel.
+  schedule = prune_schedule or ("gradual" if prune_method == "magnitude"
+                                and kind != "n:m" else "one-shot")
+  if schedule not in ("gradual", "one-shot"):
+    raise ConfigError(f"unknown pruning schedule {schedule!r}; choose "
+                      "gradual or one-shot")
+  if prune is not None or kind != "unstructured":
+    gradual = schedule == "gradual"
+    epochs = finetune_epochs if finetune_epochs is not None else (
+        10 if gradual else 0)
     stages.append({"stage": "prune", "sparsity": prune, "method": prune_method,
                    "scope": prune_scope, "pattern": prune_pattern,
-                   "epochs": finetune_epochs, "learning_rate": learning_rate})
+                   "schedule": schedule, "epochs": epochs,
+                   "min_steps": 2000 if gradual else 0,
+                   "learning_rate": learning_rate})
   if quantize is not None:
     stages.append({"stage": "quantize", "bits": quantize})
   if not stages:
