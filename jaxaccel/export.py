@@ -51,6 +51,7 @@ FORMATS = ("stablehlo", "onnx")
 MAGIC = b"JAXACCEL-STABLEHLO 1\n"
 GZIP_MAGIC = b"\x1f\x8b"
 CALIBRATION_ROWS = 1024      # training inputs that set the int8 input scales
+PLATFORMS = ("cpu", "cuda", "tpu")   # what a StableHLO artifact is lowered for
 
 
 @dataclasses.dataclass
@@ -184,8 +185,11 @@ def export(model, variables: dict, *, input_shape, num_classes: int,
             else lambda x: adapter.logits(variables, x))
   fn = jax.jit(lambda x: logits(normalize(x)))
   batch, = jax.export.symbolic_shape("batch")
-  exported = jax.export.export(fn)(
-      jax.ShapeDtypeStruct((batch, *input_shape), np.float32))
+  spec = jax.ShapeDtypeStruct((batch, *input_shape), np.float32)
+  try:    # one artifact for the CPU, GPUs and TPUs where the model lowers
+    exported = jax.export.export(fn, platforms=PLATFORMS)(spec)
+  except Exception:   # noqa: BLE001 - a lowering rule one platform lacks
+    exported = jax.export.export(fn)(spec)
   header["platforms"] = list(exported.platforms)
   header["calling_convention_version"] = exported.calling_convention_version
   _write(out, MAGIC + json.dumps(header).encode() + b"\n"
@@ -269,11 +273,25 @@ def load(path) -> Artifact:
     from jaxaccel import onnx_graph
     return Artifact(path, fmt, header, onnx_graph.runner(payload))
   import jax
+  version = header.get("calling_convention_version")
+  low = jax.export.minimum_supported_calling_convention_version
+  high = jax.export.maximum_supported_calling_convention_version
+  if isinstance(version, int) and not low <= version <= high:
+    raise DataError(
+        f"{path} was exported by jax {header.get('jax_version', '?')} "
+        f"(calling convention {version}); this jax {jax.__version__} runs "
+        f"versions {low} to {high}: export the run again with this jax, or "
+        f"run it with jax {header.get('jax_version', '?')}")
   try:
     exported = jax.export.deserialize(bytearray(payload))
   except Exception as e:
     raise DataError(f"{path} is a corrupt StableHLO artifact "
                     f"({type(e).__name__}); export it again") from None
+  platform = jax.default_backend()
+  if platform not in exported.platforms:
+    raise DataError(f"{path} was lowered for {', '.join(exported.platforms)}, "
+                    f"not for {platform} (this machine's backend): export it "
+                    "here")
   call = jax.jit(exported.call)
   return Artifact(path, fmt, header, lambda x: np.asarray(call(x)))
 

@@ -56,6 +56,8 @@ def test_float_artifacts_match_the_model(name, raw, tmp_path):
                          out=tmp_path / f"m.{fmt}")
     artifact = export.load(path)
     assert artifact.format == fmt and artifact.header["num_classes"] == 10
+    if fmt == "stablehlo":    # one file for the CPU, GPUs and TPUs
+      assert artifact.header["platforms"] == ["cpu", "cuda", "tpu"]
     assert artifact.header["normalization"] == "standardize"
     # any batch size: the batch dimension is symbolic
     for n in (1, 7, len(raw)):
@@ -494,3 +496,22 @@ def test_a_batch_larger_than_the_artifacts_batch_runs_in_pieces(served):
   for artifact in artifacts.values():
     np.testing.assert_allclose(artifact(x, batch_size=1024), want, atol=1e-4,
                                rtol=1e-4)
+
+
+@pytest.mark.xdist_group("served")   # one worker builds served once
+def test_an_artifact_outside_this_jaxs_window_names_both_versions(served,
+                                                                   tmp_path):
+  run, artifacts, _ = served
+  raw = artifacts["stablehlo"].path.read_bytes()
+  end = raw.index(b"\n", len(export.MAGIC))
+  header = json.loads(raw[len(export.MAGIC):end])
+  header.update(calling_convention_version=1, jax_version="0.4.1")
+  old = tmp_path / "old.stablehlo"
+  old.write_bytes(export.MAGIC + json.dumps(header).encode() + raw[end:])
+  with pytest.raises(DataError) as e:
+    export.load(old)
+  message = str(e.value)
+  assert len(message.splitlines()) == 1
+  assert (f"was exported by jax 0.4.1 (calling convention 1); this jax "
+          f"{jax.__version__} runs versions "
+          f"{jax.export.minimum_supported_calling_convention_version} to ") in message
