@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import (data as data_lib, models, optim, parallel as parallel_lib,
+from jaxaccel import (backends, data as data_lib, models, optim, parallel as parallel_lib,
                       tasks as tasks_lib)
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
@@ -368,7 +368,7 @@ def scan_pays(model, state: TrainState, sample) -> bool:
   Convolutions with their own gradient, such as `models.conv2d` in
   jaxaccel's CNN and ResNet, scan.
   """
-  if jax.default_backend() != "cpu":
+  if backends.formulation() != "cpu":
     return True
   apply = lambda p, s, x, rng: model.apply(p, s, x, train=True, rng=rng)[0]
   jaxpr = jax.make_jaxpr(apply)(state.params, state.model_state,

@@ -86,7 +86,7 @@ def test_describe_round_trip():
 ])
 def test_conv_equals_flax_conv(key, shape, kernel, strides):
   """Values and gradients (conv2d's own, in a compiled scan as fit runs it)
-  equal nn.Conv's; with fewer than `SMALL_KERNEL_INPUTS` inputs per output
+  equal nn.Conv's; with fewer than `backends.SMALL_KERNEL_INPUTS` inputs per output
   the kernel gradient is an im2col matmul."""
   x = jax.random.normal(key, shape)
   ours = models.Conv(5, kernel, strides)

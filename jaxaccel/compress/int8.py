@@ -43,6 +43,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel import backends
 from jaxaccel.compress.pruning import leaf_names
 from jaxaccel.errors import ConfigError
 from jaxaccel.models import adapt
@@ -293,18 +294,14 @@ def inputs_per_output(eqn) -> int:
   return int(np.prod(rhs.shape)) // rhs.shape[out_feature]
 
 
-# At most this many inputs per output (a first layer on one to three
-# channels: 9 or 27), a convolution runs as shifted multiply-adds.
-DIRECT_INPUTS = 32
-
-
 def conv_form(eqn) -> str:
   """How the int8 program runs a convolution with int32 sums:
   "direct" (shifted multiply-adds, few inputs per output), "matmul"
   (im2col and one int8 matmul) or "native" (XLA's int8 convolution)."""
-  if jax.default_backend() != "cpu" or not _plain_2d(eqn):
+  if backends.formulation() != "cpu" or not _plain_2d(eqn):
     return "native"
-  if inputs_per_output(eqn) < DIRECT_INPUTS:
+  # few inputs per output: a first layer on one to three channels (9 or 27)
+  if inputs_per_output(eqn) < backends.SMALL_KERNEL_INPUTS:
     return "direct"
   return "native" if native_int8_convolution(eqn) else "matmul"
 

@@ -26,8 +26,7 @@ from typing import Callable
 
 import jax
 
-# An empty list of library fusion types: no YNNPACK fusions.
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+from jaxaccel.backends import CPU_OPTIONS   # no YNNPACK fusions
 
 
 @functools.cache

@@ -49,6 +49,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxaccel import backends
 from jaxaccel.errors import ConfigError
 
 PyTree = Any
@@ -118,13 +119,6 @@ class CastModel(ModelAdapter):
     return self.inner.module
 
 
-# XLA options for a program that runs once (initialization): without LLVM's
-# optimization passes, a small ResNet's initializer compiles in 1.9 s instead
-# of 8 s (the random-number code is long and unrolled), and runs a few
-# milliseconds slower. Values may differ from an optimized build in the last
-# bit.
-RUN_ONCE = {"xla_backend_optimization_level": 0}
-
 
 def primitive_names(jaxpr, *, opaque: tuple[str, ...] = ()) -> set[str]:
   """Names of the primitives in a jaxpr and in every jaxpr nested in it,
@@ -189,7 +183,7 @@ class LinenModel(ModelAdapter):
     traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((key, sample)))
     init = jax.jit(lambda rngs, sample: self.linen.init(
         rngs, sample, **self._mode(False)),
-        compiler_options=None if traced else RUN_ONCE)
+        compiler_options=None if traced else backends.RUN_ONCE)
     variables = dict(init(rngs, sample))
     params = variables.pop("params", {})
     return params, variables

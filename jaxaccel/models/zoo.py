@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccel import backends
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling with stride 2 on NHWC, as a reshape and a max.
@@ -31,10 +33,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   first maximum in the window takes the gradient), and much faster on
   XLA:CPU: 2.6 ms forward and backward at 128x28x28x32 on the development
   machine, against 41 ms for `nn.max_pool`'s reduce-window gradient and
-  3.4 ms for JAX's own gradient of the reshaped max.
+  3.4 ms for JAX's own gradient of the reshaped max. Off the CPU
+  (`backends.formulation()`) the reshaped max keeps JAX's gradient.
   """
   n, h, w, c = x.shape
-  return _max_pool(x[:, :h - h % 2, :w - w % 2, :])
+  x = x[:, :h - h % 2, :w - w % 2, :]
+  if backends.formulation() == "cpu":
+    return _max_pool(x)
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 @jax.custom_vjp
@@ -95,9 +101,6 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# A convolution with fewer inputs per output (kh * kw * c_in) than this takes
-# its kernel gradient as an im2col matmul.
-SMALL_KERNEL_INPUTS = 32
 
 
 def shifted_windows(xp: jax.Array, kernel_hw, out_hw, strides) -> list:
@@ -138,7 +141,7 @@ def _kernel_grad(xp, dy):
   padded and cropped to the output's size plus the taps' span less one:
   (kh, kw, c_in, c_out) with kh, kw = xp's spatial size - dy's + 1."""
   taps = tuple(xp.shape[d] - dy.shape[d] + 1 for d in (1, 2))
-  if taps[0] * taps[1] * xp.shape[3] < SMALL_KERNEL_INPUTS:
+  if taps[0] * taps[1] * xp.shape[3] < backends.SMALL_KERNEL_INPUTS:
     # Few inputs per output (a first layer on one channel): one matmul of
     # the input's shifted windows (im2col, small here) with dy as it is,
     # which the bias gradient reads too; no transpose of dy.
@@ -220,9 +223,10 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 class Conv(nn.Module):
   """2-D convolution, NHWC and SAME padding: `nn.Conv(features,
   kernel_size, strides, padding="SAME")` with the same parameters and
-  result. With `train=True` its gradient is `conv2d`'s, fast inside the
-  compiled epoch on XLA:CPU; otherwise (inference, export, int8) it is one
-  plain `lax.conv_general_dilated`.
+  result. With `train=True` on the CPU (`backends.formulation()`) its
+  gradient is `conv2d`'s, fast inside the compiled epoch on XLA:CPU;
+  otherwise (another backend, inference, export, int8) it is one plain
+  `lax.conv_general_dilated` with JAX's gradient.
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
@@ -242,13 +246,11 @@ class Conv(nn.Module):
     pad_w = max((out_w - 1) * s + kw - w, 0)
     padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if train:
-      y = conv2d(x, kernel, (s, s), padding)
-    else:
-      y = _conv(x, kernel, (s, s), padding)
+    cpu = train and backends.formulation() == "cpu"
+    y = (conv2d if cpu else _conv)(x, kernel, (s, s), padding)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,))
-      y = (add_bias if train else jnp.add)(y, bias.astype(self.dtype))
+      y = (add_bias if cpu else jnp.add)(y, bias.astype(self.dtype))
     return y
 
 
