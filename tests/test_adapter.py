@@ -39,7 +39,7 @@ def build(name, rate=0.1):
   return ZOO[name][0](rate)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # kept while its xdist group's worker lives
 def trained(digits):
   """Each zoo model trained once on digits: name -> (model, FitResult)."""
   cache = {}

@@ -380,7 +380,7 @@ def test_a_model_with_nothing_to_quantize_is_refused(tmp_path):
     export.load(tmp_path / "m.onnx")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # kept while its xdist group's worker lives
 def served(tmp_path_factory, digits):
   """A small run, its two artifacts, and the logits every valid input must
   get: (run dir, {format: artifact}, reference logits of raw inputs)."""

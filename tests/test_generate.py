@@ -17,7 +17,7 @@ from conftest import (jaxaccel_cmd, last_json, requires_fortunes, run_cli,
 CONTEXT = 32
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # kept while its xdist group's worker lives
 def tiny_gpt():
   """A one-block GPT trained 3 epochs on 100 kB of the standard library's
   sources (about 280 steps): (model, data, result)."""

@@ -56,7 +56,7 @@ def _regression_data(n=1200, seed=0):
                           {"x": x[1000:], "y": y[1000:]}, validation=0.2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # kept while its xdist group's worker lives
 def regression_run(tmp_path_factory):
   """An MLP fit 30 epochs to a smooth function of two inputs, in a run
   directory: (data, model, result, run path)."""
