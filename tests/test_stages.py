@@ -111,3 +111,32 @@ def test_the_shorthand_flags_build_the_shipped_recipes_stages():
   assert (one_shot[0]["schedule"], one_shot[0]["epochs"]) == ("one-shot", 0)
   with pytest.raises(ConfigError, match="unknown pruning schedule 'cubic'"):
     stages.recipe_from_flags(prune=0.5, prune_schedule="cubic")
+
+
+def test_the_prune_stage_takes_the_weights_the_forward_pass_multiplies(digits):
+  """A transformer loses half of its kernels' weights (attention projections
+  included) and keeps its positional table, norms and biases whole; `paths`
+  picks leaves by name instead."""
+  model = zoo.ViT(rngs=nnx.Rngs(0))
+  params, state = models.adapt(model).init(jax.random.key(0), digits.x_train[:1])
+  variables = {"params": params, **state}
+  plan = [{"stage": "prune", "sparsity": 0.5, "schedule": "one-shot"}]
+  _, pruned, _ = stages.run(model, variables, digits, plan, settings=NO_LATENCY)
+  names = pruning.leaf_names(pruned["params"])
+  zeros = {n: float(np.mean(np.asarray(x) == 0))
+           for n, x in zip(names, jax.tree.leaves(pruned["params"]))}
+  kernels = [n for n in names if n.endswith("kernel")]
+  assert "blocks/0/attention/query/kernel" in kernels and len(kernels) == 14
+  assert all(zeros[n] > 0.2 for n in kernels), zeros
+  before = dict(zip(names, jax.tree.leaves(params)))
+  for n, x in zip(names, jax.tree.leaves(pruned["params"])):
+    if n not in kernels:        # position, norms, biases: as they were
+      np.testing.assert_array_equal(x, before[n])
+  only = [{"stage": "prune", "sparsity": 0.5, "schedule": "one-shot",
+           "paths": "^position$"}]
+  _, pruned, _ = stages.run(model, variables, digits, only, settings=NO_LATENCY)
+  leaves = dict(zip(names, jax.tree.leaves(pruned["params"])))
+  assert float(np.mean(np.asarray(leaves["position"]) == 0)) == 0.5
+  assert float(np.mean(np.asarray(leaves["head/kernel"]) == 0)) == 0
+  with pytest.raises(ConfigError, match=r"paths '\(' is not a regular expression"):
+    stages.check_recipe([{"stage": "prune", "sparsity": 0.5, "paths": "("}])

@@ -464,6 +464,20 @@ def _traced(model, variables: dict, prepare: Callable | None = None):
   return trace, leaves, names
 
 
+def product_weights(model, variables: dict, sample) -> list[str]:
+  """Names ('Dense_0/kernel' style) of the parameters the model's forward
+  pass multiplies by its activations: the kernels of its Dense/Linear,
+  Einsum and Conv layers, attention projections included. Embedding tables
+  (read by index), positional tables (added), norms and biases are not
+  among them. What pruning takes as a model's weights."""
+  trace, leaves, names = _traced(model, variables)
+  scan = _Pass("scan")
+  x = jnp.asarray(sample)[:1]
+  jaxpr, consts = trace(x)
+  scan.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
+  return list(dict.fromkeys(s.name for s in scan.sites if s.quantized))
+
+
 def calibration_batches(x: np.ndarray, *, examples: int = 5000,
                         batch_size: int = 1000) -> list[np.ndarray]:
   """The first `examples` inputs of x in batches: what `convert` reads."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import pathlib
+import re
 import time
 import tomllib
 from typing import Any, Callable
@@ -154,8 +155,13 @@ def _check_min_steps(min_steps) -> None:
 # ------------------------------------------------------------------- stages
 
 def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
-                 min_steps, learning_rate):
+                 min_steps, learning_rate, paths):
   _check_number("sparsity", sparsity)
+  if paths is not None:
+    try:
+      re.compile(paths)
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"paths {paths!r} is not a regular expression ({e})") from None
   kind = pruning.parse_pattern(pattern)[0]
   pruning.check_scope(scope, pattern)
   if kind == "n:m":
@@ -185,13 +191,25 @@ def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
 @stage("prune", check=_check_prune)
 def prune_stage(model, variables, data, settings, *, sparsity=None,
                 method="magnitude", scope="layer", pattern="unstructured",
-                schedule="one-shot", epochs=0, min_steps=0, learning_rate=1e-3):
+                schedule="one-shot", epochs=0, min_steps=0, learning_rate=1e-3,
+                paths=None):
   """Prunes to `sparsity`: at once ("one-shot", then `epochs` of fine-tuning
   with the masks held), or "gradual"ly along the cubic schedule over the
   first 40% of `epochs` of fine-tuning (Zhu & Gupta 2017); at least
-  `min_steps` steps of fine-tuning when there are any."""
+  `min_steps` steps of fine-tuning when there are any.
+
+  The weights pruned are those the forward pass multiplies by activations
+  (`int8.product_weights`: Dense/Linear, Einsum and Conv kernels), so a
+  transformer keeps its embeddings, positional table and norms whole;
+  `paths`, a regular expression on parameter names, prunes the leaves it
+  matches instead (an embedding table too, if asked)."""
   if epochs:
     epochs = _epochs(epochs, min_steps, data, settings)
+  if paths is None:
+    weights = set(int8.product_weights(model, variables, data.x_train[:1]))
+    include = lambda name, leaf: name in weights
+  else:
+    include = lambda name, leaf: re.search(paths, name) is not None
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
   n_steps = epochs * (len(data.x_train) // settings.batch_size)
@@ -201,7 +219,8 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
     steps = dict(begin_step=0, end_step=max(2 * n_steps // 5, 1),
                  every=max(1, min(100, n_steps // 20)))
     tx = optax.chain(adam, pruning.prune_gradually(
-        sparsity, **steps, scope=scope, pattern=pattern, seed=settings.seed))
+        sparsity, **steps, scope=scope, pattern=pattern, seed=settings.seed,
+        include=include))
     variables = _fine_tune(model, variables, data, tx, epochs, settings)
     label = f"pruned {sparsity:g} gradually over {epochs} ep"
     extra["schedule"] = {**steps, "steps": n_steps}
@@ -218,7 +237,8 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
     kind = pruning.parse_pattern(pattern)[0]
     pruned, masks = pruning.prune(
         params, None if kind == "n:m" else sparsity, method=method, scope=scope,
-        pattern=pattern, grads=grads, key=jax.random.key(settings.seed))
+        pattern=pattern, grads=grads, key=jax.random.key(settings.seed),
+        include=include)
     variables = {"params": pruned, **rest}
     label = f"pruned {pattern if kind == 'n:m' else f'{sparsity:g}'}"
     if epochs:
