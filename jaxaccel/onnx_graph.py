@@ -213,13 +213,55 @@ def _concatenate(g, eqn, ins):
 
 
 def _slice(g, eqn, ins):
+  """A Slice of the axes the slice cuts (a whole axis, the symbolic batch
+  among them, is left out of it)."""
+  shape = eqn.invars[0].aval.shape
   starts = eqn.params["start_indices"]
   limits = eqn.params["limit_indices"]
   strides = eqn.params["strides"] or [1] * len(starts)
-  return g.node("Slice", [ins[0], g.const(np.asarray(starts, np.int64)),
-                          g.const(np.asarray(limits, np.int64)),
-                          _axes(g, range(len(starts))),
-                          g.const(np.asarray(strides, np.int64))])
+  axes = []
+  for i, (start, limit, step, size) in enumerate(zip(starts, limits, strides,
+                                                      shape)):
+    if start == 0 and step == 1 and (limit is size or limit == size):
+      continue                  # the whole axis
+    if not all(isinstance(v, (int, np.integer)) for v in (start, limit, step)):
+      raise ConfigError("cannot export a slice of the batch dimension to ONNX")
+    axes.append(i)
+  if not axes:
+    return g.node("Identity", [ins[0]])
+  pick = lambda values: g.const(np.asarray([values[i] for i in axes], np.int64))
+  return g.node("Slice", [ins[0], pick(starts), pick(limits), _axes(g, axes),
+                          pick(strides)])
+
+
+def _gather_slice(g, eqn, x: str, index) -> str | None:
+  """A gather that is a slice at constant offsets (`x[..., a:b]` traced with
+  a symbolic batch), as one Slice; None for any other gather."""
+  dims = eqn.params["dimension_numbers"]
+  operand = eqn.invars[0].aval.shape
+  sizes = eqn.params["slice_sizes"]
+  axes = list(dims.start_index_map)
+  if (dims.collapsed_slice_dims or dims.operand_batching_dims
+      or tuple(dims.offset_dims) != tuple(range(len(operand)))
+      or np.shape(index) != (len(axes),)
+      or any(sizes[i] is not operand[i] and sizes[i] != operand[i]
+             for i in range(len(operand)) if i not in axes)):
+    return None
+  start = [int(np.clip(int(s), 0, operand[a] - sizes[a]))
+           for s, a in zip(np.asarray(index), axes)]
+  return g.node("Slice", [x, g.const(np.asarray(start, np.int64)),
+                          g.const(np.asarray([s + sizes[a] for s, a in
+                                              zip(start, axes)], np.int64)),
+                          g.const(np.asarray(axes, np.int64))])
+
+
+def _split(g, eqn, x: str) -> list[str]:
+  """`jnp.split`'s pieces, one Slice each along the split axis."""
+  axis, starts = int(eqn.params["axis"]), np.cumsum([0, *eqn.params["sizes"]])
+  return [g.node("Slice", [x, g.const(np.asarray([a], np.int64)),
+                           g.const(np.asarray([b], np.int64)),
+                           g.const(np.asarray([axis], np.int64))])
+          for a, b in zip(starts[:-1], starts[1:])]
 
 
 def _pad(g, eqn, ins):
@@ -421,6 +463,9 @@ class _Emitter:
         outs = self.fold(eqn, [c for _, c in vals])
       elif body is not None:
         outs = self.walk(body[0], body[1], vals)
+      elif eqn.primitive.name == "split":
+        outs = [("tensor", piece)
+                for piece in _split(self.g, eqn, self.settle(vals[0])[1])]
       else:
         outs = [self.emit(eqn, vals)]
       for v, out in zip(eqn.outvars, outs):
@@ -559,6 +604,10 @@ class _Emitter:
       vals = [self.settle(v) for v in vals]
       if name == "conv_general_dilated":
         return ("tensor", _conv(g, eqn, vals[0][1], consts))
+    if name == "gather" and vals[0][0] == "tensor" and consts[1] is not None:
+      sliced = _gather_slice(g, eqn, vals[0][1], consts[1])
+      if sliced is not None:
+        return ("tensor", sliced)
     if name == "reduce_max" and self.sites is None:
       pooled = self.window_max(eqn, vals[0][1])
       if pooled is not None:
@@ -599,13 +648,20 @@ class _Emitter:
     kind, act = vals[1 - site.weight_side]
     s = np.float32(site.input_scale)
     dense = site.kind != "conv_general_dilated"
+    matrix = None        # a product of another shape: x and W as matrices
     if dense:
-      (lc, rc), _ = eqn.params["dimension_numbers"]
+      (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
       lhs_nd = eqn.invars[0].aval.ndim
-      if not (site.weight_side == 1 and list(lc) == [lhs_nd - 1]
-              and list(rc) == [0] and site.values.ndim == 2):
+      if site.weight_side != 1 or lb:
         raise ConfigError(f"cannot export the int8 product of {site.name} "
-                          "to ONNX (only x @ W with W 2-D)")
+                          "to ONNX (only x @ W, W a weight of any rank, with "
+                          "no batch dimensions)")
+      if not (list(lc) == [lhs_nd - 1] and list(rc) == [0]
+              and site.values.ndim == 2):
+        matrix = (list(lc), list(rc))
+        if kind == "pending":
+          vals = [self.settle(v) for v in vals]
+          kind, act = vals[0]
     # round(x / s) clipped to [-127, 127], as compress.int8 computes it,
     # plus the zero point 128 (QuantizeLinear alone would saturate at
     # -128); an input never negative in calibration is clipped to [0, 127]
@@ -633,6 +689,8 @@ class _Emitter:
     w_zp = g.const(np.uint8(128), "zero_point")
     if not dense:
       return self.int8_conv(eqn, index, site, q, zp, shifted, w_zp)
+    if matrix is not None:
+      return self.int8_matrix_product(eqn, site, q, zp, shifted, w_zp, *matrix)
     if site.unsigned:
       # A dense layer on an unsigned input multiplies it by the int8
       # weights: ONNX Runtime's u8 x s8 kernel is 2.3x faster than u8 x u8
@@ -647,6 +705,33 @@ class _Emitter:
     scale = _ranked((s * site.weight_scale).astype(np.float32),
                     eqn.outvars[0].aval.ndim)
     return ("tensor", g.node("Mul", [out, g.const(scale, "scale")]))
+
+  def int8_matrix_product(self, eqn, site, q, zp, shifted, w_zp, lc, rc):
+    """x @ W for a weight of any rank (an attention projection's 3-D
+    kernel): the contracted axes of both brought last and first and merged,
+    one MatMulInteger, the result reshaped to the product's shape."""
+    g = self.g
+    shape = eqn.invars[0].aval.shape
+    free = [d for d in range(len(shape)) if d not in lc]
+    if free + lc != list(range(len(shape))):
+      q = g.node("Transpose", [q], perm=free + lc)
+    k = int(np.prod([shape[d] for d in lc]))
+    q = g.node("Reshape", [q, g.shape([shape[d] for d in free] + [k])])
+    keep = [d for d in range(site.values.ndim) if d not in rc]
+    as_matrix = lambda w: np.transpose(w, rc + keep).reshape(k, -1)
+    if site.unsigned:
+      acc = g.node("MatMulInteger", [q, g.const(as_matrix(site.values),
+                                                "kernel_int8"),
+                                     zp, g.const(np.int8(0), "zero_point")])
+    else:
+      acc = g.node("MatMulInteger", [q, g.const(as_matrix(shifted),
+                                                "kernel_int8"), zp, w_zp])
+    out = eqn.outvars[0].aval
+    y = g.node("Reshape", [g.node("Cast", [acc], to=_dtype(np.float32)),
+                           g.shape(out.shape)])
+    scale = _ranked((np.float32(site.input_scale) * site.weight_scale)
+                    .astype(np.float32), out.ndim)
+    return ("tensor", g.node("Mul", [y, g.const(scale, "scale")]))
 
   def int8_conv(self, eqn, index, site, q, zp, shifted, w_zp):
     """ConvInteger (u8 x u8), its int32 sums pending; or, when the next

@@ -152,3 +152,30 @@ def mlp_apply(params, x):
     x = jax.nn.relu(x @ w + b)
   w, b = params[-1]
   return x @ w + b
+
+
+class HandViT(nnx.Module):
+  """Attention written by hand, as a user would: one fused qkv projection
+  cut with `jnp.split`, heads taken with basic slicing and
+  `lax.slice_in_dim`, patches by a reshape."""
+
+  def __init__(self, dim: int = 16, heads: int = 2, *, rngs: nnx.Rngs):
+    self.embed = nnx.Linear(4, dim, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, rngs=rngs)
+    self.head = nnx.Linear(dim, 10, rngs=rngs)
+    self.heads, self.dim = heads, dim
+
+  def __call__(self, x):
+    h = self.embed(x.reshape(x.shape[0], 16, 4))     # 16 patches of 4 pixels
+    q, k, v = jnp.split(self.qkv(h), 3, axis=-1)
+    d = self.dim // self.heads
+    outs = []
+    for i in range(self.heads):
+      qi = q[..., i * d:(i + 1) * d]
+      ki = jax.lax.slice_in_dim(k, i * d, (i + 1) * d, axis=2)
+      vi = v[:, :, i * d:(i + 1) * d]
+      weights = jax.nn.softmax(qi @ ki.transpose(0, 2, 1) / d ** 0.5, axis=-1)
+      outs.append(weights @ vi)
+    h = h + self.proj(jnp.concatenate(outs, axis=-1))
+    return self.head(h.mean(axis=1))

@@ -515,3 +515,44 @@ def test_an_artifact_outside_this_jaxs_window_names_both_versions(served,
   assert (f"was exported by jax 0.4.1 (calling convention 1); this jax "
           f"{jax.__version__} runs versions "
           f"{jax.export.minimum_supported_calling_convention_version} to ") in message
+
+
+def test_the_vit_exports_to_int8_onnx_with_its_attention_projections(digits):
+  """The NNX ViT's attention kernels are 3-D ((in, heads, head_dim) and
+  (heads, head_dim, out)): each is one MatMulInteger on the kernel as a
+  matrix; the two attention products of activations stay float."""
+  model = zoo.ViT(rngs=nnx.Rngs(0))
+  adapter = models.adapt(model)
+  params, state = adapter.init(jax.random.key(0), digits.x_train[:1])
+  variables = {"params": params, **state}
+  program = int8.convert(model, variables,
+                         int8.calibration_batches(digits.x_train))
+  assert len(program.sites) == 14 and len(program.float_sites) == 4
+  proto = onnx_graph.build(model, variables, input_shape=(8, 8, 1),
+                           program=program)
+  ops = [n.op_type for n in proto.graph.node]
+  assert ops.count("MatMulInteger") == 13 and ops.count("ConvInteger") == 1
+  got = onnx_graph.session(proto.SerializeToString()).run(
+      None, {"x": digits.x_test})[0]
+  want = np.asarray(program(digits.x_test))
+  assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.99
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_hand_written_attention_exports_to_float_onnx(digits, tmp_path):
+  """jnp.split, basic slicing (a gather at constant offsets once the batch
+  is symbolic) and lax.slice_in_dim become Slice nodes."""
+  model = zoo.HandViT(rngs=nnx.Rngs(0))
+  adapter = models.adapt(model)
+  params, state = adapter.init(jax.random.key(0), digits.x_train[:1])
+  variables = {"params": params, **state}
+  path = export.export(model, variables, input_shape=(8, 8, 1),
+                       num_classes=10, format="onnx", out=tmp_path / "h.onnx")
+  want = np.asarray(adapter.logits(variables, digits.x_test))
+  np.testing.assert_allclose(export.load(path)(digits.x_test), want,
+                             atol=1e-5, rtol=1e-5)
+  ops = [n.op_type for n in onnx_graph.build(
+      model, variables, input_shape=(8, 8, 1)).graph.node]
+  # the split's three pieces, three slices a head, one that reads the batch
+  # size from the input's shape
+  assert "Gather" not in ops and ops.count("Slice") == 3 + 2 * 3 + 1
