@@ -76,17 +76,11 @@ class Artifact:
   def __call__(self, x, *, batch_size: int = 1024) -> np.ndarray:
     """Logits of raw inputs, run `batch_size` rows at a time (the last
     batch padded, so a program sees at most two batch shapes)."""
+    from jaxaccel import data
     x = self.check_input(x)
     batch_size = max(1, min(batch_size, len(x)))
-    outs = []
-    for i in range(0, len(x), batch_size):
-      xb = x[i:i + batch_size]
-      n = len(xb)
-      if n < batch_size:
-        xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]),
-                                          xb.dtype)])
-      outs.append(np.asarray(self.run(xb))[:n])
-    return np.concatenate(outs)
+    return np.concatenate([np.asarray(self.run(xb))[:n] for xb, n in
+                           data.padded_batches(x, batch_size)])
 
 
 def _normalizer(stats: dict | None) -> Callable:

@@ -41,21 +41,6 @@ from jaxaccel.errors import CheckpointError, ConfigError, DataError
 from jaxaccel.models import adapt
 
 
-def _pad_rows(chunk: np.ndarray, batch_size: int) -> np.ndarray:
-  """`chunk` with zero rows added up to `batch_size`."""
-  if len(chunk) == batch_size:
-    return chunk
-  return np.concatenate(
-      [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-
-
-def _padded_batches(x: np.ndarray, batch_size: int):
-  """Fixed-size batches (the last one padded) so one compile serves all."""
-  for i in range(0, len(x), batch_size):
-    chunk = x[i:i + batch_size]
-    yield _pad_rows(chunk, batch_size), len(chunk)
-
-
 @functools.lru_cache(maxsize=16)
 def _jitted_eval_step(model, task):
   return compiled.jit(make_eval_step(model, task))
@@ -74,7 +59,8 @@ def eval_batches(arrays: dict, batch_size: int):
   batch_size = min(batch_size, n)
   for start in range(0, n, batch_size):
     rows = min(batch_size, n - start)
-    batch = {k: _pad_rows(np.asarray(a[start:start + batch_size]), batch_size)
+    batch = {k: data_lib.pad_rows(np.asarray(a[start:start + batch_size]),
+                                  batch_size)
              for k, a in arrays.items()}
     valid = (np.arange(batch_size) < rows).astype(np.float32)
     mask = batch.get("mask")
@@ -149,7 +135,7 @@ def predict(model, state_or_variables, x: np.ndarray, *,
   x = np.asarray(x)
   batch_size = max(1, min(batch_size, len(x)))
   outs = [np.asarray(apply(variables, xb))[:n]
-          for xb, n in _padded_batches(x, batch_size)]
+          for xb, n in data_lib.padded_batches(x, batch_size)]
   return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 

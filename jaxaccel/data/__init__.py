@@ -304,6 +304,22 @@ def check_rows(x, shape, source: str) -> np.ndarray:
   return x
 
 
+def pad_rows(chunk: np.ndarray, batch_size: int) -> np.ndarray:
+  """`chunk` with zero rows added up to `batch_size`."""
+  if len(chunk) == batch_size:
+    return chunk
+  return np.concatenate(
+      [chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+
+
+def padded_batches(x: np.ndarray, batch_size: int):
+  """Fixed-size batches of x (the last one padded with zero rows), each with
+  its count of real rows, so one compiled program serves them all."""
+  for i in range(0, len(x), batch_size):
+    chunk = x[i:i + batch_size]
+    yield pad_rows(chunk, batch_size), len(chunk)
+
+
 def preprocess(x_raw, stats: dict):
   """Applies a data set's normalization (`Dataset.stats`) to raw inputs:
   numpy in, numpy out; a jax array (as inside an exported function) in, a
