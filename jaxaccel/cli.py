@@ -691,18 +691,15 @@ def cmd_compress(args) -> None:
                 if s["stage"] == "distill" else s for s in recipe]
   else:
     recipe = stages.recipe_from_flags(**flags)
-  if args.out:
-    stages.check_out(args.out)
+  # A shipped recipe as it is goes by its name (recorded in the output).
+  named = args.recipe if args.recipe and not args.distill_student else None
   result = stages.compress_run(
-      args.from_dir, recipe, settings=stages.Settings(
-          seed=args.seed, progress=not args.no_progress))
+      args.from_dir, named or recipe, out=args.out,
+      settings=stages.Settings(seed=args.seed, progress=not args.no_progress))
   result["recipe"] = args.recipe or recipe
-  model = result.pop("compressed_model")
-  variables = result.pop("compressed_variables")
+  for key in ("compressed_model", "compressed_variables"):
+    del result[key]
   if args.out:
-    report.save_compressed(args.out, variables["params"], result)
-    stages.write_run(args.out, args.from_dir, model, variables,
-                     result["recipe"])
     result["out"] = args.out
   if args.plot:
     report.plot_accuracy_vs_size(result["stages"], args.plot,
