@@ -29,7 +29,7 @@ import jax
 import jax.extend.core as jcore
 import numpy as np
 
-from jaxaccel.compress import int8 as int8_lib
+from jaxaccel import tracing
 from jaxaccel.errors import ConfigError, DataError
 
 OPSET = 18
@@ -451,11 +451,11 @@ class _Emitter:
       env[v] = a
     for eqn in jaxpr.eqns:
       vals = [read(v) for v in eqn.invars]
-      body = int8_lib._inner(eqn)
+      body = tracing.call_body(eqn)
       step = None
       if any(kind == "pending" for kind, _ in vals) and body is None:
         step = self.pending_step(eqn, vals)
-        if step is None and eqn.primitive.name not in int8_lib.PRODUCTS:
+        if step is None and eqn.primitive.name not in tracing.PRODUCTS:
           vals = [self.settle(v) for v in vals]
       if step is not None:
         outs = [("pending", step)]
@@ -484,14 +484,14 @@ class _Emitter:
     others = [(kind, c) for kind, c in vals if c is not d]
     const = others[0][1] if len(others) == 1 and others[0][0] == "const" \
         else None
-    if name in int8_lib.PRODUCTS or d.flat is not None:
+    if name in tracing.PRODUCTS or d.flat is not None:
       return None
     if d.view is not None:
       if name == "reduce_max" and tuple(eqn.params["axes"]) == (2, 4):
         return self.pool(d, [2, 2], [2, 2], tuple(eqn.outvars[0].aval.shape))
       return None
     if name == "add" and const is not None and not (d.relu or d.pooled):
-      vec = int8_lib._channel_vector(const, channels)
+      vec = tracing.channel_vector(const, channels)
       if vec is not None:
         vec = np.asarray(vec)
         return dataclasses.replace(
@@ -595,7 +595,7 @@ class _Emitter:
     name = eqn.primitive.name
     g = self.g
     consts = [c if kind == "const" else None for kind, c in vals]
-    if name in int8_lib.PRODUCTS:
+    if name in tracing.PRODUCTS:
       site, index = None, self.products
       if self.sites is not None:
         site, self.products = self.sites[index], index + 1
@@ -782,7 +782,8 @@ def build(model, variables: dict, *, input_shape, prepare=None,
   run's normalization, a jax function) runs on the inputs first."""
   onnx = _onnx()
   helper = onnx.helper
-  trace, leaves, _ = int8_lib._traced(model, variables, prepare=prepare)
+  traced = tracing.forward_pass(model, variables, prepare=prepare)
+  trace, leaves = traced.trace, traced.leaves
   batch, = jax.export.symbolic_shape("batch")
   jaxpr, consts = trace(jax.ShapeDtypeStruct((batch, *input_shape),
                                              np.float32))

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxaccel import (backends, data as data_lib, models, optim, parallel as parallel_lib,
+from jaxaccel import (backends, data as data_lib, models, tracing, optim, parallel as parallel_lib,
                       tasks as tasks_lib)
 from jaxaccel.checkpoint import RunDir
 from jaxaccel.core import (Callback, EarlyStopping, FitLoop, PlateauSignal,
@@ -359,7 +359,7 @@ def scan_pays(model, state: TrainState, sample) -> bool:
   apply = lambda p, s, x, rng: model.apply(p, s, x, train=True, rng=rng)[0]
   jaxpr = jax.make_jaxpr(apply)(state.params, state.model_state,
                                 jnp.asarray(sample), state.rng)
-  names = models.primitive_names(jaxpr.jaxpr, opaque=("custom_vjp",))
+  names = tracing.primitive_names(jaxpr.jaxpr, opaque=("custom_vjp",))
   return "conv_general_dilated" not in names
 
 

@@ -43,19 +43,12 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel import backends
-from jaxaccel.compress.pruning import leaf_names
+from jaxaccel import backends, tracing
 from jaxaccel.errors import ConfigError
-from jaxaccel.models import adapt
 from jaxaccel.models.zoo import shifted_windows
 
 PyTree = Any
-PRODUCTS = ("dot_general", "conv_general_dilated")
-# Primitives whose body is evaluated inline, so products inside them (a
-# jitted helper, a custom-gradient function) are found too.
-_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
-          "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint")
-_CONST = ""           # provenance of values computed from constants alone
+PRODUCTS = tracing.PRODUCTS
 
 
 @dataclasses.dataclass
@@ -84,19 +77,6 @@ class Site:
     return self.name if self.quantized else f"{self.name} ({self.reason})"
 
 
-def _inner(eqn) -> tuple[Any, list] | None:
-  """(jaxpr, consts) of a call-like equation's body, or None."""
-  if eqn.primitive.name not in _CALLS:
-    return None
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    body = eqn.params.get(key)
-    if isinstance(body, jcore.ClosedJaxpr):
-      return body.jaxpr, list(body.consts)
-    if isinstance(body, jcore.Jaxpr):
-      return body, []
-  return None
-
-
 @dataclasses.dataclass
 class _Deferred:
   """A convolution's int32 sums whose rescale to float waits: y =
@@ -121,15 +101,6 @@ def _float(v):
   return v.value() if isinstance(v, _Deferred) else v
 
 
-def _channel_vector(c, channels: int):
-  """c as a (channels,) vector when it varies along the last axis alone
-  (a bias, broadcast or not); None otherwise."""
-  shape = np.shape(c)
-  if not shape or shape[-1] != channels or any(d != 1 for d in shape[:-1]):
-    return None
-  return jnp.reshape(jnp.asarray(c, jnp.float32), (channels,))
-
-
 def _deferred_step(eqn, vals, origins):
   """The next _Deferred when `eqn` (on a _Deferred input) is one the
   rescale can wait through, else None: a per-channel constant added
@@ -142,7 +113,7 @@ def _deferred_step(eqn, vals, origins):
   other = [(v, o) for v, o in zip(vals, origins) if v is not d]
   if name == "add" and len(other) == 1 and not d.relu:
     c, origin = other[0]
-    vec = None if origin is None else _channel_vector(c, channels)
+    vec = None if origin is None else tracing.channel_vector(c, channels)
     if vec is not None:
       bias = vec if d.bias is None else d.bias + vec
       return dataclasses.replace(d, bias=bias)
@@ -210,16 +181,16 @@ class _Pass:
       return v.val if isinstance(v, jcore.Literal) else env[v]
 
     def origin(v):
-      return _CONST if isinstance(v, jcore.Literal) else prov.get(v)
+      return tracing.CONST if isinstance(v, jcore.Literal) else prov.get(v)
 
     for v, c in zip(jaxpr.constvars, consts):
-      env[v], prov[v] = c, _CONST
+      env[v], prov[v] = c, tracing.CONST
     for v, a, n in zip(jaxpr.invars, args, names):
       env[v], prov[v] = a, n
     for eqn in jaxpr.eqns:
       vals = [read(v) for v in eqn.invars]
       origins = [origin(v) for v in eqn.invars]
-      body = _inner(eqn)
+      body = tracing.call_body(eqn)
       deferred = (any(isinstance(v, _Deferred) for v in vals)
                   and body is None and _deferred_step(eqn, vals, origins))
       if deferred:
@@ -237,7 +208,7 @@ class _Pass:
       # A value computed from parameters and constants alone is a weight;
       # it is named after the first parameter it comes from.
       weight = None if None in origins else next(
-          (o for o in origins if o), _CONST)
+          (o for o in origins if o), tracing.CONST)
       for v, out in zip(eqn.outvars, outs):
         env[v], prov[v] = out, weight
     outs = [read(v) for v in jaxpr.outvars]
@@ -442,35 +413,14 @@ class Int8Model:
             "float": [s.description for s in self.float_sites]}
 
 
-def _traced(model, variables: dict, prepare: Callable | None = None):
-  """The eval forward pass as (jaxpr of (params, state, x), leaf args, names);
-  `prepare` (a normalization) runs on x first."""
-  adapter = adapt(model)
-  variables = dict(variables)
-  params = variables.pop("params")
-  leaves = jax.tree.leaves(params) + jax.tree.leaves(variables)
-  names = ["" if n is None else n for n in leaf_names(params)]
-  names += [_CONST] * len(jax.tree.leaves(variables))
-  treedef = jax.tree.structure((params, variables))
-
-  def forward(leaves, x):
-    p, s = jax.tree.unflatten(treedef, leaves)
-    return adapter.apply(p, s, prepare(x) if prepare else x, train=False)[0]
-
-  def trace(x):
-    closed = jax.make_jaxpr(forward)(leaves, jax.ShapeDtypeStruct(x.shape,
-                                                                  x.dtype))
-    return closed.jaxpr, list(closed.consts)
-  return trace, leaves, names
-
-
 def product_weights(model, variables: dict, sample) -> list[str]:
   """Names ('Dense_0/kernel' style) of the parameters the model's forward
   pass multiplies by its activations: the kernels of its Dense/Linear,
   Einsum and Conv layers, attention projections included. Embedding tables
   (read by index), positional tables (added), norms and biases are not
   among them. What pruning takes as a model's weights."""
-  trace, leaves, names = _traced(model, variables)
+  traced = tracing.forward_pass(model, variables)
+  trace, leaves, names = traced.trace, traced.leaves, traced.names
   scan = _Pass("scan")
   x = jnp.asarray(sample)[:1]
   jaxpr, consts = trace(x)
@@ -508,7 +458,8 @@ def convert(model, variables: dict, batches: Iterable, *,
   batches = [jnp.asarray(b) for b in batches]
   if not batches:
     raise ConfigError("calibration got no batches; give at least one")
-  trace, leaves, names = _traced(model, variables)
+  traced = tracing.forward_pass(model, variables)
+  trace, leaves, names = traced.trace, traced.leaves, traced.names
 
   scan = _Pass("scan")
 

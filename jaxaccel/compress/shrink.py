@@ -36,8 +36,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccel import models
-from jaxaccel.compress import int8
+from jaxaccel import models, tracing
 from jaxaccel.errors import ConfigError
 
 PyTree = Any
@@ -122,7 +121,7 @@ def _pointwise(eqn) -> bool:
   or custom-jvp relu, when its body does)."""
   if eqn.primitive.name in _POINTWISE:
     return True
-  body = int8._inner(eqn)
+  body = tracing.call_body(eqn)
   return body is not None and all(
       _pointwise(e) or (e.primitive.name == "broadcast_in_dim"
                         and e.invars[0].aval.ndim == 0)
@@ -134,7 +133,8 @@ def hidden_layers(model, variables: dict, sample) -> list[tuple[str, str | None,
   units shrink can remove, found in the traced eval forward pass: a 2-D
   kernel's output, plus a bias over its units and any pointwise activation,
   read only by one other 2-D kernel (leaf names as `pruning.leaf_names`)."""
-  trace, leaves, names = int8._traced(model, variables)
+  traced = tracing.forward_pass(model, variables)
+  trace, leaves, names = traced.trace, traced.leaves, traced.names
   jaxpr, _ = trace(jnp.asarray(sample))
   n = len(leaves)
   param = {v: names[i] for i, v in enumerate(jaxpr.invars[:n]) if names[i]}

@@ -8,8 +8,7 @@ flax linen modules of any common call signature, flax NNX modules, and plain
 from jaxaccel.models.adapter import (CastModel, FunctionModel, LinenModel,
                                      ModelAdapter, NNXModel, adapt,
                                      from_functions, output_classes,
-                                     output_shape,
-                                     primitive_names)
+                                     output_shape)
 from jaxaccel.models.registry import (IMAGE_MODELS, MODELS, SEQUENCE_MODELS,
                                       check_input,
                                       count_params, create, describe,
@@ -24,5 +23,5 @@ __all__ = [
     "adapt", "add_bias", "check_input", "conv2d", "count_params", "create",
     "describe",
     "from_description", "from_functions", "max_pool_2x2", "output_classes", "output_shape",
-    "parse_model_spec", "primitive_names",
+    "parse_model_spec",
 ]

@@ -45,7 +45,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 from flax import nnx
 
@@ -118,19 +117,6 @@ class CastModel(ModelAdapter):
   def module(self):
     return self.inner.module
 
-
-
-def primitive_names(jaxpr, *, opaque: tuple[str, ...] = ()) -> set[str]:
-  """Names of the primitives in a jaxpr and in every jaxpr nested in it,
-  except inside primitives whose names start with one of `opaque`."""
-  names = set()
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    names.add(name)
-    if not (opaque and name.startswith(opaque)):
-      for sub in jcore.jaxprs_in_params(eqn.params):
-        names |= primitive_names(sub, opaque=opaque)
-  return names
 
 
 # ------------------------------------------------------------------ linen
