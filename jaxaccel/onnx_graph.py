@@ -332,6 +332,55 @@ def _dot_general(g, eqn, ins):
   return g.node("Einsum", ins, equation=spec)
 
 
+def _matmul(g, eqn, vals, consts) -> str | None:
+  """A dot_general as one MatMul where it is one, which ONNX Runtime runs
+  much faster than an Einsum: x @ W with a constant weight of any rank (its
+  contracted axes merged at export, x's brought last), and a product of two
+  activations with batch axes (attention's scores and weighted values),
+  free and contracted axes merged. None where the symbolic batch is not a
+  batch axis of the product (an Einsum then)."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  lc, rc, lb, rb = list(lc), list(rc), list(lb), list(rb)
+  lhs, rhs = (v.aval for v in eqn.invars)
+  out = eqn.outvars[0].aval
+  (lkind, x), (rkind, _) = vals
+  if lkind == "tensor" and consts[1] is not None and not lb:
+    w = np.asarray(consts[1])
+    free = [d for d in range(lhs.ndim) if d not in lc]
+    k = int(np.prod([lhs.shape[d] for d in lc]))
+    if free + lc != list(range(lhs.ndim)):
+      x = g.node("Transpose", [x], perm=free + lc)
+    if len(lc) > 1:
+      x = g.node("Reshape", [x, g.shape([lhs.shape[d] for d in free] + [k])])
+    keep = [d for d in range(w.ndim) if d not in rc]
+    y = g.node("MatMul", [x, g.const(np.transpose(w, rc + keep).reshape(k, -1))])
+    return y if len(keep) == 1 else g.node("Reshape", [y, g.shape(out.shape)])
+  if lkind == rkind == "tensor":
+    lfree = [d for d in range(lhs.ndim) if d not in lb + lc]
+    rfree = [d for d in range(rhs.ndim) if d not in rb + rc]
+    sizes = [lhs.shape[d] for d in lfree + lc] + [rhs.shape[d] for d in rfree]
+    if not all(isinstance(n, (int, np.integer)) for n in sizes):
+      return None              # the symbolic batch is not a batch axis
+    batch = [lhs.shape[d] for d in lb]
+
+    def as_matrices(t, shape, order, rows, cols):
+      """t with its axes in `order` (batch, rows, cols), rows and cols
+      each merged into one."""
+      if order != list(range(len(shape))):
+        t = g.node("Transpose", [t], perm=order)
+      if len(rows) != 1 or len(cols) != 1:
+        merged = [int(np.prod([shape[d] for d in axes])) for axes in (rows, cols)]
+        t = g.node("Reshape", [t, g.shape(batch + merged)])
+      return t
+    a = as_matrices(x, lhs.shape, lb + lfree + lc, lfree, lc)
+    b = as_matrices(vals[1][1], rhs.shape, rb + rc + rfree, rc, rfree)
+    y = g.node("MatMul", [a, b])
+    if len(lfree) != 1 or len(rfree) != 1:
+      y = g.node("Reshape", [y, g.shape(out.shape)])
+    return y
+  return None
+
+
 def _conv_attrs(eqn) -> dict:
   p = eqn.params
   if set(p["lhs_dilation"]) != {1}:
@@ -604,6 +653,9 @@ class _Emitter:
       vals = [self.settle(v) for v in vals]
       if name == "conv_general_dilated":
         return ("tensor", _conv(g, eqn, vals[0][1], consts))
+      product = _matmul(g, eqn, vals, consts)
+      if product is not None:
+        return ("tensor", product)
     if name == "gather" and vals[0][0] == "tensor" and consts[1] is not None:
       sliced = _gather_slice(g, eqn, vals[0][1], consts[1])
       if sliced is not None:
