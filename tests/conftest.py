@@ -8,8 +8,9 @@ import tempfile
 # The suite is compile-bound: most tests run small models for a few steps,
 # so XLA:CPU compiles at backend optimization level 0 (LLVM's cheapest
 # code generation: 10% less CPU for the suite). Tests check values, never
-# speed. The real-data tests (marked slow) train for minutes, so their own
-# programs compile at XLA's default level 2 (see pytest_runtest_setup).
+# speed. The real-data tests (marked slow) and the shared models of the
+# xdist groups train for thousands of steps, so their own programs compile
+# at XLA's default level 2 (see pytest_runtest_setup).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8"
                            + " --xla_backend_optimization_level=0").strip()
@@ -38,9 +39,10 @@ FULL_OPTIMIZATION = {"xla_backend_optimization_level": 2}
 
 
 def pytest_runtest_setup(item):
-  """A slow test (and the shared fixtures it sets up) compiles jaxaccel's
-  programs at XLA's default optimization level: they run for minutes."""
-  if item.get_closest_marker("slow"):
+  """A slow test, and a test of an xdist group (the first of which trains
+  the group's shared model), compiles jaxaccel's programs at XLA's default
+  optimization level: they run thousands of steps."""
+  if item.get_closest_marker("slow") or item.get_closest_marker("xdist_group"):
     from jaxaccel.core import compiled
     options = compiled.compiler_options
     item._jaxaccel_options = options
