@@ -332,6 +332,26 @@ def _dot_general(g, eqn, ins):
   return g.node("Einsum", ins, equation=spec)
 
 
+def _contracted_last(g, x: str, shape, lc: list[int]) -> str:
+  """x (of `shape`) with its contracted axes `lc` moved last and merged
+  into one: the left operand of a MatMul by a weight matrix."""
+  free = [d for d in range(len(shape)) if d not in lc]
+  if free + lc != list(range(len(shape))):
+    x = g.node("Transpose", [x], perm=free + lc)
+  if len(lc) == 1:
+    return x
+  k = int(np.prod([shape[d] for d in lc]))
+  return g.node("Reshape", [x, g.shape([shape[d] for d in free] + [k])])
+
+
+def _weight_matrix(w: np.ndarray, rc: list[int]) -> np.ndarray:
+  """A weight of any rank as a (contracted, kept) matrix, its contracted
+  axes `rc` first, in order, then the rest."""
+  keep = [d for d in range(w.ndim) if d not in rc]
+  return np.transpose(w, rc + keep).reshape(
+      int(np.prod([w.shape[d] for d in rc])), -1)
+
+
 def _matmul(g, eqn, vals, consts) -> str | None:
   """A dot_general as one MatMul where it is one, which ONNX Runtime runs
   much faster than an Einsum: x @ W with a constant weight of any rank (its
@@ -345,16 +365,10 @@ def _matmul(g, eqn, vals, consts) -> str | None:
   out = eqn.outvars[0].aval
   (lkind, x), (rkind, _) = vals
   if lkind == "tensor" and consts[1] is not None and not lb:
-    w = np.asarray(consts[1])
-    free = [d for d in range(lhs.ndim) if d not in lc]
-    k = int(np.prod([lhs.shape[d] for d in lc]))
-    if free + lc != list(range(lhs.ndim)):
-      x = g.node("Transpose", [x], perm=free + lc)
-    if len(lc) > 1:
-      x = g.node("Reshape", [x, g.shape([lhs.shape[d] for d in free] + [k])])
-    keep = [d for d in range(w.ndim) if d not in rc]
-    y = g.node("MatMul", [x, g.const(np.transpose(w, rc + keep).reshape(k, -1))])
-    return y if len(keep) == 1 else g.node("Reshape", [y, g.shape(out.shape)])
+    w = _weight_matrix(np.asarray(consts[1]), rc)
+    y = g.node("MatMul", [_contracted_last(g, x, lhs.shape, lc), g.const(w)])
+    return y if rhs.ndim - len(rc) == 1 else g.node(
+        "Reshape", [y, g.shape(out.shape)])
   if lkind == rkind == "tensor":
     lfree = [d for d in range(lhs.ndim) if d not in lb + lc]
     rfree = [d for d in range(rhs.ndim) if d not in rb + rc]
@@ -763,14 +777,8 @@ class _Emitter:
     kernel): the contracted axes of both brought last and first and merged,
     one MatMulInteger, the result reshaped to the product's shape."""
     g = self.g
-    shape = eqn.invars[0].aval.shape
-    free = [d for d in range(len(shape)) if d not in lc]
-    if free + lc != list(range(len(shape))):
-      q = g.node("Transpose", [q], perm=free + lc)
-    k = int(np.prod([shape[d] for d in lc]))
-    q = g.node("Reshape", [q, g.shape([shape[d] for d in free] + [k])])
-    keep = [d for d in range(site.values.ndim) if d not in rc]
-    as_matrix = lambda w: np.transpose(w, rc + keep).reshape(k, -1)
+    q = _contracted_last(g, q, eqn.invars[0].aval.shape, lc)
+    as_matrix = lambda w: _weight_matrix(w, rc)
     if site.unsigned:
       acc = g.node("MatMulInteger", [q, g.const(as_matrix(site.values),
                                                 "kernel_int8"),

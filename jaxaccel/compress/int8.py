@@ -419,13 +419,22 @@ def product_weights(model, variables: dict, sample) -> list[str]:
   Einsum and Conv layers, attention projections included. Embedding tables
   (read by index), positional tables (added), norms and biases are not
   among them. What pruning takes as a model's weights."""
-  traced = tracing.forward_pass(model, variables)
-  trace, leaves, names = traced.trace, traced.leaves, traced.names
-  scan = _Pass("scan")
-  x = jnp.asarray(sample)[:1]
-  jaxpr, consts = trace(x)
-  scan.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
+  scan, _ = _scan(tracing.forward_pass(model, variables),
+                  jnp.asarray(sample)[:1])
   return list(dict.fromkeys(s.name for s in scan.sites if s.quantized))
+
+
+def _scan(traced: tracing.ForwardPass, x):
+  """The scan pass over the forward pass at input x: (the pass, with every
+  product's Site, and the weights of the quantizable ones)."""
+  scan = _Pass("scan")
+
+  @jax.jit
+  def weights(x):
+    jaxpr, consts = traced.trace(x)
+    scan.evaluate(jaxpr, consts, [*traced.leaves, x], [*traced.names, None])
+    return scan.weights
+  return scan, weights(x)
 
 
 def calibration_batches(x: np.ndarray, *, examples: int = 5000,
@@ -460,15 +469,7 @@ def convert(model, variables: dict, batches: Iterable, *,
     raise ConfigError("calibration got no batches; give at least one")
   traced = tracing.forward_pass(model, variables)
   trace, leaves, names = traced.trace, traced.leaves, traced.names
-
-  scan = _Pass("scan")
-
-  @jax.jit
-  def weights(x):
-    jaxpr, consts = trace(x)
-    scan.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
-    return scan.weights
-  found = weights(batches[0][:1])
+  scan, found = _scan(traced, batches[0][:1])
   quantized = [s for s in scan.sites if s.quantized]
   for site, w in zip(quantized, found):
     _quantize_site(site, w)
