@@ -55,6 +55,27 @@ def pytest_runtest_teardown(item):
     compiled.compiler_options = item._jaxaccel_options
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With JAXACCEL_CPU_REPORT=FILE, appends each test's CPU seconds (this
+  process and the subprocesses it waited for: setup, call and teardown) to
+  FILE, to see where the suite's CPU budget goes."""
+  report = os.environ.get("JAXACCEL_CPU_REPORT")
+  if not report:
+    yield
+    return
+  import resource
+
+  def used():
+    return sum(r.ru_utime + r.ru_stime for r in (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN)))
+  start = used()
+  yield
+  with open(report, "a") as f:
+    f.write(f"{used() - start:.2f} {item.nodeid}\n")
+
+
 def pytest_unconfigure(config):
   if OWN_CACHE is not None and not hasattr(config, "workerinput"):
     shutil.rmtree(OWN_CACHE, ignore_errors=True)
