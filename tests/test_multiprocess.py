@@ -28,9 +28,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_flags(devices: int) -> str:
+  """The suite's compiler flags (conftest.py) with `devices` CPU devices."""
+  return " ".join([f"--xla_force_host_platform_device_count={devices}"] + [
+      f for f in os.environ["XLA_FLAGS"].split()
+      if not f.startswith("--xla_force_host_platform_device_count")])
+
+
 def launch(args, devices, log, **env):
-  env = dict(os.environ, **env, PYTHONPATH=str(ROOT),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, **env, PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(devices),
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
   return subprocess.Popen([sys.executable, "-m", "jaxaccel.cli", *TRAIN, *args],
                           env=env, stdout=open(log, "w"),
@@ -184,7 +190,7 @@ def test_a_process_whose_runtime_is_already_initialized_joins_it(tmp_path):
       "'--json', '--coordinator', '10.0.0.1:1234', '--num-processes', '1', "
       "'--process-id', '0'])\n")
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=TIME_LIMIT)
   assert proc.returncode == 0, proc.stderr
