@@ -11,7 +11,7 @@ import tempfile
 #   CPU for the suite).
 # - XLA's elemental fusion emitters in place of its newer MLIR fusion
 #   emitters: a small CNN's train step compiles in 0.23 s instead of 0.96
-#   s, and the suite takes 30% less CPU.
+#   s, and the suite takes 28% less CPU.
 # The real-data tests (marked slow) and the shared models of the xdist
 # groups train for thousands of steps, so their own programs compile at
 # XLA's default level 2 (see pytest_runtest_setup).
