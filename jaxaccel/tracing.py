@@ -83,6 +83,29 @@ def call_body(eqn) -> tuple[Any, list] | None:
   return None
 
 
+def indexed(jaxpr, names: list[str]) -> set[str]:
+  """The names (of `names`, one per jaxpr argument) of the arguments the
+  jaxpr reads by index, as a `gather` or `dynamic_slice` operand, cast or
+  reshaped or not, in calls too: embedding tables."""
+  found = set()
+
+  def walk(jaxpr, named: dict):
+    for eqn in jaxpr.eqns:
+      ins = [v if isinstance(v, jcore.Var) and v in named else None
+             for v in eqn.invars]
+      body = call_body(eqn)
+      if body is not None:
+        walk(body[0], {b: named[a] for a, b in zip(ins, body[0].invars)
+                       if a is not None})
+      elif eqn.primitive.name in ("gather", "dynamic_slice") and ins[0]:
+        found.add(named[ins[0]])
+      elif eqn.primitive.name in ("convert_element_type", "reshape",
+                                  "copy") and ins[0]:
+        named[eqn.outvars[0]] = named[ins[0]]
+  walk(jaxpr, {v: n for v, n in zip(jaxpr.invars, names) if n})
+  return found
+
+
 def primitive_names(jaxpr, *, opaque: tuple[str, ...] = ()) -> set[str]:
   """Names of the primitives in a jaxpr and in every jaxpr nested in it,
   except inside primitives whose names start with one of `opaque`."""

@@ -190,3 +190,39 @@ def test_the_fortunes_corpus_loads_as_text():
   assert min(len(ds.x_train), len(ds.x_val), len(ds.x_test)) > 100
   assert ds.x_train.dtype == np.uint8 and ds.num_classes == 256
   np.testing.assert_array_equal(ds.x_train[0, 1:], ds.y_train[0, :-1])
+
+
+@pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
+def test_shrink_and_prune_recipes_compress_the_gpt(tiny_gpt):
+  """The stages of the shrink-50 and prune-50 recipes on the tiny GPT, each
+  fine-tuning cut to 60 steps by `max_steps` (an epoch here is 97): shrink
+  halves each block's MLP, prune halves every projection kernel and leaves
+  the tied embedding whole; both stay within 0.05 bits per byte."""
+  from jaxaccel import compress, core
+  model, ds, result = tiny_gpt
+  variables = core.variables_of(result.state)
+  settings = compress.Settings(latency=False)
+  small, small_vars, records = compress.run(
+      model, variables, ds, [{"stage": "shrink", "fraction": 0.5, "epochs": 10,
+                              "max_steps": 60}], settings=settings)
+  before, after = records[0]["bits_per_byte"], records[-1]["bits_per_byte"]
+  assert (small.mlp, records[-1]["name"]) == (64, "shrunk to 64 +60 steps")
+  assert small_vars["params"]["block_0"]["mlp_out"]["kernel"].shape == (64, 32)
+  assert after < before + 0.05, (before, after)
+  greedy = [ja.generate(small, small_vars, "def ", tokens=12, cache=c)["text"]
+            for c in (True, False)]
+  assert greedy[0] == greedy[1]
+
+  _, pruned, records = compress.run(
+      model, variables, ds, [{"stage": "prune", "sparsity": 0.5,
+                              "schedule": "gradual", "scope": "layer",
+                              "epochs": 10, "max_steps": 60}], settings=settings)
+  p = pruned["params"]
+  zeros = {name: float(np.mean(np.asarray(leaf) == 0)) for name, leaf in
+           zip(compress.pruning.leaf_names(p), jax.tree.leaves(p))}
+  kernels = [n for n in zeros if n.startswith("block_0/") and n.endswith("kernel")]
+  assert len(kernels) == 6   # query, key, value, out, mlp_in, mlp_out
+  assert all(zeros[n] == pytest.approx(0.5, abs=0.01) for n in kernels), zeros
+  assert zeros["embed/embedding"] == 0.0 and zeros["positions"] == 0.0
+  assert records[-1]["name"] == "pruned 0.5 gradually over 60 steps"
+  assert records[-1]["bits_per_byte"] < records[0]["bits_per_byte"] + 0.05

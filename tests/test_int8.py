@@ -265,7 +265,7 @@ def test_shrink_stage_halves_the_mlp_and_keeps_its_accuracy(digits):
 def test_shrink_refuses_models_whose_units_it_cannot_remove(digits, model,
                                                             message):
   with pytest.raises(ConfigError, match=f"stage 1 \\(shrink\\): shrink removes "
-                                        f"units of jaxaccel's mlp and cnn "
+                                        f"units of jaxaccel's mlp, cnn and gpt "
                                         f"models and of NNX and plain-function "
                                         f"models; {message}"):
     compress.run(model, {"params": {}}, digits, [{"stage": "shrink"}])

@@ -131,7 +131,7 @@ def test_compress_distills_a_student(capsys, trained_run):
     (["--quantize", "int8", "--mixup", "1"], "mixup 1.0 mixes the inputs a student"),
     ([], "nothing to do"),
     (["--recipe", "prune-99"], "unknown recipe 'prune-99': use one of distill, int8, "
-                               "lowrank, prune-90, prune-90-int8"),
+                               "lowrank, prune-50, prune-90, prune-90-int8"),
     (["--recipe", "int8", "--prune", "0.5"], "give a recipe or the shorthand flags"),
     (["--recipe", "RECIPE:unknown_key"],
      r"stage 1 \(prune\): unknown option\(s\) spars: prune takes sparsity, method"),
@@ -174,8 +174,8 @@ def test_list_recipes(capsys):
   code, out, _ = run_cli(capsys, "compress", "--list-recipes", "--json")
   assert code == 0
   recipes = json.loads(out.strip().splitlines()[-1])["recipes"]
-  assert set(recipes) == {"distill", "int8", "lowrank", "prune-90", "prune-90-int8",
-                          "shrink-50"}
+  assert set(recipes) == {"distill", "int8", "lowrank", "prune-50", "prune-90",
+                          "prune-90-int8", "shrink-50"}
   assert "gradual global magnitude pruning" in recipes["prune-90"]
 
 

@@ -89,6 +89,10 @@ def test_stages_run_on_an_nnx_model(digits):
     ([{"stage": "quantize", "bits": "int3"}], "unsupported quantization 'int3'"),
     ([{"stage": "finetune", "epochs": 1, "min_steps": -5}],
      "min_steps must be a non-negative integer; got -5"),
+    ([{"stage": "shrink", "max_steps": 0}],
+     "max_steps must be a positive integer; got 0"),
+    ([{"stage": "prune", "sparsity": 0.5, "epochs": 1, "min_steps": 300,
+       "max_steps": 200}], r"min_steps \(300\) exceeds max_steps \(200\)"),
 ])
 def test_bad_recipes_name_the_stage_and_value(recipe, message):
   with pytest.raises(ConfigError, match=message):

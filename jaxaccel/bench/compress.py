@@ -35,13 +35,15 @@ MLP_RECIPES = ("prune-90", "int8", "prune-90-int8", "lowrank", "shrink-50")
 
 
 def _scaled(stages: list[dict], share: float) -> list[dict]:
-  """A recipe's stages with `share` of their training (epochs, min_steps)."""
+  """A recipe's stages with `share` of their training (epochs, min_steps,
+  max_steps)."""
   out = []
   for st in stages:
     st = dict(st)
-    for key in ("epochs", "min_steps"):
+    for key in ("epochs", "min_steps", "max_steps"):
       if st.get(key):
-        st[key] = max(1 if key == "epochs" else 0, int(round(st[key] * share)))
+        st[key] = max(0 if key == "min_steps" else 1,
+                      int(round(st[key] * share)))
     out.append(st)
   return out
 

@@ -417,11 +417,16 @@ def product_weights(model, variables: dict, sample) -> list[str]:
   """Names ('Dense_0/kernel' style) of the parameters the model's forward
   pass multiplies by its activations: the kernels of its Dense/Linear,
   Einsum and Conv layers, attention projections included. Embedding tables
-  (read by index), positional tables (added), norms and biases are not
-  among them. What pruning takes as a model's weights."""
-  scan, _ = _scan(tracing.forward_pass(model, variables),
-                  jnp.asarray(sample)[:1])
-  return list(dict.fromkeys(s.name for s in scan.sites if s.quantized))
+  (read by index, even when tied to the output projection), positional
+  tables (added), norms and biases are not among them. What pruning takes
+  as a model's weights."""
+  traced = tracing.forward_pass(model, variables)
+  x = jnp.asarray(sample)[:1]
+  scan, _ = _scan(traced, x)
+  jaxpr, _ = traced.trace(x)
+  tables = tracing.indexed(jaxpr, traced.names)
+  return list(dict.fromkeys(s.name for s in scan.sites
+                            if s.quantized and s.name not in tables))
 
 
 def _scan(traced: tracing.ForwardPass, x):

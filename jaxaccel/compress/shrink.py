@@ -1,8 +1,9 @@
 """Structured pruning that removes units: a smaller model, not a masked one.
 
-`shrink` scores each hidden unit of an MLP (a Dense output) or each filter of
-a CNN (a Conv output channel) by the norm of the weights into it times the
-norm of the weights out of it, keeps the best `1 - fraction` of each layer,
+`shrink` scores each hidden unit of an MLP (a Dense output), each filter of
+a CNN (a Conv output channel) or each hidden unit of a GPT block's MLP by
+the norm of the weights into it times the norm of the weights out of it,
+keeps the best `1 - fraction` of each layer,
 and slices the kept units out of that layer's kernel and bias and out of the
 next layer's kernel (for the last convolution, out of every position of the
 flattened features the first Dense layer reads). The result is the same
@@ -57,9 +58,9 @@ def _keep(score: np.ndarray, fraction: float) -> np.ndarray:
 def _registry_kind(model) -> tuple[str, dict]:
   desc = models.describe(model) or {}
   name = desc.get("name")
-  if name not in ("mlp", "cnn"):
+  if name not in ("mlp", "cnn", "gpt"):
     what = name or type(getattr(model, "module", None) or model).__name__
-    raise ConfigError(f"shrink removes units of jaxaccel's mlp and cnn models "
+    raise ConfigError(f"shrink removes units of jaxaccel's mlp, cnn and gpt models "
                       f"and of NNX and plain-function models; got {what}, "
                       f"whose layers it cannot remove (prune with "
                       f"pattern = \"channel\" keeps the shape and masks "
@@ -87,6 +88,13 @@ def _drop_units(p: dict, cur: str, nxt: str, fraction: float) -> int:
     rows = following.reshape(-1, units, following.shape[-1])[:, keep, :]
     p[nxt]["kernel"] = rows.reshape(-1, following.shape[-1])
   return int(keep.size)
+
+
+def _plain_dicts(tree):
+  """Nested (frozen) dicts as plain ones that `_drop_units` can change."""
+  if hasattr(tree, "items"):
+    return {k: _plain_dicts(v) for k, v in tree.items()}
+  return tree
 
 
 def _traced_shapes(model) -> bool:
@@ -238,7 +246,9 @@ def shrink(model, variables: dict, fraction: float, *,
   """The model with `fraction` of every hidden layer's units removed.
 
   Args:
-    model: a registry `mlp` or `cnn` (`jaxaccel.models.create`), a flax NNX
+    model: a registry `mlp`, `cnn` or `gpt` (`jaxaccel.models.create`: a
+      GPT loses units of each block's MLP, the same number in every block,
+      its attention is kept), a flax NNX
       module or a plain-function model (their hidden layers between two
       Dense/Linear kernels, found by tracing `sample`).
     variables: its trained variables.
@@ -256,9 +266,12 @@ def shrink(model, variables: dict, fraction: float, *,
   if _traced_shapes(model):
     return _shrink_traced(model, variables, fraction, sample)
   name, desc = _registry_kind(model)
-  p = {k: dict(v) for k, v in jax.tree.map(np.asarray,
-                                            dict(variables["params"])).items()}
-  if name == "mlp":
+  p = jax.tree.map(np.asarray, _plain_dicts(variables["params"]))
+  if name == "gpt":   # each block's MLP hidden units, as many in every block
+    kept = {_drop_units(p[f"block_{i}"], "mlp_in", "mlp_out", fraction)
+            for i in range(desc["kwargs"]["layers"])}
+    kwargs = {"mlp": kept.pop()}
+  elif name == "mlp":
     layers = [f"Dense_{i}" for i in range(len(desc["kwargs"]["widths"]) + 1)]
     kwargs = {"widths": tuple(_drop_units(p, cur, nxt, fraction)
                               for cur, nxt in zip(layers, layers[1:]))}

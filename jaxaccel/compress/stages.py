@@ -104,28 +104,49 @@ def _measure(label: str, model, variables, data: Dataset, settings: Settings,
                          latency=settings.latency, repeats=10, dense=dense)
 
 
-def _fine_tune(model, variables, data, tx, epochs: int, settings: Settings):
-  """`epochs` of `fit` from `variables` with `tx`; the new variables."""
+@dataclasses.dataclass(frozen=True)
+class Length:
+  """How long a stage fine-tunes: whole `epochs`, or `steps` in all when a
+  stage's `max_steps` cuts them short (a language model's corpus holds
+  many more steps per epoch than an image set)."""
+  epochs: int
+  steps: int
+  capped: bool = False
+
+  def fit_kwargs(self) -> dict:
+    return {"steps": self.steps} if self.capped else {"epochs": self.epochs}
+
+  def __str__(self) -> str:
+    return f"{self.steps} steps" if self.capped else f"{self.epochs} ep"
+
+
+def _length(epochs: int, min_steps: int, max_steps: int | None, data: Dataset,
+            settings: Settings) -> Length:
+  """`epochs`, or more when they hold fewer than `min_steps` steps (a
+  recipe's fine-tuning is long enough on a small data set too), cut to
+  `max_steps` steps when they hold more."""
+  per_epoch = max(len(data.x_train) // settings.batch_size, 1)
+  epochs = max(epochs, -(-min_steps // per_epoch))
+  if max_steps and epochs * per_epoch > max_steps:
+    return Length(-(-max_steps // per_epoch), max_steps, capped=True)
+  return Length(epochs, epochs * per_epoch)
+
+
+def _fine_tune(model, variables, data, tx, length: Length, settings: Settings):
+  """`fit` from `variables` with `tx` for `length`; the new variables."""
   state = core.state_from_variables(variables, tx, jax.random.key(settings.seed))
-  result = train.fit(model, tx, data, epochs=epochs,
+  result = train.fit(model, tx, data, **length.fit_kwargs(),
                      batch_size=settings.batch_size, seed=settings.seed,
                      progress=settings.progress, state=state)
   return core.variables_of(result.state)
 
 
-def _cosine_fine_tune(model, variables, data, epochs: int, learning_rate,
+def _cosine_fine_tune(model, variables, data, length: Length, learning_rate,
                       settings: Settings):
-  """`epochs` of fine-tuning with Adam under cosine decay."""
-  n_steps = epochs * (len(data.x_train) // settings.batch_size)
+  """Fine-tuning for `length` with Adam under cosine decay."""
   return _fine_tune(model, variables, data,
-                    optim.cosine_adam(learning_rate, n_steps), epochs, settings)
-
-
-def _epochs(epochs: int, min_steps: int, data: Dataset, settings: Settings) -> int:
-  """`epochs`, or more when they hold fewer than `min_steps` steps: a
-  recipe's fine-tuning is long enough on a small data set too."""
-  per_epoch = max(len(data.x_train) // settings.batch_size, 1)
-  return max(epochs, -(-min_steps // per_epoch))
+                    optim.cosine_adam(learning_rate, length.steps), length,
+                    settings)
 
 
 def _check_epochs(epochs, *, positive: bool = False) -> None:
@@ -147,15 +168,20 @@ def _check_rate(learning_rate) -> None:
     raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
 
 
-def _check_min_steps(min_steps) -> None:
+def _check_min_steps(min_steps, max_steps=None) -> None:
   if not isinstance(min_steps, int) or min_steps < 0:
     raise ConfigError(f"min_steps must be a non-negative integer; got {min_steps!r}")
+  if max_steps is not None and (not isinstance(max_steps, int)
+                                or isinstance(max_steps, bool) or max_steps < 1):
+    raise ConfigError(f"max_steps must be a positive integer; got {max_steps!r}")
+  if max_steps is not None and min_steps > max_steps:
+    raise ConfigError(f"min_steps ({min_steps}) exceeds max_steps ({max_steps})")
 
 
 # ------------------------------------------------------------------- stages
 
 def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
-                 min_steps, learning_rate, paths):
+                 min_steps, max_steps, learning_rate, paths):
   _check_number("sparsity", sparsity)
   if paths is not None:
     try:
@@ -181,7 +207,7 @@ def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
     raise ConfigError(f"unknown pruning schedule {schedule!r}: use one-shot "
                       "or gradual")
   _check_epochs(epochs, positive=schedule == "gradual")
-  _check_min_steps(min_steps)
+  _check_min_steps(min_steps, max_steps)
   if schedule == "gradual" and (method != "magnitude" or kind == "n:m"):
     raise ConfigError("gradual pruning scores by magnitude, unstructured or by "
                       f"channel; got method {method!r}, pattern {pattern!r}")
@@ -191,20 +217,21 @@ def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
 @stage("prune", check=_check_prune)
 def prune_stage(model, variables, data, settings, *, sparsity=None,
                 method="magnitude", scope="layer", pattern="unstructured",
-                schedule="one-shot", epochs=0, min_steps=0, learning_rate=1e-3,
-                paths=None):
+                schedule="one-shot", epochs=0, min_steps=0, max_steps=None,
+                learning_rate=1e-3, paths=None):
   """Prunes to `sparsity`: at once ("one-shot", then `epochs` of fine-tuning
   with the masks held), or "gradual"ly along the cubic schedule over the
   first 40% of `epochs` of fine-tuning (Zhu & Gupta 2017); at least
-  `min_steps` steps of fine-tuning when there are any.
+  `min_steps` and at most `max_steps` steps of fine-tuning when there are
+  any.
 
   The weights pruned are those the forward pass multiplies by activations
   (`int8.product_weights`: Dense/Linear, Einsum and Conv kernels), so a
   transformer keeps its embeddings, positional table and norms whole;
   `paths`, a regular expression on parameter names, prunes the leaves it
   matches instead (an embedding table too, if asked)."""
-  if epochs:
-    epochs = _epochs(epochs, min_steps, data, settings)
+  length = _length(epochs, min_steps, max_steps, data, settings) \
+      if epochs else Length(0, 0)
   if paths is None:
     weights = set(int8.product_weights(model, variables, data.x_train[:1]))
     include = lambda name, leaf: name in weights
@@ -212,7 +239,7 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
     include = lambda name, leaf: re.search(paths, name) is not None
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
-  n_steps = epochs * (len(data.x_train) // settings.batch_size)
+  n_steps = length.steps
   adam = optim.cosine_adam(learning_rate, max(n_steps, 1))
   extra = {}
   if schedule == "gradual":
@@ -221,8 +248,8 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
     tx = optax.chain(adam, pruning.prune_gradually(
         sparsity, **steps, scope=scope, pattern=pattern, seed=settings.seed,
         include=include))
-    variables = _fine_tune(model, variables, data, tx, epochs, settings)
-    label = f"pruned {sparsity:g} gradually over {epochs} ep"
+    variables = _fine_tune(model, variables, data, tx, length, settings)
+    label = f"pruned {sparsity:g} gradually over {length}"
     extra["schedule"] = {**steps, "steps": n_steps}
   else:
     grads = None
@@ -243,30 +270,29 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
     label = f"pruned {pattern if kind == 'n:m' else f'{sparsity:g}'}"
     if epochs:
       tx = optax.chain(adam, pruning.keep_masks(masks))
-      variables = _fine_tune(model, variables, data, tx, epochs, settings)
-      label += f" +{epochs} ep"
+      variables = _fine_tune(model, variables, data, tx, length, settings)
+      label += f" +{length}"
   return model, variables, {**_measure(label, model, variables, data, settings),
                             **extra}
 
 
-def _check_finetune(*, epochs, min_steps, learning_rate):
+def _check_finetune(*, epochs, min_steps, max_steps, learning_rate):
   _check_epochs(epochs, positive=True)
-  _check_min_steps(min_steps)
+  _check_min_steps(min_steps, max_steps)
   _check_rate(learning_rate)
 
 
 @stage("finetune", check=_check_finetune)
 def finetune_stage(model, variables, data, settings, *, epochs=1, min_steps=0,
-                   learning_rate=1e-3):
-  """Trains `epochs` more (at least `min_steps` steps), zeros held: pruned
-  weights stay pruned."""
-  epochs = _epochs(epochs, min_steps, data, settings)
+                   max_steps=None, learning_rate=1e-3):
+  """Trains `epochs` more (at least `min_steps`, at most `max_steps`
+  steps), zeros held: pruned weights stay pruned."""
+  length = _length(epochs, min_steps, max_steps, data, settings)
   masks = jax.tree.map(lambda p: p != 0, variables["params"])
-  n_steps = epochs * (len(data.x_train) // settings.batch_size)
-  tx = optax.chain(optim.cosine_adam(learning_rate, n_steps),
+  tx = optax.chain(optim.cosine_adam(learning_rate, length.steps),
                    pruning.keep_masks(masks))
-  variables = _fine_tune(model, variables, data, tx, epochs, settings)
-  return model, variables, _measure(f"fine-tuned {epochs} ep", model,
+  variables = _fine_tune(model, variables, data, tx, length, settings)
+  return model, variables, _measure(f"fine-tuned {length}", model,
                                     variables, data, settings)
 
 
@@ -308,36 +334,37 @@ def quantize_stage(model, variables, data, settings, *, bits="int8",
   return model, variables, record
 
 
-def _check_shrink(*, fraction, epochs, min_steps, learning_rate):
+def _check_shrink(*, fraction, epochs, min_steps, max_steps, learning_rate):
   _check_number("fraction", fraction)
   if not 0.0 < fraction < 1.0:
     raise ConfigError(f"fraction must lie in (0, 1) (the share of units "
                       f"removed); got {fraction}")
   _check_epochs(epochs)
-  _check_min_steps(min_steps)
+  _check_min_steps(min_steps, max_steps)
   _check_rate(learning_rate)
 
 
 @stage("shrink", check=_check_shrink, check_model=shrinking.check_model,
        replaces_model=True)
 def shrink_stage(model, variables, data, settings, *, fraction=0.5, epochs=10,
-                 min_steps=0, learning_rate=1e-3):
-  """Removes `fraction` of the units of every hidden layer (MLP) or of the
-  filters of every convolution and the hidden layer (CNN), then fine-tunes
-  `epochs` (at least `min_steps` steps)."""
+                 min_steps=0, max_steps=None, learning_rate=1e-3):
+  """Removes `fraction` of the units of every hidden layer (MLP), of the
+  filters of every convolution and the hidden layer (CNN) or of each
+  block's MLP hidden units (GPT), then fine-tunes
+  `epochs` (at least `min_steps`, at most `max_steps` steps)."""
   sample = data.x_test[:1]
   before = {"parameters_before": models.count_params(variables["params"]),
             "flops_before": shrinking.flops(model, variables, sample)}
   model, variables = shrinking.shrink(model, variables, fraction,
                                       sample=sample)
   if epochs:
-    epochs = _epochs(epochs, min_steps, data, settings)
-    variables = _cosine_fine_tune(model, variables, data, epochs,
+    length = _length(epochs, min_steps, max_steps, data, settings)
+    variables = _cosine_fine_tune(model, variables, data, length,
                                   learning_rate, settings)
   desc = models.describe(model)
   spec = (",".join(map(str, _widths(desc))) if desc
           else f"{1 - fraction:g} of each hidden layer")
-  label = f"shrunk to {spec}" + (f" +{epochs} ep" if epochs else "")
+  label = f"shrunk to {spec}" + (f" +{length}" if epochs else "")
   record = _measure(label, model, variables, data, settings)
   record.update(before, flops=shrinking.flops(model, variables, sample),
                 model=models.describe(model))
@@ -346,6 +373,8 @@ def shrink_stage(model, variables, data, settings, *, fraction=0.5, epochs=10,
 
 def _widths(desc: dict) -> list[int]:
   kwargs = desc["kwargs"]
+  if desc["name"] == "gpt":
+    return [kwargs["mlp"]]
   return list(kwargs.get("widths") or [*kwargs["features"], kwargs["hidden"]])
 
 
@@ -382,7 +411,8 @@ def distill_stage(model, variables, data, settings, *, student=None, epochs=10,
   return small, taught, record
 
 
-def _check_factorize(*, energy, rank, epochs, min_steps, learning_rate):
+def _check_factorize(*, energy, rank, epochs, min_steps, max_steps,
+                     learning_rate):
   _check_number("energy", energy)
   if rank is not None and not all(isinstance(r, int) and not isinstance(r, bool)
                                   for r in (rank if isinstance(rank, list) else [rank])):
@@ -392,24 +422,26 @@ def _check_factorize(*, energy, rank, epochs, min_steps, learning_rate):
   if energy is not None and not 0.0 < energy <= 1.0:
     raise ConfigError(f"energy must lie in (0, 1]; got {energy}")
   _check_epochs(epochs)
-  _check_min_steps(min_steps)
+  _check_min_steps(min_steps, max_steps)
   _check_rate(learning_rate)
 
 
 @stage("factorize", check=_check_factorize, replaces_model=True)
 def factorize_stage(model, variables, data, settings, *, energy=None,
-                    rank=None, epochs=0, min_steps=0, learning_rate=1e-3):
+                    rank=None, epochs=0, min_steps=0, max_steps=None,
+                    learning_rate=1e-3):
   """Low rank: every dense kernel of an MLP as two thinner ones (truncated
-  SVD), then `epochs` of fine-tuning (at least `min_steps` steps)."""
+  SVD), then `epochs` of fine-tuning (at least `min_steps`, at most
+  `max_steps` steps)."""
   if epochs:
-    epochs = _epochs(epochs, min_steps, data, settings)
+    length = _length(epochs, min_steps, max_steps, data, settings)
   low, ranks = lowrank.factorize(variables["params"], rank=rank, energy=energy)
   small = lowrank.lowrank_model(model, ranks)
   variables = {"params": low}
   if epochs:
-    variables = _cosine_fine_tune(small, variables, data, epochs,
+    variables = _cosine_fine_tune(small, variables, data, length,
                                   learning_rate, settings)
-  label = f"low rank {list(ranks)}" + (f" +{epochs} ep" if epochs else "")
+  label = f"low rank {list(ranks)}" + (f" +{length}" if epochs else "")
   return small, variables, _measure(label, small, variables, data, settings)
 
 
@@ -562,7 +594,7 @@ def recipe_from_flags(*, prune: float | None = None,
   """The recipe the command line's shorthand flags stand for: distill, then
   prune, then quantize, with the shipped recipes' defaults, so `--prune 0.9
   --quantize int8` builds the stages of `prune-90-int8`: gradual global
-  pruning over 10 epochs of fine-tuning (at least 2,000 steps).
+  pruning over 10 epochs of fine-tuning (at least 2,000 steps, at most 5,000).
   `prune_schedule="one-shot"` prunes at once and fine-tunes only
   `finetune_epochs` (the default for N:M patterns and gradient-scored
   methods, which gradual pruning does not take). The scope is global for
@@ -594,6 +626,7 @@ def recipe_from_flags(*, prune: float | None = None,
                    "scope": prune_scope, "pattern": prune_pattern,
                    "schedule": schedule, "epochs": epochs,
                    "min_steps": 2000 if gradual else 0,
+                   "max_steps": 5000 if gradual else None,
                    "learning_rate": learning_rate})
   if quantize is not None:
     stages.append({"stage": "quantize", "bits": quantize})

@@ -346,6 +346,7 @@ class GPTBlock(nn.Module):
   dropout: float = 0.0
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
+  mlp: int | None = None     # the MLP's hidden units (4 x width)
 
   @nn.compact
   def __call__(self, x, mask, *, train: bool = False):
@@ -356,7 +357,8 @@ class GPTBlock(nn.Module):
             h, mask=mask, deterministic=not train)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.LayerNorm(dtype=self.dtype)(x)
-    h = nn.gelu(nn.Dense(4 * self.width, dtype=self.dtype, name="mlp_in")(h))
+    h = nn.gelu(nn.Dense(self.mlp or 4 * self.width, dtype=self.dtype,
+                         name="mlp_in")(h))
     h = nn.Dense(self.width, dtype=self.dtype, name="mlp_out")(h)
     return x + nn.Dropout(self.dropout, deterministic=not train)(h)
 
@@ -381,6 +383,8 @@ class GPT(nn.Module):
   tie: bool = True
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
+  # Each block's MLP hidden units; None is 4 x width (`shrink` sets fewer).
+  mlp: int | None = None
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
@@ -403,7 +407,7 @@ class GPT(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     for i in range(self.layers):
       h = GPTBlock(self.heads, self.width, self.dropout, self.decode,
-                   self.dtype, name=f"block_{i}")(h, mask, train=train)
+                   self.dtype, self.mlp, name=f"block_{i}")(h, mask, train=train)
     h = nn.LayerNorm(dtype=self.dtype)(h)
     if self.tie:
       return embed.attend(h.astype(jnp.float32))
