@@ -1,5 +1,4 @@
 import json
-import signal
 import subprocess
 import sys
 import time
