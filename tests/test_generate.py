@@ -198,8 +198,11 @@ def test_shrink_and_prune_recipes_compress_the_gpt(tiny_gpt):
   fine-tuning cut to 60 steps by `max_steps` (an epoch here is 97): shrink
   halves each block's MLP, prune halves every projection kernel and leaves
   the tied embedding whole; both stay within 0.05 bits per byte."""
+  import dataclasses
   from jaxaccel import compress, core
   model, ds, result = tiny_gpt
+  ds = dataclasses.replace(ds, x_val=ds.x_val[:512], y_val=ds.y_val[:512],
+                           x_test=ds.x_test[:512], y_test=ds.y_test[:512])
   variables = core.variables_of(result.state)
   settings = compress.Settings(latency=False)
   small, small_vars, records = compress.run(
