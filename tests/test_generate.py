@@ -233,6 +233,8 @@ def test_shrink_and_prune_recipes_compress_the_gpt(tiny_gpt):
   greedy = [ja.generate(small, small_vars, "def ", tokens=12, cache=c)["text"]
             for c in (True, False)]
   assert greedy[0] == greedy[1]
+  # what a record with latency gets: 16 test bytes as the prompt, 16 new
+  assert compress.stages._generation_speed(small, small_vars, ds) > 0
 
   _, pruned, records = compress.run(
       model, variables, ds, [{"stage": "prune", "sparsity": 0.5,

@@ -258,3 +258,15 @@ def test_compress_a_run_trained_on_an_npz_file(capsys, tiny_npz, tmp_path):
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert result["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_language_models_table_shows_generation_speed_where_measured():
+  rec = lambda name, speed: {
+      "name": name, "bits_per_byte": 2.5, "metric": "bits_per_byte",
+      "parameters": 100, "size_bytes": 400, "sparsity": 0.0,
+      "latency_ms": {"batch_1": 0.2}, **({"generation_tokens_per_second": speed}
+                                         if speed else {})}
+  table = report.format_table([rec("original", 2500.4), rec("int8", None)])
+  header, _, original, int8 = table.splitlines()
+  assert header.split()[-2:] == ["gen", "tok/s"]
+  assert original.split()[-1] == "2,500" and int8.split()[-1] == "-"

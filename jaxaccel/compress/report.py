@@ -189,6 +189,10 @@ def format_table(records: list[dict]) -> str:
   metric = metric_of(records[0])
   header = ["model", "test acc" if metric == "accuracy" else f"test {metric}",
             "params", "bytes", "smaller", "sparsity", "ms@1", "ms@1024"]
+  # language models: greedy generation at batch 1 (float variants only)
+  generation = any("generation_tokens_per_second" in r for r in records)
+  if generation:
+    header.append("gen tok/s")
   rows = []
   for r in records:
     lat = r.get("latency_ms") or {}
@@ -197,6 +201,9 @@ def format_table(records: list[dict]) -> str:
                  f"{r['sparsity']:.3f}",
                  f"{lat['batch_1']:.3f}" if "batch_1" in lat else "-",
                  f"{lat['batch_1024']:.3f}" if "batch_1024" in lat else "-"])
+    if generation:
+      speed = r.get("generation_tokens_per_second")
+      rows[-1].append(f"{speed:,.0f}" if speed else "-")
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
   return "\n".join([line(header), line(["-" * w for w in widths])]

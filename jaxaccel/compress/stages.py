@@ -39,6 +39,7 @@ import tomllib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 
 from jaxaccel import core, models, optim, tasks, train
@@ -97,11 +98,31 @@ def _logits_fn(model, variables) -> Callable:
 def _measure(label: str, model, variables, data: Dataset, settings: Settings,
              *, fn: Callable | None = None, dense: bool = False) -> dict:
   test = data.arrays("test")
-  return creport.measure(label, variables["params"],
-                         fn or _logits_fn(model, variables), test.pop("x"),
-                         test.pop("y"), extras=test,
-                         task=train.resolve_task(settings.task, data),
-                         latency=settings.latency, repeats=10, dense=dense)
+  task = train.resolve_task(settings.task, data)
+  record = creport.measure(label, variables["params"],
+                           fn or _logits_fn(model, variables), test.pop("x"),
+                           test.pop("y"), extras=test, task=task,
+                           latency=settings.latency, repeats=10, dense=dense)
+  if settings.latency and fn is None and task.name == "lm":
+    record["generation_tokens_per_second"] = _generation_speed(
+        model, variables, data)
+  return record
+
+
+def _generation_speed(model, variables, data: Dataset) -> float | None:
+  """Greedy tokens/s at batch 1 of a language model's float variant: the
+  first 16 bytes of a test window as the prompt, then as many new bytes as
+  the context holds (at most 256); timed after a first, compiling call.
+  None for a model `generate` cannot run (no `context`)."""
+  from jaxaccel.generate import context_of, generate
+  try:
+    context = context_of(model)
+  except ConfigError:
+    return None
+  prompt = bytes(np.asarray(data.x_test[0, :16], np.uint8).tolist())
+  tokens = min(256, context - len(prompt))
+  generate(model, variables, prompt, tokens=tokens)
+  return generate(model, variables, prompt, tokens=tokens)["tokens_per_second"]
 
 
 @dataclasses.dataclass(frozen=True)
