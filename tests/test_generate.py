@@ -211,11 +211,12 @@ def test_the_fortunes_corpus_loads_as_text():
 
 
 @pytest.mark.xdist_group("tiny_gpt")   # one worker builds tiny_gpt once
-def test_shrink_and_prune_recipes_compress_the_gpt(tiny_gpt):
-  """The stages of the shrink-50 and prune-50 recipes on the tiny GPT, each
-  fine-tuning cut to 60 steps by `max_steps` (an epoch here is 97): shrink
-  halves each block's MLP, prune halves every projection kernel and leaves
-  the tied embedding whole; both stay within 0.05 bits per byte."""
+def test_the_compression_stages_take_the_gpt(tiny_gpt):
+  """The stages of the shrink-50, prune-50, int8 and distill recipes on the
+  tiny GPT, each training cut to 60 steps by `max_steps` (an epoch here is
+  97): shrink halves each block's MLP, prune halves every projection kernel
+  and leaves the tied embedding whole, both within 0.05 bits per byte; a
+  student GPT learns from the teacher's next-byte distributions."""
   import dataclasses
   from jaxaccel import compress, core
   model, ds, result = tiny_gpt
@@ -250,3 +251,20 @@ def test_shrink_and_prune_recipes_compress_the_gpt(tiny_gpt):
   assert records[-1]["name"] == "pruned 0.5 gradually over 60 steps"
   assert records[-1]["bits_per_byte"] < records[0]["bits_per_byte"] + 0.05
   _int8_keeps_bits_per_byte(model, result.state, ds)
+
+  # distillation into a narrower GPT on the teacher's next-byte distributions
+  student, _, records = compress.run(
+      model, variables, ds, [{"stage": "distill", "student": "gpt:1,2,16",
+                              "epochs": 10, "max_steps": 60, "temperature": 1.0,
+                              "alpha": 1.0, "learning_rate": 1e-2}],
+      settings=settings)
+  assert (student.width, student.context) == (16, CONTEXT)
+  assert records[-1]["name"] == "student gpt:1,2,16 60 steps"
+  # 60 steps from scratch: 4.52 bits per byte (a byte's frequency alone is
+  # worth about 5) and the teacher's next byte 37% of the time
+  assert records[-1]["bits_per_byte"] < 5.0
+  assert records[-1]["agreement"] > 0.25
+  with pytest.raises(ConfigError, match="token ids"):   # the image recipe's mixup
+    compress.run(model, variables, ds, [
+        {"stage": "distill", "student": "gpt:1,2,16", "temperature": 1.0,
+         "alpha": 1.0, "mixup": 1.0}], settings=settings)

@@ -123,11 +123,13 @@ def agreement(student, student_variables, teacher, teacher_variables,
 
 
 def check_classes(student, teachers: Sequence[tuple[Any, PyTree]],
-                  input_shape) -> None:
-  """Raises ConfigError when student and teachers have different outputs."""
-  want = output_classes(student, input_shape)
+                  input_shape, dtype=np.float32) -> None:
+  """Raises ConfigError when student and teachers have different outputs
+  (on inputs of `input_shape` and `dtype`: token ids for a language
+  model)."""
+  want = output_classes(student, input_shape, dtype)
   for model, _ in teachers:
-    got = output_classes(model, input_shape)
+    got = output_classes(model, input_shape, dtype)
     if want is not None and got is not None and want != got:
       raise ConfigError(f"the student has {want} output classes but the "
                         f"teacher has {got}: build the student with "
@@ -149,7 +151,8 @@ def mix_inputs(key: jax.Array, x: jax.Array, concentration: float = 1.0
 
 
 def distill(student, teachers: Sequence[tuple[Any, PyTree]],
-            tx: optax.GradientTransformation, data: Dataset, *, epochs: int,
+            tx: optax.GradientTransformation, data: Dataset, *,
+            epochs: int | None = None, steps: int | None = None,
             temperature: float = 4.0, alpha: float = 0.9,
             mixup: float | None = None, **fit_kwargs) -> train.FitResult:
   """Trains `student` on `data` from one or more trained teachers.
@@ -160,7 +163,7 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
     teachers: (model, variables) pairs.
     tx: the student's optimizer (or chain spec).
     data: the training data (teachers see the same, augmented, batches).
-    epochs: passes over the training set.
+    epochs: passes over the training set; or `steps` in all.
     temperature, alpha: see `distillation_loss`.
     mixup: when given, a Beta(mixup, mixup) concentration: every training
       batch is mixed with `mix_inputs` (after any `augment`), and student
@@ -189,11 +192,15 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
   teachers = list(teachers)
   if not teachers:
     raise ConfigError("distill needs at least one (model, variables) teacher")
-  check_classes(student, teachers, data.input_shape)
+  check_classes(student, teachers, *train.input_spec(data))
   check_options(temperature, alpha, mixup)
+  if mixup is not None and np.issubdtype(train.input_spec(data)[1], np.integer):
+    raise ConfigError("mixup mixes inputs, and these are integers (token "
+                      "ids) that cannot be mixed: drop mixup")
   if mixup is not None:
     fit_kwargs["augment"] = _then_mix(fit_kwargs.get("augment"), mixup)
-  return train.fit(student, tx, data, epochs=epochs, teacher=teacher_fn(teachers),
+  return train.fit(student, tx, data, epochs=epochs, steps=steps,
+                   teacher=teacher_fn(teachers),
                    loss_fn=make_distillation_loss(temperature=temperature,
                                                   alpha=alpha),
                    **fit_kwargs)

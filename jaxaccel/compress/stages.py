@@ -399,7 +399,7 @@ def _widths(desc: dict) -> list[int]:
   return list(kwargs.get("widths") or [*kwargs["features"], kwargs["hidden"]])
 
 
-def _check_distill(*, student, epochs, temperature, alpha, mixup,
+def _check_distill(*, student, epochs, max_steps, temperature, alpha, mixup,
                    learning_rate):
   if not isinstance(student, str) or not student:
     raise ConfigError("the distill stage needs a student model spec, e.g. "
@@ -407,29 +407,45 @@ def _check_distill(*, student, epochs, temperature, alpha, mixup,
   models.parse_model_spec(student)
   _check_number("mixup", mixup)
   _check_epochs(epochs, positive=True)
+  _check_min_steps(0, max_steps)
   distillation.check_options(temperature, alpha, mixup)
   _check_rate(learning_rate)
 
 
 @stage("distill", check=_check_distill, replaces_model=True)
 def distill_stage(model, variables, data, settings, *, student=None, epochs=10,
-                  temperature=4.0, alpha=0.9, mixup=None, learning_rate=1e-3):
-  """Trains the `student` model spec from the model so far (Adam, cosine
-  decay); the student replaces it for the stages after."""
+                  max_steps=None, temperature=4.0, alpha=0.9, mixup=None,
+                  learning_rate=1e-3):
+  """Trains the `student` model spec from the model so far for `epochs`
+  (at most `max_steps` steps; Adam, cosine decay); the student replaces it
+  for the stages after."""
   name, kwargs = models.parse_model_spec(student)
   models.check_input(name, data.input_shape)
-  small = models.create(name, num_classes=data.num_classes, **kwargs)
-  n_steps = epochs * (len(data.x_train) // settings.batch_size)
+  small = models.create(name, num_classes=data.num_classes,
+                        **_sequence_fields(name, model, kwargs))
+  length = _length(epochs, 0, max_steps, data, settings)
   result = distillation.distill(
-      small, [(model, variables)], optim.cosine_adam(learning_rate, n_steps),
-      data, epochs=epochs, temperature=temperature, alpha=alpha, mixup=mixup,
-      batch_size=settings.batch_size, seed=settings.seed,
+      small, [(model, variables)], optim.cosine_adam(learning_rate, length.steps),
+      data, **length.fit_kwargs(), temperature=temperature, alpha=alpha,
+      mixup=mixup, batch_size=settings.batch_size, seed=settings.seed,
       progress=settings.progress)
   taught = core.variables_of(result.state)
-  record = _measure(f"student {student}", small, taught, data, settings)
+  label = f"student {student}" + (f" {length}" if length.capped else "")
+  record = _measure(label, small, taught, data, settings)
   record["agreement"] = distillation.agreement(small, taught, model, variables,
                                                data.x_test)
   return small, taught, record
+
+
+def _sequence_fields(name: str, teacher, kwargs: dict) -> dict:
+  """A GPT student's options, with the teacher's context when the spec
+  does not give one (a GPT spec names layers, heads and width only)."""
+  if name in models.SEQUENCE_MODELS and "context" not in kwargs:
+    context = getattr(getattr(models.adapt(teacher), "module", None),
+                      "context", None)
+    if context is not None:
+      return {**kwargs, "context": context}
+  return kwargs
 
 
 def _check_factorize(*, energy, rank, epochs, min_steps, max_steps,
@@ -623,8 +639,8 @@ def recipe_from_flags(*, prune: float | None = None,
   stages = []
   if distill_student is not None:
     stages.append({"stage": "distill", "student": distill_student,
-                   "epochs": distill_epochs, "temperature": temperature,
-                   "alpha": alpha, "mixup": mixup,
+                   "epochs": distill_epochs, "max_steps": 5000,
+                   "temperature": temperature, "alpha": alpha, "mixup": mixup,
                    "learning_rate": learning_rate})
   elif mixup is not None:
     raise ConfigError(f"mixup {mixup} mixes the inputs a student is distilled "
