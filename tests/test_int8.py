@@ -311,3 +311,17 @@ def test_a_transformer_runs_its_linear_layers_int8_and_lists_attention():
   assert all(n.endswith("kernel") for n in names)
   # scores and the weighted sum of values multiply two activations
   assert program.summary()["float"].count("a product of two activations") >= 2
+
+
+def test_shrink_finds_the_mlp_of_a_users_nnx_gpt():
+  """A causal mask and token ids put literals before the first kernel of a
+  GPT's forward pass; shrink still finds its MLP (64 -> 32 units)."""
+  model = zoo.NNXGPT(context=8, rngs=nnx.Rngs(0))
+  variables = {"params": nnx.state(model, nnx.Param).to_pure_dict()}
+  ids = np.arange(8, dtype=np.int32)[None]
+  assert shrink.hidden_layers(model, variables, ids) == [
+      ("blocks/0/mlp_in/kernel", "blocks/0/mlp_in/bias", "blocks/0/mlp_out/kernel")]
+  _, small = shrink.shrink(model, variables, 0.5, sample=ids)
+  block = small["params"]["blocks"][0]
+  assert block["mlp_in"]["kernel"].shape == (32, 32)
+  assert block["mlp_out"]["kernel"].shape == (32, 32)

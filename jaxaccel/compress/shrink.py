@@ -154,7 +154,7 @@ def hidden_layers(model, variables: dict, sample) -> list[tuple[str, str | None,
     # a reshaped or cast parameter (a bias broadcast over the units) is a view
     if (e.primitive.name in ("reshape", "broadcast_in_dim",
                              "convert_element_type")
-        and e.invars[0] in param):
+        and _is_var(e.invars[0]) and e.invars[0] in param):
       param[e.outvars[0]] = param[e.invars[0]]
   leaf_vars = {names[i]: v for i, v in enumerate(jaxpr.invars[:n]) if names[i]}
   shape = {name: leaves[i].shape for i, name in enumerate(names[:n]) if name}
