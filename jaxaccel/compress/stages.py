@@ -48,6 +48,7 @@ from jaxaccel.compress import shrink as shrinking
 from jaxaccel.compress import report as creport
 from jaxaccel.data import Dataset
 from jaxaccel.errors import ConfigError
+from jaxaccel.generate import context_of, generate
 from jaxaccel.models import adapt
 
 RECIPES = pathlib.Path(__file__).parent / "recipes"
@@ -114,7 +115,6 @@ def _generation_speed(model, variables, data: Dataset) -> float | None:
   first 16 bytes of a test window as the prompt, then as many new bytes as
   the context holds (at most 256); timed after a first, compiling call.
   None for a model `generate` cannot run (no `context`)."""
-  from jaxaccel.generate import context_of, generate
   try:
     context = context_of(model)
   except ConfigError:
@@ -189,7 +189,8 @@ def _check_rate(learning_rate) -> None:
     raise ConfigError(f"learning_rate must be positive; got {learning_rate}")
 
 
-def _check_min_steps(min_steps, max_steps=None) -> None:
+def _check_steps(min_steps, max_steps=None) -> None:
+  """A stage's floor and cap on its training steps."""
   if not isinstance(min_steps, int) or min_steps < 0:
     raise ConfigError(f"min_steps must be a non-negative integer; got {min_steps!r}")
   if max_steps is not None and (not isinstance(max_steps, int)
@@ -228,7 +229,7 @@ def _check_prune(*, sparsity, method, scope, pattern, schedule, epochs,
     raise ConfigError(f"unknown pruning schedule {schedule!r}: use one-shot "
                       "or gradual")
   _check_epochs(epochs, positive=schedule == "gradual")
-  _check_min_steps(min_steps, max_steps)
+  _check_steps(min_steps, max_steps)
   if schedule == "gradual" and (method != "magnitude" or kind == "n:m"):
     raise ConfigError("gradual pruning scores by magnitude, unstructured or by "
                       f"channel; got method {method!r}, pattern {pattern!r}")
@@ -299,7 +300,7 @@ def prune_stage(model, variables, data, settings, *, sparsity=None,
 
 def _check_finetune(*, epochs, min_steps, max_steps, learning_rate):
   _check_epochs(epochs, positive=True)
-  _check_min_steps(min_steps, max_steps)
+  _check_steps(min_steps, max_steps)
   _check_rate(learning_rate)
 
 
@@ -361,7 +362,7 @@ def _check_shrink(*, fraction, epochs, min_steps, max_steps, learning_rate):
     raise ConfigError(f"fraction must lie in (0, 1) (the share of units "
                       f"removed); got {fraction}")
   _check_epochs(epochs)
-  _check_min_steps(min_steps, max_steps)
+  _check_steps(min_steps, max_steps)
   _check_rate(learning_rate)
 
 
@@ -407,7 +408,7 @@ def _check_distill(*, student, epochs, max_steps, temperature, alpha, mixup,
   models.parse_model_spec(student)
   _check_number("mixup", mixup)
   _check_epochs(epochs, positive=True)
-  _check_min_steps(0, max_steps)
+  _check_steps(0, max_steps)
   distillation.check_options(temperature, alpha, mixup)
   _check_rate(learning_rate)
 
@@ -459,7 +460,7 @@ def _check_factorize(*, energy, rank, epochs, min_steps, max_steps,
   if energy is not None and not 0.0 < energy <= 1.0:
     raise ConfigError(f"energy must lie in (0, 1]; got {energy}")
   _check_epochs(epochs)
-  _check_min_steps(min_steps, max_steps)
+  _check_steps(min_steps, max_steps)
   _check_rate(learning_rate)
 
 
