@@ -183,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("generate", help="continue a prompt with a trained "
                      "language model")
   common(p)
-  p.add_argument("--run", required=True, help="run directory of a language "
-                 "model trained with `train` (text data, e.g. --model gpt)")
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument("--run", help="run directory of a language model "
+                     "trained with `train` (text data, e.g. --model gpt)")
+  which.add_argument("--artifact", help="a decoder written by `jaxaccel "
+                     "export --run RUN` of a language model (runs without "
+                     "the model's code)")
   p.add_argument("--prompt", required=True, help="the text to continue")
   p.add_argument("--tokens", type=_positive_int, default=100,
                  help="bytes to add (default 100; prompt and continuation "
@@ -451,6 +455,10 @@ def cmd_predict(args) -> None:
   if args.artifact:
     from jaxaccel import export
     artifact = export.load(args.artifact)
+    if isinstance(artifact, export.DecoderArtifact):
+      raise ConfigError(f"{args.artifact} is a language model's decoder: "
+                        f"continue text with jaxaccel generate --artifact "
+                        f"{args.artifact} --prompt TEXT")
     num_classes = artifact.header["num_classes"]
     logits = artifact(_read_npy(path))
   else:
@@ -490,14 +498,26 @@ def cmd_predict(args) -> None:
 def cmd_generate(args) -> None:
   from jaxaccel import train
   from jaxaccel.generate import generate
+  sampling = dict(tokens=args.tokens, temperature=args.temperature,
+                  top_k=args.top_k, seed=args.seed)
+  if args.artifact:
+    from jaxaccel import export
+    artifact = export.load(args.artifact)
+    if not isinstance(artifact, export.DecoderArtifact):
+      raise ConfigError(f"{args.artifact} is a classifier, not a language "
+                        "model's decoder: run it with jaxaccel predict "
+                        f"--artifact {args.artifact} --input X.npy")
+    out = artifact.generate(args.prompt, **sampling)
+    _emit(args, out["text"], {"text": out["text"], "new_tokens":
+                              out["new_tokens"], "tokens_per_second":
+                              out["tokens_per_second"]})
+    return
   model, variables, config = train.load_run(args.run)
   if config.get("task") != "lm":
     raise ConfigError(f"{args.run} is not a language model (its task is "
                       f"{config.get('task', 'classification')}): train one on "
                       "text, e.g. --dataset pycode --model gpt:4,4,128")
-  out = generate(model, variables, args.prompt, tokens=args.tokens,
-                 temperature=args.temperature, top_k=args.top_k,
-                 seed=args.seed)
+  out = generate(model, variables, args.prompt, **sampling)
   payload = {"text": out["text"], "new_tokens": out["new_tokens"],
              "tokens_per_second": out["tokens_per_second"]}
   _emit(args, out["text"], payload)
@@ -513,6 +533,14 @@ def cmd_export(args) -> None:
                if payload["float_layers"] else "")
             if payload["int8"] else "")
   encoding = " gzip" if payload["encoding"] == "gzip" else ""
+  if payload.get("kind") == "decoder":
+    human = (f"{args.format} decoder {out}: {payload['bytes']:,} bytes"
+             f"{encoding}, context {payload['context']}, (batch, length) "
+             f"byte ids and {len(payload['cache'])} cache arrays in, logits "
+             f"and the cache out{layers}\n"
+             f"run it: jaxaccel generate --artifact {out} --prompt TEXT")
+    _emit(args, human, payload)
+    return
   human = (f"{args.format} artifact {out}: {payload['bytes']:,} bytes"
            f"{encoding}, input "
            f"(batch, {', '.join(map(str, payload['input_shape']))}) float32 "

@@ -213,11 +213,19 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
   from jaxaccel.checkpoint import RunDir
   _check_format(format)      # before the run is loaded
   task = RunDir(run).read_config().get("task", "classification")
-  if task != "classification":
-    raise ConfigError(f"export writes classifiers of float inputs; {run} was "
-                      f"trained for the {task} task: use its run directory "
-                      "(predict --run, generate --run) instead")
+  if task not in ("classification", "lm"):
+    raise ConfigError(f"export writes classifiers and language models; {run} "
+                      f"was trained for the {task} task: use its run directory "
+                      "(predict --run) instead")
   model, variables, config = train.load_run(run, model=model)
+  if task == "lm":
+    calibration = None
+    if int8:
+      ds = train.load_run_data(config, data)
+      calibration = [ds.x_train[i:i + 64]
+                     for i in range(0, min(len(ds.x_train), 256), 64)]
+    return export_decoder(model, variables, out=out, format=format,
+                          int8=int8, calibration=calibration)
   stats = RunDir(run).read_normalization() or None
   calibration = None
   if int8:
@@ -226,6 +234,134 @@ def export_run(run, *, out, format: str = "stablehlo", int8: bool = False,
   return export(model, variables, input_shape=config["input_shape"],
                 num_classes=config["num_classes"], out=out, format=format,
                 normalization=stats, int8=int8, calibration=calibration)
+
+
+def export_decoder(model, variables: dict, *, out, format: str = "stablehlo",
+                   int8: bool = False, calibration=None) -> pathlib.Path:
+  """Writes a language model's cached decoder (`generate.decoder`) as a
+  StableHLO artifact: `(ids, *cache) -> (logits, *cache)`, with ids (batch,
+  length) the positions after the cached ones and the cache's arrays as the
+  header lists them (`DecoderArtifact` runs it), batch and length symbolic.
+  So serving costs one token's work per new token, in a process that needs
+  no model code.
+
+  Args:
+    model: a model with a key/value cache (`generate.has_cache`: the
+      registry's gpt).
+    variables: its `{"params": ...}`.
+    out: the file to write.
+    format: "stablehlo" (ONNX decoders are not written: a ConfigError).
+    int8: every product of an activation and a weight int8
+      (`compress.int8.convert_function`); the attention products stay float
+      and are listed in the header.
+    calibration: with int8, batches of training windows (n, context) of byte
+      ids, decoded from position 0 to set the input scales.
+  """
+  import jax
+  import jaxaccel
+  from jaxaccel.generate import context_of, decoder, init_cache
+  _check_format(format)
+  if format != "stablehlo":
+    raise ConfigError("a language model exports as a cached decoder in "
+                      "StableHLO only: use --format stablehlo")
+  if int8 and not calibration:
+    raise ConfigError("int8 export needs calibration batches of training "
+                      "windows (byte ids, one row per window)")
+  step = decoder(model)
+  context = context_of(model)
+  empty = init_cache(model, 1)
+  leaves, tree = jax.tree.flatten(empty)
+  program = None
+  if int8:
+    from jaxaccel.compress import int8 as int8_lib
+    program = int8_lib.convert_function(
+        step, variables, [(np.asarray(w, np.int32),
+                           init_cache(model, len(w)))
+                          for w in calibration])
+  run = (program.forward if program is not None
+         else lambda ids, cache: step(variables, ids, cache))
+
+  def decode(ids, *cache):
+    logits, cache = run(ids, jax.tree.unflatten(tree, cache))
+    return (logits, *jax.tree.leaves(cache))
+  batch, length = jax.export.symbolic_shape(
+      "batch, length", constraints=[f"length <= {context}"])
+  specs = [jax.ShapeDtypeStruct((batch, length), np.int32)] + [
+      jax.ShapeDtypeStruct((batch, *a.shape[1:]) if a.ndim else (), a.dtype)
+      for a in leaves]
+  try:    # one artifact for the CPU, GPUs and TPUs where the model lowers
+    exported = jax.export.export(jax.jit(decode), platforms=PLATFORMS)(*specs)
+  except Exception:   # noqa: BLE001 - a lowering rule one platform lacks
+    exported = jax.export.export(jax.jit(decode))(*specs)
+  summary = program.summary() if program else None
+  header = {
+      "format": "stablehlo", "kind": "decoder", "context": context,
+      "num_classes": 256, "output": "logits and cache",
+      "cache": [{"shape": list(a.shape[1:]) if a.ndim else [],
+                 "batched": bool(a.ndim), "dtype": str(a.dtype)}
+                for a in leaves],
+      "int8": program is not None,
+      **({"int8_layers": summary["int8"], "float_layers": summary["float"]}
+         if summary else {}),
+      "jaxaccel_version": jaxaccel.__version__, "jax_version": jax.__version__,
+      "platforms": list(exported.platforms),
+      "calling_convention_version": exported.calling_convention_version,
+  }
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  _write(out, MAGIC + json.dumps(header).encode() + b"\n"
+         + bytes(exported.serialize()))
+  return out
+
+
+@dataclasses.dataclass
+class DecoderArtifact:
+  """A loaded language-model decoder (`export_decoder`): `step(ids, cache)
+  -> (logits, cache)` on arrays, `init_cache(batch)`, and
+  `generate(prompt, tokens=...)` as `jaxaccel.generate` gives it."""
+  path: pathlib.Path
+  format: str
+  header: dict
+  exported: Any                 # the deserialized `jax.export.Exported`
+
+  def __post_init__(self):
+    import jax
+    self.call = jax.jit(self.exported.call)
+    self._loops: dict = {}
+
+  @property
+  def context(self) -> int:
+    return int(self.header["context"])
+
+  def init_cache(self, batch: int = 1) -> list[np.ndarray]:
+    """The empty cache for `batch` sequences."""
+    return [np.zeros(((batch,) if c["batched"] else ()) + tuple(c["shape"]),
+                     c["dtype"]) for c in self.header["cache"]]
+
+  def step(self, ids, cache: list) -> tuple[np.ndarray, list]:
+    """Logits (batch, length, 256) of the byte ids (batch, length) that
+    follow the cached positions, and the cache that holds them too."""
+    out = self.call(np.asarray(ids, np.int32), *cache)
+    return out[0], list(out[1:])
+
+  def generate(self, prompt, *, tokens: int, temperature: float = 0.0,
+               top_k: int | None = None, seed: int = 0) -> dict:
+    """Continues `prompt` by `tokens` bytes in one compiled loop around the
+    decoder (see `jaxaccel.generate`); the loop is built once per sampling
+    rule."""
+    import jax.numpy as jnp
+    from jaxaccel.generate import continue_with, decoding_loop
+    key = (float(temperature), top_k)
+    if key not in self._loops:
+      def step(ids, cache):
+        out = self.exported.call(ids, *cache)
+        return out[0], list(out[1:])
+      self._loops[key] = decoding_loop(
+          step, lambda: [jnp.asarray(c) for c in self.init_cache(1)],
+          temperature=temperature, top_k=top_k)
+    return continue_with(self._loops[key], self.context, prompt,
+                         tokens=tokens, temperature=temperature, top_k=top_k,
+                         seed=seed)
 
 
 def _read(path) -> tuple[pathlib.Path, str, dict, bytes]:
@@ -260,8 +396,9 @@ def _read(path) -> tuple[pathlib.Path, str, dict, bytes]:
                         "encoding": encoding}, raw
 
 
-def load(path) -> Artifact:
-  """Loads an artifact written by `export`, ready to run."""
+def load(path) -> Artifact | DecoderArtifact:
+  """Loads an artifact written by `export` (an `Artifact`) or by
+  `export_decoder` (a `DecoderArtifact`), ready to run."""
   path, fmt, header, payload = _read(path)
   if fmt == "onnx":
     from jaxaccel import onnx_graph
@@ -286,6 +423,8 @@ def load(path) -> Artifact:
     raise DataError(f"{path} was lowered for {', '.join(exported.platforms)}, "
                     f"not for {platform} (this machine's backend): export it "
                     "here")
+  if header.get("kind") == "decoder":
+    return DecoderArtifact(path, fmt, header, exported)
   call = jax.jit(exported.call)
   return Artifact(path, fmt, header, lambda x: np.asarray(call(x)))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,65 +70,108 @@ def _cached(module) -> bool:
   return "decode" in getattr(module, "__dataclass_fields__", {})
 
 
-@functools.lru_cache(maxsize=8)
-def _program(model, context: int, temperature: float, top_k: int | None,
-             cached: bool):
-  """The compiled loop for one model, window and sampling rule."""
+def has_cache(model) -> bool:
+  """Whether the model keeps a key/value cache: a linen model with a
+  `decode` field (the registry's GPT)."""
   adapter = adapt(model)
-  decoder = adapter.module.clone(decode=True) if cached else None
+  return isinstance(adapter, LinenModel) and _cached(adapter.module)
+
+
+def _decoding(model):
+  if not has_cache(model):
+    raise ConfigError("this model keeps no key/value cache (only a linen "
+                      "model with a `decode` field does, such as the "
+                      "registry's gpt); train with --model gpt:LAYERS,HEADS,"
+                      "WIDTH to decode with one")
+  return adapt(model).module.clone(decode=True)
+
+
+def init_cache(model, batch: int = 1) -> dict:
+  """An empty key/value cache of a model with one (`has_cache`) for `batch`
+  sequences: each block's keys and values over the whole context, zero, and
+  the position the next tokens take (0)."""
+  module = _decoding(model)
+  shapes = jax.eval_shape(module.init, jax.random.key(0),
+                          jnp.zeros((batch, 1), jnp.int32))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def decoder(model) -> Callable:
+  """The model's cached decoder: `(variables, ids, cache) -> (logits,
+  cache)`, where ids (n, t) are the t positions after the cached ones
+  (a whole prompt, or one token) and logits (n, t, 256) their next-byte
+  logits; the returned cache holds them too. Positions past the context
+  are the caller's to refuse."""
+  module = _decoding(model)
+
+  def run(variables, ids, cache):
+    logits, updated = module.apply({**variables, "cache": cache}, ids,
+                                   mutable=["cache"])
+    return logits, updated["cache"]
+  return run
+
+
+def _loop(next_logits: Callable, empty: Callable, temperature: float,
+          top_k: int | None):
+  """The compiled loop: `next_logits(variables, ids, i, cache) -> (logits
+  of position i + 1, cache)` at each position i, the cache starting as
+  `empty()`; prompt positions keep the prompt, later ones take samples."""
 
   def run(variables, ids, prompt_length, total, key):
-    if cached:
-      params = variables["params"]
-      shapes = jax.eval_shape(decoder.init, jax.random.key(0), ids[None])
-      cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
-
     def step(i, carry):
       ids, cache, key = carry
       key, draw = jax.random.split(key)
-      if cached:
-        logits, updated = decoder.apply(
-            {"params": params, "cache": cache},
-            jax.lax.dynamic_slice_in_dim(ids, i, 1)[None], mutable=["cache"])
-        cache, logits = updated["cache"], logits[0, -1]
-      else:
-        logits = adapter.logits(variables, ids[None])[0, i]
+      logits, cache = next_logits(variables, ids, i, cache)
       token = _sample(logits, draw, temperature, top_k)
-      # Prompt positions keep the prompt; later ones take the sample.
       keep = i + 1 < prompt_length
       ids = ids.at[i + 1].set(jnp.where(keep, ids[i + 1], token))
       return ids, cache, key
-    ids, _, _ = jax.lax.fori_loop(0, total - 1, step,
-                                  (ids, cache if cached else 0, key))
+    ids, _, _ = jax.lax.fori_loop(0, total - 1, step, (ids, empty(), key))
     return ids
   return jax.jit(run)
 
 
-def generate(model, state_or_variables, prompt: str | bytes, *, tokens: int,
-             temperature: float = 0.0, top_k: int | None = None,
-             seed: int = 0, cache: bool = True) -> dict:
-  """Continues `prompt` by `tokens` bytes.
+def _cached_step(step: Callable) -> Callable:
+  """next_logits of a cached decoder `step(variables, ids, cache)`: the
+  position's byte in, its logits out."""
+  def next_logits(variables, ids, i, cache):
+    logits, cache = step(variables,
+                         jax.lax.dynamic_slice_in_dim(ids, i, 1)[None], cache)
+    return logits[0, -1], cache
+  return next_logits
 
-  Args:
-    model: the language model (the registry's GPT, or any model taking
-      (n, length) ids and giving (n, length, 256) logits with a `context`).
-    state_or_variables: a `TrainState` or `{"params": ..., **model_state}`.
-    prompt: the text (or bytes) to continue; at least one byte.
-    tokens: how many bytes to add; prompt and continuation together fit in
-      the model's context.
-    temperature: 0 takes the most likely byte (greedy); above 0 samples
-      from the softmax of logits / temperature.
-    top_k: sample only among the k most likely bytes.
-    seed: the sampling key's seed.
-    cache: use the model's key/value cache when it has one (a linen model
-      with a `decode` field); False runs the whole window at each step.
 
-  Returns:
-    {"text": prompt and continuation, "ids": their byte ids, "new_tokens",
-    "tokens_per_second"} (the time includes compiling on a first call).
-  """
-  ids = encode(prompt)
-  context = context_of(model)
+@functools.lru_cache(maxsize=8)
+def _program(model, temperature: float, top_k: int | None, cached: bool,
+             step: Callable | None = None):
+  """The compiled loop for one model, sampling rule and decoder."""
+  adapter = adapt(model)
+  if cached:
+    return _loop(_cached_step(step or decoder(adapter)),
+                 lambda: init_cache(adapter, 1), temperature, top_k)
+  return _loop(lambda variables, ids, i, cache:
+               (adapter.logits(variables, ids[None])[0, i], cache),
+               lambda: 0, temperature, top_k)
+
+
+def _run(program, variables, ids: np.ndarray, context: int, tokens: int,
+         seed: int) -> dict:
+  """Runs a compiled loop on a checked prompt; what `generate` returns."""
+  window = np.zeros(context, np.int32)
+  window[:len(ids)] = ids
+  total = len(ids) + tokens
+  t0 = time.perf_counter()
+  out = np.asarray(program(variables, window, len(ids), total,
+                           jax.random.key(seed)))[:total]
+  seconds = time.perf_counter() - t0
+  return {"text": decode(out), "ids": out, "new_tokens": tokens,
+          "tokens_per_second": round(tokens / seconds, 2)}
+
+
+def check_request(ids: np.ndarray, context: int, tokens, temperature: float,
+                  top_k: int | None) -> None:
+  """One-line ConfigErrors for a request that cannot be met: an empty or
+  too long prompt, a continuation past the context, a bad sampling rule."""
   if not len(ids):
     raise ConfigError("the prompt is empty: give at least one byte to continue")
   if not isinstance(tokens, int) or tokens < 1:
@@ -145,18 +189,67 @@ def generate(model, state_or_variables, prompt: str | bytes, *, tokens: int,
     raise ConfigError(f"temperature must be >= 0; got {temperature}")
   if top_k is not None and not 1 <= top_k <= 256:
     raise ConfigError(f"top_k must lie in [1, 256]; got {top_k}")
+
+
+def generate(model, state_or_variables, prompt: str | bytes, *, tokens: int,
+             temperature: float = 0.0, top_k: int | None = None,
+             seed: int = 0, cache: bool = True,
+             step: Callable | None = None) -> dict:
+  """Continues `prompt` by `tokens` bytes.
+
+  Args:
+    model: the language model (the registry's GPT, or any model taking
+      (n, length) ids and giving (n, length, 256) logits with a `context`).
+    state_or_variables: a `TrainState` or `{"params": ..., **model_state}`.
+    prompt: the text (or bytes) to continue; at least one byte.
+    tokens: how many bytes to add; prompt and continuation together fit in
+      the model's context.
+    temperature: 0 takes the most likely byte (greedy); above 0 samples
+      from the softmax of logits / temperature.
+    top_k: sample only among the k most likely bytes.
+    seed: the sampling key's seed.
+    cache: use the model's key/value cache when it has one (a linen model
+      with a `decode` field); False runs the whole window at each step.
+    step: a cached decoder to run in place of the model's own
+      (`decoder(model)`), with its signature `(variables, ids, cache) ->
+      (logits, cache)`: an int8 one, say (`compress.int8.convert_function`
+      of `decoder(model)`). Give the same object on every call, or each
+      call compiles again.
+
+  Returns:
+    {"text": prompt and continuation, "ids": their byte ids, "new_tokens",
+    "tokens_per_second"} (the time includes compiling on a first call).
+  """
+  ids = encode(prompt)
+  check_request(ids, context_of(model), tokens, temperature, top_k)
   variables = (variables_of(state_or_variables)
                if isinstance(state_or_variables, TrainState)
                else dict(state_or_variables))
   adapter = adapt(model)
-  cached = cache and isinstance(adapter, LinenModel) and _cached(adapter.module)
-  run = _program(adapter, context, float(temperature), top_k, cached)
-  window = np.zeros(context, np.int32)
-  window[:len(ids)] = ids
-  total = len(ids) + tokens
-  t0 = time.perf_counter()
-  out = np.asarray(run(variables, window, len(ids), total,
-                       jax.random.key(seed)))[:total]
-  seconds = time.perf_counter() - t0
-  return {"text": decode(out), "ids": out, "new_tokens": tokens,
-          "tokens_per_second": round(tokens / seconds, 2)}
+  context = context_of(model)
+  if step is not None and not has_cache(adapter):
+    _decoding(adapter)          # says which models keep a cache
+  program = _program(adapter, float(temperature), top_k,
+                     bool(step) or (cache and has_cache(adapter)), step)
+  return _run(program, variables, ids, context, tokens, seed)
+
+
+def decoding_loop(step: Callable, empty: Callable, *, temperature: float = 0.0,
+                  top_k: int | None = None) -> Callable:
+  """`generate`'s compiled loop around any cached decoder `step(ids, cache)
+  -> (logits, cache)` that jax can trace (an exported artifact's call),
+  its empty cache for one sequence from `empty()`; run it with
+  `continue_with`. The same loop, keys and sampling as `generate`, so the
+  same weights give the same text."""
+  return _loop(_cached_step(lambda _, ids, cache: step(ids, cache)), empty,
+               float(temperature), top_k)
+
+
+def continue_with(loop: Callable, context: int, prompt: str | bytes, *,
+                  tokens: int, temperature: float = 0.0,
+                  top_k: int | None = None, seed: int = 0) -> dict:
+  """Continues `prompt` by `tokens` bytes through a `decoding_loop` made
+  with the same `temperature` and `top_k`; what `generate` returns."""
+  ids = encode(prompt)
+  check_request(ids, context, tokens, temperature, top_k)
+  return _run(loop, None, ids, context, tokens, seed)

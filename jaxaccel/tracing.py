@@ -35,39 +35,57 @@ CONST = ""           # the name of values computed from constants alone
 
 @dataclasses.dataclass
 class ForwardPass:
-  """A model's eval forward pass as a function of its variables' leaves and
-  the input: `trace(x)` gives (jaxpr, consts) for inputs shaped like x
-  (a concrete array or a `jax.ShapeDtypeStruct`, a symbolic batch too);
-  the jaxpr's arguments are `leaves` then x, named by `names` (parameter
-  leaves 'Dense_0/kernel'-style, model state `CONST`)."""
-  trace: Callable[[Any], tuple[Any, list]]
+  """A function of a model's variables as a jaxpr: `trace(*args)` gives
+  (jaxpr, consts) for arguments shaped like `args` (pytrees of concrete
+  arrays or `jax.ShapeDtypeStruct`s, symbolic dimensions too); the jaxpr's
+  arguments are `leaves` then the arguments' leaves, the first named by
+  `names` (parameter leaves 'Dense_0/kernel'-style, model state `CONST`).
+  `unflatten(outs)` gives the function's output pytree."""
+  trace: Callable[..., tuple[Any, list]]
   leaves: list
   names: list[str]
+  unflatten: Callable[[list], Any] = lambda outs: outs[0]
 
 
-def forward_pass(model, variables: dict,
-                 prepare: Callable | None = None) -> ForwardPass:
-  """The eval forward pass of any model `jaxaccel.models.adapt` takes;
-  `prepare` (a normalization) runs on x first."""
+def function_pass(fn: Callable, variables: dict) -> ForwardPass:
+  """`fn(variables, *args)` (an array or a pytree of arrays out) as a
+  function of the variables' leaves and the arguments."""
   from jaxaccel.compress.pruning import leaf_names
-  from jaxaccel.models import adapt
-  adapter = adapt(model)
   variables = dict(variables)
   params = variables.pop("params")
   leaves = jax.tree.leaves(params) + jax.tree.leaves(variables)
   names = ["" if n is None else n for n in leaf_names(params)]
   names += [CONST] * len(jax.tree.leaves(variables))
   treedef = jax.tree.structure((params, variables))
+  out_tree = []
 
-  def forward(leaves, x):
+  def call(leaves, *args):
     p, s = jax.tree.unflatten(treedef, leaves)
-    return adapter.apply(p, s, prepare(x) if prepare else x, train=False)[0]
+    out = fn({"params": p, **s}, *args)
+    out_tree[:] = [jax.tree.structure(out)]
+    return jax.tree.leaves(out)
 
-  def trace(x):
-    closed = jax.make_jaxpr(forward)(leaves, jax.ShapeDtypeStruct(x.shape,
-                                                                  x.dtype))
+  def trace(*args):
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    closed = jax.make_jaxpr(call)(leaves, *spec)
     return closed.jaxpr, list(closed.consts)
-  return ForwardPass(trace, leaves, names)
+  return ForwardPass(trace, leaves, names,
+                     lambda outs: jax.tree.unflatten(out_tree[0], outs))
+
+
+def forward_pass(model, variables: dict,
+                 prepare: Callable | None = None) -> ForwardPass:
+  """The eval forward pass of any model `jaxaccel.models.adapt` takes, as
+  a function of one input x; `prepare` (a normalization) runs on x first."""
+  from jaxaccel.models import adapt
+  adapter = adapt(model)
+
+  def forward(variables, x):
+    variables = dict(variables)
+    params = variables.pop("params")
+    return adapter.apply(params, variables, prepare(x) if prepare else x,
+                         train=False)[0]
+  return function_pass(forward, variables)
 
 
 def call_body(eqn) -> tuple[Any, list] | None:

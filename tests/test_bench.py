@@ -116,6 +116,26 @@ def test_deploy_suite_serves_one_model_every_way():
   assert "jaxaccel int8 (ONNX Runtime)" in text and "onnx int8" in text
 
 
+def test_deploy_suite_serves_the_gpt_from_its_cache(tmp_path):
+  """The GPT's sides: the StableHLO decoders score and decode as the
+  compiled loop does (same weights, same int8 scales)."""
+  from jaxaccel.bench import serve
+  g = serve.run_gpt_serving(tmp_path, spec="gpt:1,2,16", steps=4, prompt=8,
+                            new_tokens=8, rounds=1, torch_peer=False)
+  bpb, agree = g["val_bits_per_byte"], g["greedy_agreement"]
+  assert len(bpb) == 4 and set(g["generation_tokens_per_second"]) == set(bpb)
+  assert bpb["StableHLO float32 artifact"] == pytest.approx(
+      bpb["jaxaccel float32 (XLA)"], abs=1e-4)
+  assert bpb["jaxaccel int8 (StableHLO artifact)"] == pytest.approx(
+      bpb["jaxaccel int8 (XLA)"], abs=1e-4)
+  assert abs(bpb["jaxaccel int8 (XLA)"] - bpb["jaxaccel float32 (XLA)"]) < 0.05
+  assert agree["StableHLO float32 artifact"] == 1.0
+  assert g["prefill_shape"] == [32, 16] and len(g["int8_layers"]) == 7
+  assert all(v > 0 for v in g["prefill_tokens_per_second"].values())
+  text = "\n".join(serve.format_gpt_serving(g))
+  assert "8 greedy tokens after a 8-byte prompt" in text
+
+
 def test_lm_suite_sides_train_the_same_network():
   """The flax NNX side loads jaxaccel's initial weights and takes fit's
   batches: after the same steps both reach the same validation bits per

@@ -11,6 +11,9 @@ scored on the whole test set. The ONNX and StableHLO artifacts' sizes are
 reported too, and the size of the int8 ONNX artifact of the same model
 pruned to 90% (global magnitude, one shot; size only, the compress bench
 measures accuracy after fine-tuning) written gzip compressed.
+
+A model name `gpt` (or `gpt:LAYERS,HEADS,WIDTH`) adds the language model,
+served by its cached decoder (`jaxaccel.bench.serve`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxaccel import core, data, export, models, onnx_graph, optim, train
+from jaxaccel.bench import lm
 from jaxaccel.bench.common import bench_data, interleaved_ms, torch_available
 from jaxaccel.compress import int8, report
 
@@ -136,12 +140,16 @@ def _pruned_int8_gzip(model, variables, ds, calibration,
 
 def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
                      rounds: int = 5, epochs: int | None = None,
-                     torch_peer: bool = True, progress: bool = True) -> dict:
+                     torch_peer: bool = True, progress: bool = True,
+                     gpt_steps: int = 200) -> dict:
   """Serves each model every way; see the module docstring. JSON keys per
   model: `accuracy` per side, `bytes` per artifact, and per batch size
   `ms` per side and `speedup_vs_torch_dynamic_int8` (jaxaccel's fastest int8
-  side against PyTorch's dynamic int8)."""
+  side against PyTorch's dynamic int8). The GPT's keys are
+  `run_gpt_serving`'s (trained `gpt_steps` steps)."""
   torch_peer = torch_peer and torch_available()
+  gpts = [n for n in model_names if n.split(":")[0] == "gpt"]
+  model_names = [n for n in model_names if n not in gpts]
   ds = bench_data(dataset)
   # raw inputs, as a user's request brings them (bench data is only scaled)
   raw_test = (ds.x_test * np.float32(ds.stats["scale"])).astype(np.float32)
@@ -193,6 +201,12 @@ def run_deploy_suite(*, dataset: str = "auto", model_names=("mlp", "cnn"),
         figures[f"batch_{b}"] = entry
         bar.update()
       out["models"][name] = figures
+    for name in gpts:
+      from jaxaccel.bench import serve
+      out["models"]["gpt"] = serve.run_gpt_serving(
+          pathlib.Path(folder), spec=name if ":" in name else lm.DEFAULT_MODEL,
+          steps=gpt_steps, rounds=rounds, torch_peer=torch_peer,
+          say=bar.write if progress else (lambda *a: None))
   bar.close()
   return out
 
@@ -202,6 +216,10 @@ def format_deploy_report(r: dict) -> str:
            f"ms a call, {r['rounds']} interleaved rounds; inputs are raw, "
            "every side normalizes them"]
   for name, m in r["models"].items():
+    if name == "gpt":
+      from jaxaccel.bench import serve
+      lines += serve.format_gpt_serving(m)
+      continue
     sides = list(m["accuracy"])
     lines.append(f"\n{name}: int8 layers {', '.join(m['int8_layers'])}")
     header = ["side", "accuracy"] + [f"batch {b} ms" for b in BATCHES]

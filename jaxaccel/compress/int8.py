@@ -395,13 +395,14 @@ def _quantize_site(site: Site, w) -> None:
 
 @dataclasses.dataclass(eq=False)
 class Int8Model:
-  """A model's forward pass with int8 products; call it on float inputs."""
+  """A model's forward pass (or a function of its variables) with int8
+  products; call it on the float inputs the float one takes."""
   sites: list[Site]
   float_sites: list[Site]
   forward: Callable
 
-  def __call__(self, x) -> jax.Array:
-    return self.forward(jnp.asarray(x))
+  def __call__(self, *args) -> jax.Array:
+    return self.forward(*jax.tree.map(jnp.asarray, args))
 
   @property
   def all_sites(self) -> list[Site]:
@@ -429,17 +430,25 @@ def product_weights(model, variables: dict, sample) -> list[str]:
                             if s.quantized and s.name not in tables))
 
 
-def _scan(traced: tracing.ForwardPass, x):
-  """The scan pass over the forward pass at input x: (the pass, with every
-  product's Site, and the weights of the quantizable ones)."""
+def _scan(traced: tracing.ForwardPass, *args):
+  """The scan pass over the traced function at `args`: (the pass, with
+  every product's Site, and the weights of the quantizable ones)."""
   scan = _Pass("scan")
 
   @jax.jit
-  def weights(x):
-    jaxpr, consts = traced.trace(x)
-    scan.evaluate(jaxpr, consts, [*traced.leaves, x], [*traced.names, None])
+  def weights(*args):
+    _evaluate(scan, traced, args)
     return scan.weights
-  return scan, weights(x)
+  return scan, weights(*args)
+
+
+def _evaluate(p: _Pass, traced: tracing.ForwardPass, args: tuple):
+  """The traced function's outputs at `args` through the pass `p`."""
+  jaxpr, consts = traced.trace(*args)
+  flat = jax.tree.leaves(args)
+  outs = p.evaluate(jaxpr, consts, [*traced.leaves, *flat],
+                    [*traced.names, *[None] * len(flat)])
+  return traced.unflatten(outs)
 
 
 def calibration_batches(x: np.ndarray, *, examples: int = 5000,
@@ -466,15 +475,31 @@ def convert(model, variables: dict, batches: Iterable, *,
     ConfigError: no batches, a percentile outside (0, 100], or a model with
       no matmul or convolution on a parameter.
   """
+  return _convert(tracing.forward_pass(model, variables),
+                  [(jnp.asarray(b),) for b in batches], percentile)
+
+
+def convert_function(fn: Callable, variables: dict, calls: Iterable, *,
+                     percentile: float = 99.99) -> Int8Model:
+  """`fn(variables, *args)` with int8 products, as `convert` makes a
+  forward pass: each product of an activation and a parameter runs int8,
+  its input scale calibrated on the argument tuples `calls`. A language
+  model's cached decoder (`generate.decoder`) is one such function: its
+  calibration calls are full windows of training text from position 0."""
+  return _convert(tracing.function_pass(fn, variables),
+                  [tuple(jax.tree.map(jnp.asarray, c)) for c in calls],
+                  percentile)
+
+
+def _convert(traced: tracing.ForwardPass, calls: list[tuple],
+             percentile: float) -> Int8Model:
   if not 0.0 < percentile <= 100.0:
     raise ConfigError(f"calibration percentile must lie in (0, 100]; got "
                       f"{percentile}")
-  batches = [jnp.asarray(b) for b in batches]
-  if not batches:
+  if not calls:
     raise ConfigError("calibration got no batches; give at least one")
-  traced = tracing.forward_pass(model, variables)
-  trace, leaves, names = traced.trace, traced.leaves, traced.names
-  scan, found = _scan(traced, batches[0][:1])
+  first = jax.tree.map(lambda a: a[:1] if a.ndim else a, calls[0])
+  scan, found = _scan(traced, *first)
   quantized = [s for s in scan.sites if s.quantized]
   for site, w in zip(quantized, found):
     _quantize_site(site, w)
@@ -484,12 +509,11 @@ def convert(model, variables: dict, batches: Iterable, *,
                       f"to quantize (products found: {found})")
 
   @jax.jit
-  def ranges(x):
+  def ranges(*args):
     p = _Pass("calibrate", scan.sites, percentile)
-    jaxpr, consts = trace(x)
-    p.evaluate(jaxpr, consts, [*leaves, x], [*names, None])
+    _evaluate(p, traced, args)
     return p.ranges, p.minima
-  measured = [ranges(b) for b in batches]
+  measured = [ranges(*c) for c in calls]
   amax = np.mean([np.asarray(r) for r, _ in measured], axis=0)
   lowest = np.min([np.asarray(m) for _, m in measured], axis=0)
   for site, a, low in zip(quantized, amax, lowest):
@@ -497,9 +521,7 @@ def convert(model, variables: dict, batches: Iterable, *,
     site.unsigned = bool(low >= 0)
 
   @jax.jit
-  def forward(x):
-    p = _Pass("run", scan.sites)
-    jaxpr, consts = trace(x)
-    return p.evaluate(jaxpr, consts, [*leaves, x], [*names, None])[0]
+  def forward(*args):
+    return _evaluate(_Pass("run", scan.sites), traced, args)
   return Int8Model(quantized, [s for s in scan.sites if not s.quantized],
                    forward)

@@ -48,7 +48,8 @@ from jaxaccel.compress import shrink as shrinking
 from jaxaccel.compress import report as creport
 from jaxaccel.data import Dataset
 from jaxaccel.errors import ConfigError
-from jaxaccel.generate import context_of, generate
+from jaxaccel.generate import (context_of, decoder, generate, has_cache,
+                               init_cache)
 from jaxaccel.models import adapt
 
 RECIPES = pathlib.Path(__file__).parent / "recipes"
@@ -110,19 +111,33 @@ def _measure(label: str, model, variables, data: Dataset, settings: Settings,
   return record
 
 
-def _generation_speed(model, variables, data: Dataset) -> float | None:
-  """Greedy tokens/s at batch 1 of a language model's float variant: the
-  first 16 bytes of a test window as the prompt, then as many new bytes as
-  the context holds (at most 256); timed after a first, compiling call.
-  None for a model `generate` cannot run (no `context`)."""
+def _generation_speed(model, variables, data: Dataset, *,
+                      step: Callable | None = None) -> float | None:
+  """Greedy tokens/s at batch 1 of a language model (through `step`, a
+  cached decoder in place of the model's own, when given): the first 16
+  bytes of a test window as the prompt, then as many new bytes as the
+  context holds (at most 256); timed after a first, compiling call. None
+  for a model `generate` cannot run (no `context`)."""
   try:
     context = context_of(model)
   except ConfigError:
     return None
   prompt = bytes(np.asarray(data.x_test[0, :16], np.uint8).tolist())
   tokens = min(256, context - len(prompt))
-  generate(model, variables, prompt, tokens=tokens)
-  return generate(model, variables, prompt, tokens=tokens)["tokens_per_second"]
+  generate(model, variables, prompt, tokens=tokens, step=step)
+  return generate(model, variables, prompt, tokens=tokens,
+                  step=step)["tokens_per_second"]
+
+
+def _int8_decoder(model, variables, data: Dataset, percentile: float):
+  """A cached language model's decoder with int8 products, for `generate`
+  (calibrated on 256 training windows from position 0)."""
+  windows = [np.asarray(data.x_train[i:i + 64], np.int32)
+             for i in range(0, min(len(data.x_train), 256), 64)]
+  program = int8.convert_function(
+      decoder(model), variables,
+      [(w, init_cache(model, len(w))) for w in windows], percentile=percentile)
+  return lambda _, ids, cache: program.forward(ids, cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +368,11 @@ def quantize_stage(model, variables, data, settings, *, bits="int8",
   variables = {"params": q, **rest}
   record = _measure(f"{bits} ({path})", model, variables, data, settings, fn=fn)
   record.update(inference=path, **extra)
+  if (bits == "int8" and settings.latency and has_cache(model)
+      and train.resolve_task(settings.task, data).name == "lm"):
+    record["generation_tokens_per_second"] = _generation_speed(
+        model, floats, data,
+        step=_int8_decoder(model, floats, data, percentile))
   return model, variables, record
 
 
