@@ -311,6 +311,12 @@ def test_the_compression_stages_take_the_gpt(tiny_gpt):
   # worth about 5) and the teacher's next byte 37% of the time
   assert records[-1]["bits_per_byte"] < 5.0
   assert records[-1]["agreement"] > 0.25
+  # distill-lm's student: the teacher's GPT with half its blocks
+  assert compress.stages._half_gpt(models.create(
+      "gpt", num_classes=256, layers=4, heads=4, width=64)) == "gpt:2,4,64"
+  assert compress.load_recipe("distill-lm")["stages"][0]["student"] == "half"
+  with pytest.raises(ConfigError, match="halves a registry gpt's blocks"):
+    compress.stages._half_gpt(models.create("mlp", num_classes=3))
   with pytest.raises(ConfigError, match="token ids"):   # the image recipe's mixup
     compress.run(model, variables, ds, [
         {"stage": "distill", "student": "gpt:1,2,16", "temperature": 1.0,

@@ -174,7 +174,7 @@ def test_list_recipes(capsys):
   code, out, _ = run_cli(capsys, "compress", "--list-recipes", "--json")
   assert code == 0
   recipes = json.loads(out.strip().splitlines()[-1])["recipes"]
-  assert set(recipes) == {"distill", "int8", "lowrank", "prune-50", "prune-90",
+  assert set(recipes) == {"distill", "distill-lm", "int8", "lowrank", "prune-50", "prune-90",
                           "prune-90-int8", "shrink-50"}
   assert "gradual global magnitude pruning" in recipes["prune-90"]
 

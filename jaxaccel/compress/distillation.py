@@ -196,7 +196,8 @@ def distill(student, teachers: Sequence[tuple[Any, PyTree]],
   check_options(temperature, alpha, mixup)
   if mixup is not None and np.issubdtype(train.input_spec(data)[1], np.integer):
     raise ConfigError("mixup mixes inputs, and these are integers (token "
-                      "ids) that cannot be mixed: drop mixup")
+                      "ids) that cannot be mixed: drop mixup (for a language "
+                      "model: --recipe distill-lm)")
   if mixup is not None:
     fit_kwargs["augment"] = _then_mix(fit_kwargs.get("augment"), mixup)
   return train.fit(student, tx, data, epochs=epochs, steps=steps,

@@ -425,7 +425,8 @@ def _check_distill(*, student, epochs, max_steps, temperature, alpha, mixup,
   if not isinstance(student, str) or not student:
     raise ConfigError("the distill stage needs a student model spec, e.g. "
                       "student = \"mlp:64,64\" (--distill-student)")
-  models.parse_model_spec(student)
+  if student != HALF:
+    models.parse_model_spec(student)
   _check_number("mixup", mixup)
   _check_epochs(epochs, positive=True)
   _check_steps(0, max_steps)
@@ -439,7 +440,10 @@ def distill_stage(model, variables, data, settings, *, student=None, epochs=10,
                   learning_rate=1e-3):
   """Trains the `student` model spec from the model so far for `epochs`
   (at most `max_steps` steps; Adam, cosine decay); the student replaces it
-  for the stages after."""
+  for the stages after. `student = "half"` is the teacher's registry GPT
+  with half its blocks."""
+  if student == HALF:
+    student = _half_gpt(model)
   name, kwargs = models.parse_model_spec(student)
   models.check_input(name, data.input_shape)
   small = models.create(name, num_classes=data.num_classes,
@@ -456,6 +460,21 @@ def distill_stage(model, variables, data, settings, *, student=None, epochs=10,
   record["agreement"] = distillation.agreement(small, taught, model, variables,
                                                data.x_test)
   return small, taught, record
+
+
+HALF = "half"      # a distill student: the teacher's GPT, half its blocks
+
+
+def _half_gpt(teacher) -> str:
+  """The spec of the teacher's registry GPT with half its blocks (at least
+  one); a ConfigError for any other teacher."""
+  module = getattr(models.adapt(teacher), "module", None)
+  if not all(hasattr(module, f) for f in ("layers", "heads", "width",
+                                          "context")):
+    raise ConfigError("student = \"half\" halves a registry gpt's blocks; "
+                      "this teacher is not one: name the student's spec "
+                      "(--distill-student gpt:LAYERS,HEADS,WIDTH)")
+  return f"gpt:{max(1, module.layers // 2)},{module.heads},{module.width}"
 
 
 def _sequence_fields(name: str, teacher, kwargs: dict) -> dict:
