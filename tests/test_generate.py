@@ -315,6 +315,10 @@ def test_the_compression_stages_take_the_gpt(tiny_gpt):
   assert compress.stages._half_gpt(models.create(
       "gpt", num_classes=256, layers=4, heads=4, width=64)) == "gpt:2,4,64"
   assert compress.load_recipe("distill-lm")["stages"][0]["student"] == "half"
+  # it starts from the teacher's embeddings, final norm and blocks 0 and 2
+  assert compress.stages._every_other_block(
+      {f"block_{i}": i for i in range(4)} | {"embed": "e", "LayerNorm_0": "n"}
+  ) == {"block_0": 0, "block_1": 2, "embed": "e", "LayerNorm_0": "n"}
   with pytest.raises(ConfigError, match="halves a registry gpt's blocks"):
     compress.stages._half_gpt(models.create("mlp", num_classes=3))
   with pytest.raises(ConfigError, match="token ids"):   # the image recipe's mixup

@@ -441,19 +441,26 @@ def distill_stage(model, variables, data, settings, *, student=None, epochs=10,
   """Trains the `student` model spec from the model so far for `epochs`
   (at most `max_steps` steps; Adam, cosine decay); the student replaces it
   for the stages after. `student = "half"` is the teacher's registry GPT
-  with half its blocks."""
-  if student == HALF:
+  with half its blocks, starting from the teacher's weights: its
+  embeddings, final norm and every other block (0, 2, 4, ...)."""
+  start, half = {}, student == HALF
+  if half:
     student = _half_gpt(model)
   name, kwargs = models.parse_model_spec(student)
   models.check_input(name, data.input_shape)
   small = models.create(name, num_classes=data.num_classes,
                         **_sequence_fields(name, model, kwargs))
   length = _length(epochs, 0, max_steps, data, settings)
+  tx = optim.cosine_adam(learning_rate, length.steps)
+  if half:
+    start["state"] = core.state_from_variables(
+        {"params": _every_other_block(variables["params"])}, tx,
+        jax.random.key(settings.seed))
   result = distillation.distill(
-      small, [(model, variables)], optim.cosine_adam(learning_rate, length.steps),
+      small, [(model, variables)], tx,
       data, **length.fit_kwargs(), temperature=temperature, alpha=alpha,
       mixup=mixup, batch_size=settings.batch_size, seed=settings.seed,
-      progress=settings.progress)
+      progress=settings.progress, **start)
   taught = core.variables_of(result.state)
   label = f"student {student}" + (f" {length}" if length.capped else "")
   record = _measure(label, small, taught, data, settings)
@@ -475,6 +482,17 @@ def _half_gpt(teacher) -> str:
                       "this teacher is not one: name the student's spec "
                       "(--distill-student gpt:LAYERS,HEADS,WIDTH)")
   return f"gpt:{max(1, module.layers // 2)},{module.heads},{module.width}"
+
+
+def _every_other_block(params: dict) -> dict:
+  """A GPT's parameters with blocks 0, 2, 4, ... as blocks 0, 1, 2, ...
+  (half of them, at least one) and everything else as it is."""
+  blocks = sorted((k for k in params if k.startswith("block_")),
+                  key=lambda k: int(k.split("_")[1]))
+  out = {k: v for k, v in params.items() if k not in blocks}
+  for i in range(max(1, len(blocks) // 2)):
+    out[f"block_{i}"] = params[blocks[2 * i]]
+  return out
 
 
 def _sequence_fields(name: str, teacher, kwargs: dict) -> dict:
