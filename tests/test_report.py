@@ -130,7 +130,7 @@ def test_compress_distills_a_student(capsys, trained_run):
      r"mixes the inputs but not their labels.*use alpha=1.0 \(got alpha=0.9\)"),
     (["--quantize", "int8", "--mixup", "1"], "mixup 1.0 mixes the inputs a student"),
     ([], "nothing to do"),
-    (["--recipe", "prune-99"], "unknown recipe 'prune-99': use one of distill, int8, "
+    (["--recipe", "prune-99"], "unknown recipe 'prune-99': use one of distill, distill-lm, int8, "
                                "lowrank, prune-50, prune-90, prune-90-int8"),
     (["--recipe", "int8", "--prune", "0.5"], "give a recipe or the shorthand flags"),
     (["--recipe", "RECIPE:unknown_key"],
