@@ -21,7 +21,7 @@ name (`list_recipes()`); a new stage is one function registered here with
 
 Examples:
   >>> sorted(list_recipes())[:3]
-  ['distill', 'int8', 'lowrank']
+  ['distill', 'distill-lm', 'int8']
   >>> check_recipe([{"stage": "prune", "sparsity": 1.5}])
   Traceback (most recent call last):
   ...
